@@ -1,0 +1,62 @@
+"""fasm: Fallible Async State Machines.
+
+Write a deterministic ``stf(state, input, actions)`` and ``restore(state, actions)``; the
+:class:`~fasm.runtime.Runtime` makes every committed transition durable, dispatches tracked
+actions to executors and feeds their results back, and on restart calls ``restore`` so nothing in
+flight is lost. :mod:`fasm.testing` runs the same engine under seeded crashes and faults.
+"""
+
+from __future__ import annotations
+
+from ._actions import Action as Action
+from ._actions import ActionList as ActionList
+from ._actions import ActionsContainer as ActionsContainer
+from ._actions import BoundedActions as BoundedActions
+from ._actions import Tracked as Tracked
+from ._actions import Untracked as Untracked
+from ._inputs import Input as Input
+from ._inputs import Normal as Normal
+from ._inputs import TrackedActionCompleted as TrackedActionCompleted
+from ._machine import MachineTypes as MachineTypes
+from ._machine import StateMachine as StateMachine
+from ._timer import Timer as Timer
+from ._timer import TimerFired as TimerFired
+from .errors import ActionsFull as ActionsFull
+from .errors import DefinitionError as DefinitionError
+from .errors import FasmError as FasmError
+from .errors import InvalidInput as InvalidInput
+from .errors import Rejected as Rejected
+from .errors import RestoreFailed as RestoreFailed
+from .errors import TransitionFailed as TransitionFailed
+
+__all__ = (
+    "Action",
+    "ActionList",
+    "ActionsContainer",
+    "ActionsFull",
+    "BoundedActions",
+    "DefinitionError",
+    "FasmError",
+    "Input",
+    "InvalidInput",
+    "MachineTypes",
+    "Normal",
+    "Rejected",
+    "RestoreFailed",
+    "StateMachine",
+    "Timer",
+    "TimerFired",
+    "Tracked",
+    "TrackedActionCompleted",
+    "TransitionFailed",
+    "Untracked",
+)
+
+__version__ = "0.1.0"
+
+# Show public names in tracebacks and reprs (anyio and trio do the same).
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("fasm._"):
+        _obj.__module__ = "fasm"
+del _name, _obj

@@ -1,0 +1,132 @@
+"""The whole public error hierarchy of fasm, under one root.
+
+Errors are grouped by what the caller does about them:
+
+* :class:`Rejected` - the machine said no (insufficient funds, slot taken). Expected; show it to
+  the user. The transition did not happen.
+* :class:`TransitionFailed` - the stf raised something else: a bug or an unexpected condition.
+  The transition did not happen; the original exception is the ``__cause__``.
+* :class:`DefinitionError` - a machine, executor table or runtime was declared wrongly. Found when
+  the class is defined or the runtime is built, never deep inside a transition.
+* :class:`InvalidInput` - a submitted value is not of the machine's declared input type.
+* :class:`StoreError` and its branches - persistence failed; what was committed before is intact.
+* :class:`NondeterminismError` - replaying committed inputs did not give the recorded result.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "ActionsFull",
+    "DefinitionError",
+    "FasmError",
+    "IncompatibleRecord",
+    "InvalidInput",
+    "NondeterminismError",
+    "Rejected",
+    "RestoreFailed",
+    "RuntimeClosed",
+    "StoreConflict",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreUnavailable",
+    "TransitionFailed",
+)
+
+
+class FasmError(Exception):
+    """Root of every error fasm raises on purpose."""
+
+
+class DefinitionError(FasmError, TypeError):
+    """A machine class, executor table or runtime configuration is declared wrongly.
+
+    Raised when the class is defined or when the :class:`~fasm.runtime.Runtime` is built, with a
+    message that names what is missing.
+    """
+
+
+class Rejected(FasmError):
+    """An expected domain rejection raised by an stf: the input is refused, state is unchanged.
+
+    Subclass it for each domain outcome (``class InsufficientFunds(Rejected)``) so callers and
+    metrics can tell a refusal from a bug. ``Runtime.submit`` re-raises the rejection itself.
+    """
+
+
+class TransitionFailed(FasmError):
+    """An stf raised an exception that is not a :class:`Rejected`; state is unchanged.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+
+class RestoreFailed(FasmError):
+    """``restore`` raised, or emitted something restore may not emit (an untracked action)."""
+
+
+class ActionsFull(FasmError):
+    """A bounded :class:`~fasm.ActionsContainer` refused an ``add`` because it is full."""
+
+
+class InvalidInput(FasmError, ValueError):
+    """A submitted value is not of the machine's declared input type. Nothing was run."""
+
+
+class RuntimeClosed(FasmError):
+    """The runtime is not running (not started, stopping, stopped, or stopped by a store fault).
+
+    Inputs submitted now are refused; nothing is lost that a previous ``submit`` acknowledged.
+    """
+
+
+class NondeterminismError(FasmError):
+    """Re-running a committed input did not reproduce what was recorded: the stf is not
+    deterministic (it read a clock, randomness, or something outside ``state``)."""
+
+
+class StoreError(FasmError):
+    """A store operation failed. Committed data is intact.
+
+    Attributes:
+        store: a short description of the store (backend and location).
+        key: the machine key, when the failure concerns one.
+        seq: the sequence number involved, when known.
+    """
+
+    def __init__(
+        self, message: str, *, store: str = "", key: str | None = None, seq: int | None = None
+    ) -> None:
+        parts = [message]
+        where = ", ".join(
+            p
+            for p in (
+                f"store={store}" if store else "",
+                f"key={key!r}" if key is not None else "",
+                f"seq={seq}" if seq is not None else "",
+            )
+            if p
+        )
+        if where:
+            parts.append(f"({where})")
+        super().__init__(" ".join(parts))
+        self.store = store
+        self.key = key
+        self.seq = seq
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or written now (database down, disk full, locked)."""
+
+
+class StoreConflict(StoreError):
+    """Another writer owns the key, or the store's sequence is not the one the writer expected
+    (a stale writer). The write was refused."""
+
+
+class StoreCorrupt(StoreError):
+    """A stored record failed its checks: bad checksum, truncated, or written for another
+    machine type. It is never loaded silently."""
+
+
+class IncompatibleRecord(StoreCorrupt):
+    """A record was written by a newer format or schema version than this code knows."""

@@ -1,0 +1,134 @@
+"""The store seam: what every backend implements, keyed by machine key.
+
+A store keeps, per machine key, a sequence number, an optional checkpoint (the encoded state as of
+some sequence number) and a journal of encoded entries after that checkpoint. Records are opaque
+bytes to the store; the codec puts a checksummed envelope around each, so a flipped byte is caught
+on decode even where the backend does not check. The two durability strategies map onto it:
+
+* snapshot: every commit carries a checkpoint and no entries;
+* journal: every commit appends entries; now and then one also carries a checkpoint, which lets the
+  store drop the entries it covers.
+
+Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks them):
+
+1. ``commit`` is atomic and durable when it returns: after a crash, a later ``load`` sees all of
+   it or (if it raised or never returned) none of it. A torn write is never loaded as data.
+2. ``commit`` is fenced: when the key's sequence number is not ``expected_seq`` it raises
+   :class:`~fasm.errors.StoreConflict` and writes nothing. A new key has sequence number 0.
+3. ``load`` returns the checkpoint and exactly the journal entries after it, in order.
+4. ``acquire`` gives one store object exclusive use of a key until ``release`` or ``close``;
+   another store object (in this or another process) that asks for it gets ``StoreConflict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ("Store", "StoredRecords")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecords:
+    """What a store holds for one key.
+
+    Attributes:
+        seq: the last committed sequence number.
+        checkpoint: the encoded state as of ``checkpoint_seq``, or None if none was written.
+        checkpoint_seq: the sequence number the checkpoint is at (0 without a checkpoint).
+        journal: ``(seq, entry)`` pairs with ``checkpoint_seq < seq <= self.seq``, ascending and
+            without gaps.
+    """
+
+    seq: int
+    checkpoint: bytes | None
+    checkpoint_seq: int
+    journal: tuple[tuple[int, bytes], ...]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A durable home for machine records. Implement it to add a backend, then run
+    :func:`fasm.testing.check_store` against it."""
+
+    @property
+    def description(self) -> str:
+        """A short text naming the backend and where it keeps data, used in error messages."""
+        ...
+
+    async def open(self) -> None:
+        """Connect, create what is missing (tables, directories).
+
+        Raises:
+            StoreUnavailable: the backend cannot be reached or prepared.
+            StoreCorrupt: what is there is not a fasm store this code can read.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release every key this object holds and disconnect. Safe to call twice."""
+        ...
+
+    async def acquire(self, key: str) -> None:
+        """Take exclusive use of ``key`` for this store object.
+
+        Raises:
+            StoreConflict: another store object or process holds the key.
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
+    async def release(self, key: str) -> None:
+        """Give up ``key``. Releasing a key that is not held does nothing."""
+        ...
+
+    async def load(self, key: str) -> StoredRecords | None:
+        """Everything stored for ``key``, or None for a key never committed.
+
+        Raises:
+            StoreCorrupt: the stored records fail the backend's own checks (torn, truncated).
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
+    async def commit(
+        self,
+        key: str,
+        *,
+        expected_seq: int,
+        seq: int,
+        entries: Sequence[bytes] = (),
+        checkpoint: bytes | None = None,
+    ) -> None:
+        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
+
+        Args:
+            key: the machine key.
+            expected_seq: the sequence number the writer believes is stored (0 for a new key).
+            seq: the new sequence number, greater than ``expected_seq``.
+            entries: journal entries numbered ``expected_seq + 1`` .. ``seq``. Either exactly
+                ``seq - expected_seq`` of them, or none when ``checkpoint`` is given.
+            checkpoint: the encoded state as of ``seq``. When given, it replaces the stored
+                checkpoint and every journal entry up to ``seq`` may be dropped.
+
+        Raises:
+            StoreConflict: the stored sequence number is not ``expected_seq``; nothing written.
+            StoreUnavailable: the write could not be made durable; nothing was committed.
+            ValueError: the arguments break the rules above.
+        """
+        ...
+
+
+def check_commit_args(
+    expected_seq: int, seq: int, entries: Sequence[bytes], checkpoint: bytes | None
+) -> None:
+    """Validate the shape of a commit (shared by every backend)."""
+    if expected_seq < 0 or seq <= expected_seq:
+        raise ValueError(f"seq must be greater than expected_seq >= 0 (got {expected_seq}->{seq})")
+    if entries and len(entries) != seq - expected_seq:
+        raise ValueError(
+            f"{len(entries)} entries cannot number {expected_seq + 1}..{seq}"
+        )
+    if not entries and checkpoint is None:
+        raise ValueError("a commit needs journal entries, a checkpoint, or both")
