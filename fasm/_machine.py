@@ -7,9 +7,9 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, get_args, get_origin
+from typing import Any, ClassVar, Generic, Never, get_args, get_origin
 
-from typing_extensions import Never, TypeVar
+from typing_extensions import TypeVar
 
 from ._actions import ActionsContainer
 from ._inputs import Input

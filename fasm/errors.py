@@ -109,9 +109,17 @@ class StoreError(FasmError):
         if where:
             parts.append(f"({where})")
         super().__init__(" ".join(parts))
+        self.message = message
         self.store = store
         self.key = key
         self.seq = seq
+
+
+    def located(self, *, store: str, key: str | None) -> StoreError:
+        """The same error (same class, same seq) with the store and key filled in."""
+        located = type(self)(self.message, store=store, key=key, seq=self.seq)
+        located.__cause__ = self.__cause__
+        return located
 
 
 class StoreUnavailable(StoreError):

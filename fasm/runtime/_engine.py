@@ -1,0 +1,377 @@
+"""The transition engine: every rule about commits, rollback, dispatch and restore lives here.
+
+Theory of operation
+===================
+
+The engine is sans-IO. It runs the user's ``stf`` and ``restore`` and keeps the bookkeeping around
+them, but it never touches a store, a clock, a socket or a task: it answers "here is an input" with
+a :class:`Step` that says what the caller must do, and the caller (the anyio :class:`Runtime`, or
+the simulator, which may crash between any two of these) does it. Awaiting the user's coroutines
+is not I/O: for in-memory state they never suspend, and for transactional state the suspension is
+the state's own business.
+
+Rule 1 - a transition is *accepted* when ``stf`` returned. The engine's ``seq`` advances and the
+  step carries the input and the actions. Nothing is visible outside yet.
+Rule 2 - a transition is *committed* when the caller has made it durable and calls
+  :meth:`Engine.committed`. Only then are its actions released for dispatch, and only then may its
+  submitter be answered. Several accepted steps may be committed together (group commit); they are
+  committed in order.
+Rule 3 - a *failed* transition (``stf`` raised) leaves the state as the last accepted step left it.
+  How that is achieved is the rollback policy: ``"reload"`` (default) asks the caller to load the
+  last committed state, and :meth:`Engine.reset` re-applies the accepted steps not yet committed
+  on top of it (paid only on failure: decode + a short replay); ``"copy"`` deep-copies the state
+  before every stf (paid on every transition); ``"trust"`` does nothing, for machines the testing
+  toolkit has proven atomic. Until a required reset is done, ``step`` refuses.
+Rule 4 - a tracked action is *in flight* from its release until the commit of a
+  ``TrackedActionCompleted`` with its id. An id in flight is never released twice, so a restore or
+  an stf that emits it again does not double-dispatch.
+Rule 5 - ``restore`` runs on committed state only (at start, after recovery), with a cleared
+  container, and may emit only tracked actions; they are released like committed actions.
+Rule 6 - an idempotency key maps to the seq of the committed transition that first used it; a
+  later submit with the same key is answered with that seq and runs nothing. Keys are state-like:
+  they live in the checkpoint and the journal, so they survive crashes. Rejections are not recorded,
+  so a rejected submit may be retried with the same key.
+Rule 7 - replay (recovery from a journal) reruns committed inputs through ``stf`` with actions
+  discarded. A committed input that now raises proves nondeterminism.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+import pydantic
+
+from .._actions import ActionList, ActionsContainer, Tracked, Untracked
+from .._inputs import Input, Normal, TrackedActionCompleted
+from .._machine import StateMachine
+from ..errors import (
+    DefinitionError,
+    InvalidInput,
+    NondeterminismError,
+    Rejected,
+    RestoreFailed,
+    TransitionFailed,
+)
+
+__all__ = (
+    "Accepted",
+    "Duplicate",
+    "Engine",
+    "Failed",
+    "Release",
+    "Rollback",
+    "Step",
+)
+
+Rollback: TypeAlias = Literal["reload", "copy", "trust"]
+_ROLLBACKS = ("reload", "copy", "trust")
+
+AnyMachine: TypeAlias = StateMachine[Any, Any, Any, Any, Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """stf returned: commit this (in order with earlier accepted steps), then call
+    :meth:`Engine.committed`."""
+
+    seq: int
+    input: Input[Any, Any, Any]
+    actions: tuple[Tracked[Any, Any] | Untracked[Any], ...]
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The idempotency key was committed before, at ``seq``: answer with that, run nothing."""
+
+    seq: int
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """stf raised: nothing to commit, nothing to dispatch. ``error`` is what the submitter gets
+    (a :class:`Rejected`, or a :class:`TransitionFailed` chaining the cause). When ``reload`` is
+    true, the caller must load the last committed state and :meth:`Engine.reset` to it before the
+    next step."""
+
+    input: Input[Any, Any, Any]
+    error: Rejected | TransitionFailed
+    reload: bool
+
+
+Step: TypeAlias = Accepted | Duplicate | Failed
+
+
+@dataclass(slots=True)
+class Release:
+    """What committed transitions release for execution, in order."""
+
+    tracked: list[Tracked[Any, Any]] = field(default_factory=list)
+    untracked: list[tuple[int, Untracked[Any]]] = field(default_factory=list)
+    already_in_flight: list[Tracked[Any, Any]] = field(default_factory=list)
+    completed: list[Any] = field(default_factory=list)
+
+
+class Engine:
+    """The sans-IO transition engine for one machine instance.
+
+    Args:
+        machine: the user's machine instance.
+        state: the committed state to start from.
+        seq: the sequence number of that state.
+        idempotency: committed idempotency keys (key -> seq), oldest first.
+        rollback: the rollback policy (see the module docstring, rule 3).
+        idempotency_window: how many keys to remember; older ones are forgotten.
+        actions_factory: makes the container handed to stf and restore.
+    """
+
+    def __init__(
+        self,
+        machine: AnyMachine,
+        *,
+        state: Any,
+        seq: int = 0,
+        idempotency: Iterable[tuple[str, int]] = (),
+        rollback: Rollback = "reload",
+        idempotency_window: int = 1000,
+        actions_factory: type[ActionList[Any, Any, Any]] | None = None,
+    ) -> None:
+        if rollback not in _ROLLBACKS:
+            raise DefinitionError(f"rollback must be one of {_ROLLBACKS}, got {rollback!r}")
+        if idempotency_window < 0:
+            raise DefinitionError("idempotency_window must be >= 0")
+        self.machine = machine
+        self.types = type(machine).machine_types()
+        self.rollback: Rollback = rollback
+        self.state: Any = state
+        self.seq = seq
+        self.committed_seq = seq
+        self.idempotency_window = idempotency_window
+        self._keys: OrderedDict[str, int] = OrderedDict(idempotency)
+        self._actions: ActionsContainer[Any, Any, Any] = (actions_factory or ActionList)()
+        self._in_flight: dict[Any, Tracked[Any, Any]] = {}
+        self._pending: list[Accepted] = []  # accepted, not yet committed, in order
+        self._needs_reload = False
+        self._input_adapter: pydantic.TypeAdapter[Any] | None = None
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def validate(self, value: Any) -> Any:
+        """Check that ``value`` is of the machine's declared input type (strictly: no coercion).
+
+        Raises:
+            InvalidInput: it is not; nothing was run.
+        """
+        if self._input_adapter is None:
+            try:
+                self._input_adapter = pydantic.TypeAdapter(self.types.input)
+            except pydantic.PydanticSchemaGenerationError as e:
+                raise DefinitionError(
+                    f"input type {self.types.input!r} of {type(self.machine).__qualname__} "
+                    f"cannot be validated: {e}"
+                ) from e
+        try:
+            return self._input_adapter.validate_python(value, strict=True)
+        except pydantic.ValidationError as e:
+            raise InvalidInput(
+                f"{type(value).__qualname__} is not a valid input for "
+                f"{type(self.machine).__qualname__} (expected {_type_name(self.types.input)}): "
+                f"{e.error_count()} error(s): {e.errors()[0]['msg']}"
+            ) from e
+
+    # -- transitions --------------------------------------------------------------------------
+
+    async def step(self, input: Input[Any, Any, Any], idempotency_key: str | None = None) -> Step:
+        """Run one input through stf (rules 1, 3, 6).
+
+        Raises:
+            RuntimeError: a reload was required and not done (a bug in the caller).
+        """
+        if self._needs_reload:
+            raise RuntimeError("engine needs reset() after a failed transition")
+        if idempotency_key is not None:
+            seen = self._keys.get(idempotency_key)
+            if seen is not None:
+                return Duplicate(seen, idempotency_key)
+        before = copy.deepcopy(self.state) if self.rollback == "copy" else None
+        actions = self._actions
+        actions.clear()
+        try:
+            await self.machine.stf(self.state, input, actions)
+        except Exception as e:
+            error = e if isinstance(e, Rejected) else _failed(e, input)
+            if self.rollback == "copy":
+                self.state = before
+            reload = self.rollback == "reload"
+            self._needs_reload = reload
+            return Failed(input, error, reload)
+        self.seq += 1
+        if idempotency_key is not None:
+            self._remember(idempotency_key, self.seq)
+        step = Accepted(self.seq, input, tuple(actions), idempotency_key)
+        self._pending.append(step)
+        return step
+
+    def committed(self, steps: Sequence[Accepted]) -> Release:
+        """Mark accepted steps durable (rule 2) and release their actions (rule 4).
+
+        Raises:
+            RuntimeError: steps are not the next accepted ones, in order.
+        """
+        release = Release()
+        for step in steps:
+            if not self._pending or self._pending[0] is not step:
+                raise RuntimeError(f"commit out of order: {step.seq} after {self.committed_seq}")
+            del self._pending[0]
+            self.committed_seq = step.seq
+            if (isinstance(step.input, TrackedActionCompleted)
+                    and self._in_flight.pop(step.input.id, None) is not None):
+                release.completed.append(step.input.id)
+            for action in step.actions:
+                if isinstance(action, Tracked):
+                    self._release(action, release)
+                else:
+                    release.untracked.append((step.seq, action))
+        return release
+
+    async def reset(self, state: Any, seq: int, idempotency: Iterable[tuple[str, int]]) -> None:
+        """Start again from the last committed state after a failure (rule 3): take ``state`` as
+        of ``seq`` and re-apply the accepted steps not yet committed, so the state is exactly what
+        the last accepted step left.
+
+        Raises:
+            NondeterminismError: an accepted step raised when re-applied.
+            RuntimeError: ``seq`` is not the committed sequence number.
+        """
+        if seq != self.committed_seq:
+            raise RuntimeError(f"reset to seq {seq} but {self.committed_seq} is committed")
+        self.state = state
+        self.seq = seq
+        self._keys = OrderedDict(idempotency)
+        actions = self._actions
+        for step in self._pending:
+            actions.clear()
+            try:
+                await self.machine.stf(self.state, step.input, actions)
+            except Exception as e:
+                raise NondeterminismError(
+                    f"accepted input at seq {step.seq} ({_kind(step.input)}) raised {e!r} when "
+                    "re-applied after a rollback: the stf is not deterministic"
+                ) from e
+            if tuple(actions) != step.actions:
+                raise NondeterminismError(
+                    f"accepted input at seq {step.seq} ({_kind(step.input)}) emitted different "
+                    "actions when re-applied after a rollback: the stf is not deterministic"
+                )
+            self.seq = step.seq
+            if step.idempotency_key is not None:
+                self._remember(step.idempotency_key, step.seq)
+        actions.clear()
+        self._needs_reload = False
+
+    # -- restore and replay -------------------------------------------------------------------
+
+    async def restore(self) -> Release:
+        """Run the machine's restore on the committed state and release what it emits (rule 5).
+
+        Raises:
+            RestoreFailed: restore raised or emitted an untracked action.
+        """
+        if self.seq != self.committed_seq:
+            raise RuntimeError("restore needs committed state")
+        actions = self._actions
+        actions.clear()
+        try:
+            await self.machine.restore(self.state, actions)
+        except Exception as e:
+            raise RestoreFailed(f"{type(self.machine).__qualname__}.restore raised {e!r}") from e
+        release = Release()
+        for action in actions:
+            if not isinstance(action, Tracked):
+                raise RestoreFailed(
+                    f"{type(self.machine).__qualname__}.restore emitted {action!r}: restore may "
+                    "only re-emit pending tracked actions"
+                )
+            self._release(action, release)
+        return release
+
+    async def replay(self, entries: Iterable[tuple[int, Input[Any, Any, Any], str | None]]) -> None:
+        """Re-apply committed inputs after a checkpoint, actions discarded (rule 7).
+
+        Raises:
+            NondeterminismError: a committed input raised now, or a seq is out of order.
+        """
+        actions = self._actions
+        for seq, input, key in entries:
+            if seq != self.seq + 1:
+                raise NondeterminismError(f"journal seq {seq} does not follow {self.seq}")
+            actions.clear()
+            try:
+                await self.machine.stf(self.state, input, actions)
+            except Exception as e:
+                raise NondeterminismError(
+                    f"committed input at seq {seq} ({_kind(input)}) raised {e!r} on replay: the "
+                    "stf is not deterministic, or the code changed incompatibly"
+                ) from e
+            self.seq = self.committed_seq = seq
+            if key is not None:
+                self._remember(key, seq)
+        actions.clear()
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> dict[Any, Tracked[Any, Any]]:
+        """Tracked actions released and not yet completed, by id (a live view: do not mutate)."""
+        return self._in_flight
+
+    @property
+    def pending(self) -> Sequence[Accepted]:
+        """Accepted steps not yet committed, in order (a live view: do not mutate)."""
+        return self._pending
+
+    @property
+    def idempotency(self) -> OrderedDict[str, int]:
+        """Committed idempotency keys, oldest first (a live view: do not mutate)."""
+        return self._keys
+
+    def forget(self, action_id: Any) -> None:
+        """Stop tracking an in-flight id without a result (its executor was cancelled at stop);
+        restore re-emits it on the next start."""
+        self._in_flight.pop(action_id, None)
+
+    def _release(self, action: Tracked[Any, Any], release: Release) -> None:
+        if action.id in self._in_flight:
+            release.already_in_flight.append(action)
+        else:
+            self._in_flight[action.id] = action
+            release.tracked.append(action)
+
+    def _remember(self, key: str, seq: int) -> None:
+        self._keys[key] = seq
+        while len(self._keys) > self.idempotency_window:
+            self._keys.popitem(last=False)
+
+
+def _kind(input: Input[Any, Any, Any]) -> str:
+    if isinstance(input, Normal):
+        return type(input.value).__qualname__
+    return f"TrackedActionCompleted(id={input.id!r})"
+
+
+def _failed(e: Exception, input: Input[Any, Any, Any]) -> TransitionFailed:
+    err = TransitionFailed(f"stf raised {type(e).__qualname__} on {_kind(input)}: {e}")
+    err.__cause__ = e
+    return err
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__qualname__", None) or repr(tp)
+
+
+input_kind = _kind

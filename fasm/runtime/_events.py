@@ -1,0 +1,109 @@
+"""Runtime events for listeners (metrics exporters, audit logs).
+
+A listener is a plain callable taking one event. It runs inline in the runtime's loop, so keep it
+quick; one that raises is logged and never stops the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+__all__ = (
+    "ActionCompleted",
+    "ActionDispatched",
+    "ActionFailed",
+    "ActionRetried",
+    "HandlerFailed",
+    "Listener",
+    "RuntimeEvent",
+    "TransitionCommitted",
+    "TransitionRejected",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionCommitted:
+    """A transition is durable. ``input_kind`` is the input's class name or
+    ``TrackedActionCompleted``; ``group`` is how many transitions shared its store write."""
+
+    key: str
+    seq: int
+    input_kind: str
+    actions: int
+    group: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRejected:
+    """stf raised. ``expected`` is true for a :class:`~fasm.Rejected`, false for a bug."""
+
+    key: str
+    input_kind: str
+    error: BaseException
+    expected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDispatched:
+    """A tracked action was handed to its executor (first attempt)."""
+
+    key: str
+    action_id: Any
+    action: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRetried:
+    """An attempt failed or timed out; the next starts after ``delay`` seconds."""
+
+    key: str
+    action_id: Any
+    attempt: int
+    error: BaseException
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class ActionCompleted:
+    """An executor returned; its result is queued as ``TrackedActionCompleted``."""
+
+    key: str
+    action_id: Any
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActionFailed:
+    """The retry policy ran out; ``on_exhausted`` made ``result`` of the failure, which is fed
+    back like any result."""
+
+    key: str
+    action_id: Any
+    attempts: int
+    error: BaseException
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerFailed:
+    """An untracked action's handler raised or timed out (``error`` is ``TimeoutError``)."""
+
+    key: str
+    seq: int
+    action: Any
+    error: BaseException
+
+
+RuntimeEvent: TypeAlias = (
+    TransitionCommitted
+    | TransitionRejected
+    | ActionDispatched
+    | ActionRetried
+    | ActionCompleted
+    | ActionFailed
+    | HandlerFailed
+)
+
+Listener: TypeAlias = Callable[[RuntimeEvent], None]

@@ -1,0 +1,106 @@
+"""Executors: how tracked actions are performed, retried, timed out, and given up on."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from ..errors import DefinitionError
+
+__all__ = ("ActionContext", "Executor", "ExecutorFn", "Handler", "RetryPolicy")
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """What an executor knows about the call it is making.
+
+    Attributes:
+        machine_key: the key of the machine instance that emitted the action.
+        action_id: the tracked action's id.
+        idempotency_key: ``"<machine_name>/<machine_key>/<action_id>"``: stable across retries
+            and restarts, so pass it to the outside system (a payment provider's idempotency key)
+            to make a re-sent action safe.
+        attempt: 1 for the first call, 2 for the first retry, ... (restarts start again at 1).
+        deadline: the clock time this attempt is cancelled at, or None without a timeout.
+    """
+
+    machine_key: str
+    action_id: Any
+    idempotency_key: str
+    attempt: int
+    deadline: float | None
+
+
+ExecutorFn: TypeAlias = Callable[[A, ActionContext], Awaitable[R]]
+Handler: TypeAlias = Callable[[Any], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how often a failed executor call is tried again.
+
+    The delay before attempt ``n + 1`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))``
+    scaled by a random factor in ``[1 - jitter, 1 + jitter]``.
+
+    Args:
+        max_attempts: give up after this many attempts (needs ``on_exhausted`` on the executor,
+            which turns the failure into a result). None: never give up; retries go on at
+            ``max_backoff`` and each failure is reported to listeners.
+        timeout: seconds an attempt may take (clock time); None for no limit.
+    """
+
+    max_attempts: int | None = None
+    initial_backoff: float = 0.1
+    max_backoff: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise DefinitionError("max_attempts must be >= 1 or None")
+        if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff:
+            raise DefinitionError("need 0 <= initial_backoff <= max_backoff")
+        if self.multiplier < 1 or not 0 <= self.jitter <= 1:
+            raise DefinitionError("need multiplier >= 1 and 0 <= jitter <= 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise DefinitionError("timeout must be > 0 or None")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """The pause after failed attempt number ``attempt``."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return max(0.0, base * (1 + rng.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass(frozen=True, slots=True)
+class Executor(Generic[A, R]):
+    """An executor function with its policy.
+
+    Args:
+        fn: ``async def fn(action, ctx) -> result``. Raising means "try again" (per ``retry``).
+        retry: the retry policy.
+        on_exhausted: ``fn(action, error) -> result`` called when ``retry.max_attempts`` is
+            reached; its return value is fed back to the stf as the action's result, so the
+            action never silently vanishes. Required when ``max_attempts`` is set.
+        concurrency: at most this many calls of this executor at once (None: only the runtime's
+            global limit).
+    """
+
+    fn: ExecutorFn[A, R]
+    retry: RetryPolicy = RetryPolicy()
+    on_exhausted: Callable[[A, BaseException], R] | None = None
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.retry.max_attempts is not None and self.on_exhausted is None:
+            raise DefinitionError(
+                "an executor with retry.max_attempts needs on_exhausted, which turns the final "
+                "failure into a result for the stf; without it the tracked action would vanish"
+            )
+        if self.concurrency is not None and self.concurrency < 1:
+            raise DefinitionError("concurrency must be >= 1 or None")

@@ -1,0 +1,783 @@
+"""The Runtime: an anyio shell that performs what the engine decides, against a real store, real
+executors and a real clock."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar, cast
+
+import anyio
+import anyio.abc
+import pydantic
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._actions import Tracked, Untracked
+from .._inputs import Input, Normal, TrackedActionCompleted
+from .._machine import StateMachine, type_members
+from .._timer import Timer, TimerFired
+from ..errors import (
+    DefinitionError,
+    FasmError,
+    Rejected,
+    RuntimeClosed,
+    StoreError,
+)
+from ..persistence._codec import Codec
+from ..persistence._durability import Durability, Journal, Writer, decode_records
+from ..persistence._memory import MemoryStore
+from ..persistence._store import Store
+from ._clock import Clock, SystemClock
+from ._engine import Accepted, Duplicate, Engine, Failed, Release, Rollback, input_kind
+from ._events import (
+    ActionCompleted,
+    ActionDispatched,
+    ActionFailed,
+    ActionRetried,
+    HandlerFailed,
+    Listener,
+    RuntimeEvent,
+    TransitionCommitted,
+    TransitionRejected,
+)
+from ._executors import ActionContext, Executor, ExecutorFn, Handler
+
+__all__ = ("Committed", "Runtime")
+
+log = logging.getLogger("fasm.runtime")
+
+S = TypeVar("S")
+I = TypeVar("I")
+TId = TypeVar("TId")
+TA = TypeVar("TA")
+TR = TypeVar("TR")
+U = TypeVar("U")
+
+
+@dataclass(frozen=True, slots=True)
+class Committed(Generic[TId, TA, U]):
+    """The outcome of a submit: the transition is durable.
+
+    Attributes:
+        seq: the transition's sequence number.
+        actions: the actions it emitted (empty for a duplicate: they were released the first time).
+        duplicate: true when the idempotency key had been committed before; nothing ran now.
+    """
+
+    seq: int
+    actions: tuple[Tracked[TId, TA] | Untracked[U], ...] = ()
+    duplicate: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Submit:
+    input: Input[Any, Any, Any]
+    key: str | None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    outcome: Committed[Any, Any, Any] | None = None
+    error: BaseException | None = None
+
+    def answer(self, outcome: Committed[Any, Any, Any] | None, error: BaseException | None) -> None:
+        self.outcome, self.error = outcome, error
+        self.done.set()
+
+
+@dataclass(eq=False, slots=True)
+class _Result:
+    input: TrackedActionCompleted[Any, Any]
+    key: None = None
+
+
+_Item = _Submit | _Result
+
+
+async def _timer_executor(clock: Clock, action: Timer) -> TimerFired:
+    await clock.sleep_until(action.at)
+    return TimerFired(at=action.at, now=clock.now())
+
+
+class Runtime(Generic[S, I, TId, TA, TR, U]):
+    """Hosts one machine instance: owns its input queue, makes every committed transition durable
+    before answering, dispatches tracked actions to executors and untracked ones to handlers, and
+    feeds results back as inputs. On start it loads the state and calls ``restore``.
+
+    Use it as ``async with Runtime(...) as rt: await rt.submit(value)``. Works on asyncio and trio.
+
+    Args:
+        machine: the machine instance.
+        initial_state: the state of a machine the store has never seen (a value, deep-copied
+            when needed, or a zero-argument factory).
+        key: the machine key in the store.
+        store: where state is kept (default: a fresh :class:`~fasm.persistence.MemoryStore`).
+            The runtime opens it on start and closes it on stop.
+        durability: :class:`~fasm.persistence.Journal` (default) or
+            :class:`~fasm.persistence.Snapshot`.
+        executors: tracked-action class -> ``Executor`` or ``async fn(action, ctx)``. Every class
+            in the machine's tracked-action type needs one (``Timer`` has a built-in one).
+        handlers: untracked-action class -> ``async fn(action)``. Every class in the machine's
+            untracked type needs one.
+        clock: time for timers, retry backoff and timeouts (default :class:`SystemClock`).
+        queue_size: pending submits before ``submit`` waits (backpressure).
+        max_group: most transitions committed in one store write (group commit).
+        max_in_flight: most executor calls running at once (timers are not counted).
+        handler_timeout: seconds (clock time) a handler may run before it is cancelled.
+        shutdown_grace: seconds (real time) that stop waits for in-flight work before cancelling.
+        rollback: how a failed stf is undone: ``"reload"``, ``"copy"`` or ``"trust"`` (see
+            docs/runtime.md and :mod:`fasm.runtime._engine`).
+        idempotency_window: how many submit idempotency keys are remembered.
+        listeners: callables receiving every :mod:`runtime event <fasm.runtime>`.
+        seed: seeds the retry jitter (None: from the OS).
+
+    Raises:
+        DefinitionError: a tracked or untracked action class has no executor or handler, an
+            executor is registered for a class the machine does not declare, or an option is
+            out of range.
+    """
+
+    def __init__(
+        self,
+        machine: StateMachine[S, I, TId, TA, TR, U],
+        *,
+        initial_state: S | Callable[[], S],
+        key: str = "default",
+        store: Store | None = None,
+        durability: Durability | None = None,
+        executors: Mapping[type[Any], Executor[Any, Any] | ExecutorFn[Any, Any]] | None = None,
+        handlers: Mapping[type[Any], Handler] | None = None,
+        clock: Clock | None = None,
+        queue_size: int = 1024,
+        max_group: int = 256,
+        max_in_flight: int = 1000,
+        handler_timeout: float = 30.0,
+        shutdown_grace: float = 5.0,
+        rollback: Rollback = "reload",
+        idempotency_window: int = 1000,
+        listeners: Sequence[Listener] = (),
+        seed: int | None = None,
+    ) -> None:
+        self.machine = machine
+        self.types = type(machine).machine_types()
+        self.key = key
+        self.store: Store = store if store is not None else MemoryStore()
+        self.durability: Durability = durability if durability is not None else Journal()
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        for name, value, low in (("queue_size", queue_size, 1), ("max_group", max_group, 1),
+                                 ("max_in_flight", max_in_flight, 1)):
+            if value < low:
+                raise DefinitionError(f"{name} must be >= {low}, got {value}")
+        if handler_timeout <= 0 or shutdown_grace < 0:
+            raise DefinitionError("handler_timeout must be > 0 and shutdown_grace >= 0")
+        self._initial = initial_state
+        self._queue_size = queue_size
+        self._max_group = max_group
+        self._max_in_flight = max_in_flight
+        self._handler_timeout = handler_timeout
+        self.shutdown_grace = shutdown_grace
+        self._rollback: Rollback = rollback
+        self._idempotency_window = idempotency_window
+        self._listeners = tuple(listeners)
+        self._rng = random.Random(seed)
+        self._executors = self._check_executors(dict(executors or {}))
+        self._handlers = self._check_handlers(dict(handlers or {}))
+        self._result_adapter: pydantic.TypeAdapter[Any] | None = None
+        self._codec: Codec | None = None
+        self._engine: Engine | None = None
+        self._status = "new"
+        self._failure: BaseException | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._work: anyio.abc.TaskGroup | None = None
+        self._work_stop: anyio.Event | None = None  # made in __aenter__ (needs a loop)
+        self._send: MemoryObjectSendStream[_Item] | None = None
+        self._receive: MemoryObjectReceiveStream[_Item] | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._executor_limiters: dict[type[Any], anyio.CapacityLimiter] = {}
+        self._batch_done: anyio.Event | None = None
+        self._needs_checkpoint = False
+        self._writer: Writer | None = None
+
+    # -- definition checks ----------------------------------------------------------------------
+
+    def _check_executors(
+        self, given: dict[type[Any], Executor[Any, Any] | ExecutorFn[Any, Any]]
+    ) -> dict[type[Any], Executor[Any, Any]]:
+        declared = [m for m in type_members(self.types.tracked_action) if isinstance(m, type)]
+        table: dict[type[Any], Executor[Any, Any]] = {}
+        for cls, spec in given.items():
+            if not any(issubclass(m, cls) for m in declared):
+                raise DefinitionError(
+                    f"executor registered for {cls.__qualname__}, which is not in "
+                    f"{type(self.machine).__qualname__}'s tracked-action type"
+                )
+            table[cls] = spec if isinstance(spec, Executor) else Executor(spec)
+        if Timer in declared and not any(issubclass(Timer, c) for c in table):
+            clock = self.clock
+            table[Timer] = Executor(lambda a, _ctx: _timer_executor(clock, a))
+        missing = [m.__qualname__ for m in declared if _lookup(table, m) is None]
+        if missing:
+            raise DefinitionError(
+                f"no executor for tracked action type(s) {', '.join(missing)} of "
+                f"{type(self.machine).__qualname__}: pass executors={{Type: fn}}"
+            )
+        return table
+
+    def _check_handlers(self, given: dict[type[Any], Handler]) -> dict[type[Any], Handler]:
+        declared = [m for m in type_members(self.types.untracked) if isinstance(m, type)]
+        for cls in given:
+            if not any(issubclass(m, cls) for m in declared):
+                raise DefinitionError(
+                    f"handler registered for {cls.__qualname__}, which is not in "
+                    f"{type(self.machine).__qualname__}'s untracked-action type"
+                )
+        missing = [m.__qualname__ for m in declared if _lookup(given, m) is None]
+        if missing:
+            raise DefinitionError(
+                f"no handler for untracked action type(s) {', '.join(missing)} of "
+                f"{type(self.machine).__qualname__}: pass handlers={{Type: fn}}"
+            )
+        return given
+
+    # -- public surface -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> S:
+        """The live state (the last accepted transition's). Read it; never mutate it."""
+        return cast(S, self._require_engine().state)
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last committed transition."""
+        return self._require_engine().committed_seq
+
+    @property
+    def in_flight(self) -> dict[TId, TA]:
+        """Tracked actions dispatched and not yet completed: id -> action (a copy)."""
+        return {i: a.action for i, a in self._require_engine().in_flight.items()}
+
+    @property
+    def running(self) -> bool:
+        """True between a successful start and the beginning of stop."""
+        return self._status == "running"
+
+    async def submit(
+        self, value: I, *, idempotency_key: str | None = None
+    ) -> Committed[TId, TA, U]:
+        """Run ``value`` through the stf and return once the transition is durable.
+
+        Transitions run one at a time, in the order submits entered the queue. Cancelling a
+        submit that is already queued does not cancel its transition.
+
+        Args:
+            value: an input of the machine's declared input type.
+            idempotency_key: when given, a transition already committed with this key is not run
+                again: the submit returns its outcome with ``duplicate=True``.
+
+        Returns:
+            The committed outcome.
+
+        Raises:
+            InvalidInput: ``value`` is not of the declared input type (nothing ran).
+            Rejected: the stf refused the input (state unchanged).
+            TransitionFailed: the stf raised something else (state unchanged).
+            RuntimeClosed: the runtime is not running (chained to the store error that stopped
+                it, if one did).
+            StoreError: the commit could not be made durable; the runtime stops.
+        """
+        engine = self._require_running()
+        item = _Submit(Normal(engine.validate(value)), idempotency_key)
+        assert self._send is not None
+        try:
+            await self._send.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._closed() from self._failure
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.outcome is not None
+        return cast(Committed[TId, TA, U], item.outcome)
+
+    # -- start ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._status != "new":
+            raise RuntimeClosed("a Runtime starts once; make a new one to start again")
+        self._status = "starting"
+        await self.store.open()
+        try:
+            await self.store.acquire(self.key)
+            self._engine = await self._recover()
+            release = await self._engine.restore()
+        except BaseException:
+            self._status = "stopped"
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+            raise
+        self._send, self._receive = anyio.create_memory_object_stream[_Item](self._queue_size)
+        self._limiter = anyio.CapacityLimiter(self._max_in_flight)
+        self._executor_limiters = {
+            cls: anyio.CapacityLimiter(spec.concurrency)
+            for cls, spec in self._executors.items()
+            if spec.concurrency is not None
+        }
+        self._work_stop = anyio.Event()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self._host_work)
+            self._tg.start_soon(self._drive)
+        except BaseException as e:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(type(e), e, e.__traceback__)
+            raise
+        self._status = "running"
+        self._dispatch(release)
+        log.info("runtime started", extra={"fasm_key": self.key, "fasm_seq": self.seq,
+                                           "fasm_restored": len(release.tracked)})
+        return self
+
+    async def _recover(self) -> Engine:
+        codec = self._codec_()
+        self._writer = Writer(codec, self.durability)
+        records = await self.store.load(self.key)
+        if records is None:
+            self._needs_checkpoint = True
+            return self._new_engine(self._fresh_initial(), 0, ())
+        recovered = decode_records(codec, records, store=self.store.description, key=self.key)
+        cp = recovered.checkpoint
+        if cp is None:
+            # A journal without a checkpoint was written from the initial state.
+            self._needs_checkpoint = True
+            engine = self._new_engine(self._fresh_initial(), 0, ())
+        else:
+            engine = self._new_engine(cp.state, cp.seq, cp.idempotency.items())
+        await engine.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
+        self._writer.recovered(len(records.journal), sum(len(d) for _, d in records.journal))
+        return engine
+
+    def _new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
+        return Engine(self.machine, state=state, seq=seq, idempotency=keys,
+                      rollback=self._rollback, idempotency_window=self._idempotency_window)
+
+    def _fresh_initial(self) -> Any:
+        init = self._initial
+        return init() if callable(init) else copy.deepcopy(init)
+
+    def _codec_(self) -> Codec:
+        if self._codec is None:
+            self._codec = Codec(type(self.machine))
+        return self._codec
+
+    async def _host_work(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as work:
+            self._work = work
+            task_status.started()
+            assert self._work_stop is not None
+            await self._work_stop.wait()
+            work.cancel_scope.cancel()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        assert self._receive is not None
+        receive = self._receive
+        max_group = self._max_group
+        try:
+            while True:
+                try:
+                    first = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+                batch = [first]
+                while len(batch) < max_group:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._process(batch)
+                if self._batch_done is not None:
+                    self._batch_done.set()
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    async def _process(self, batch: list[_Item]) -> None:
+        engine = self._require_engine()
+        accepted: list[tuple[_Item, Accepted]] = []
+        answers: list[tuple[_Submit, Committed[Any, Any, Any] | None, BaseException | None]] = []
+        for item in batch:
+            step = await engine.step(item.input, item.key)
+            if isinstance(step, Accepted):
+                accepted.append((item, step))
+            elif isinstance(step, Duplicate):
+                assert isinstance(item, _Submit)
+                answers.append((item, Committed(step.seq, (), True), None))
+            else:
+                self._rejected(item, step)
+                if step.reload:
+                    await self._reload()
+                if isinstance(item, _Submit):
+                    answers.append((item, None, step.error))
+        if accepted:
+            await self._flush(accepted)
+        for submit, outcome, error in answers:
+            submit.answer(outcome, error)
+
+    def _rejected(self, item: _Item, step: Failed) -> None:
+        kind = input_kind(step.input)
+        expected = isinstance(step.error, Rejected)
+        self._emit(TransitionRejected(self.key, kind, step.error, expected))
+        extra = {"fasm_key": self.key, "fasm_input_kind": kind}
+        if isinstance(item, _Result):
+            # A result the stf refuses is dropped, never fatal. The id is no longer waited on
+            # here; the state still says what is pending, so restore re-emits it on next start.
+            self._require_engine().forget(item.input.id)
+            log.error("stf refused the result of tracked action %r; dropped: %s", item.input.id,
+                      step.error, extra={**extra, "fasm_action_id": item.input.id})
+        elif expected:
+            log.debug("input rejected: %s", step.error, extra=extra)
+        else:
+            log.warning("stf raised on %s: %r", kind, step.error.__cause__, extra=extra)
+
+    async def _reload(self) -> None:
+        engine = self._require_engine()
+        records = await self.store.load(self.key)
+        if records is None or engine.committed_seq == 0:
+            await engine.reset(self._fresh_initial(), 0, ())
+            return
+        recovered = decode_records(self._codec_(), records, store=self.store.description,
+                                   key=self.key)
+        cp = recovered.checkpoint
+        fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
+                                 cp.idempotency.items() if cp else ())
+        await fresh.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
+        await engine.reset(fresh.state, fresh.seq, fresh.idempotency.items())
+
+    async def _flush(self, accepted: list[tuple[_Item, Accepted]]) -> None:
+        engine = self._require_engine()
+        writer = self._writer
+        assert writer is not None
+        steps = [s for _, s in accepted]
+        plan = writer.plan(
+            engine.committed_seq,
+            [(s.seq, s.input, s.idempotency_key) for s in steps],
+            engine.state,
+            engine.idempotency,
+            force_checkpoint=self._needs_checkpoint,
+        )
+        try:
+            await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
+                                    entries=plan.entries, checkpoint=plan.checkpoint)
+        except BaseException as e:
+            writer.failed(plan)
+            error = e if isinstance(e, FasmError) else StoreError(
+                f"store commit raised {e!r}", store=self.store.description, key=self.key,
+                seq=plan.seq)
+            if error is not e:
+                error.__cause__ = e
+            for item, _ in accepted:
+                if isinstance(item, _Submit):
+                    item.answer(None, error)
+            raise error from None if error is e else e
+        writer.written(plan)
+        if plan.checkpoint is not None:
+            self._needs_checkpoint = False
+        release = engine.committed(steps)
+        group = len(steps)
+        for item, step in accepted:
+            self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
+                                           len(step.actions), group))
+            if isinstance(item, _Submit):
+                item.answer(Committed(step.seq, step.actions), None)
+        self._dispatch(release)
+
+    def _fail(self, error: BaseException) -> None:
+        """The driver is leaving abnormally: answer everyone still queued, refuse new input."""
+        if not isinstance(error, anyio.get_cancelled_exc_class()) and self._failure is None:
+            self._failure = error
+            self._status = "failed"
+            log.error("runtime stopped by %r; it accepts no more input", error,
+                      extra={"fasm_key": self.key})
+        elif self._status == "running":
+            self._status = "stopping"
+        closed = self._closed()
+        closed.__cause__ = self._failure
+        assert self._receive is not None
+        while True:
+            try:
+                item = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if isinstance(item, _Submit):
+                item.answer(None, closed)
+        self._receive.close()
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _dispatch(self, release: Release) -> None:
+        work = self._work
+        assert work is not None
+        for action in release.already_in_flight:
+            log.debug("tracked action %r already in flight; not dispatched again", action.id,
+                      extra={"fasm_key": self.key, "fasm_action_id": action.id})
+        for tracked in release.tracked:
+            self._emit(ActionDispatched(self.key, tracked.id, tracked.action))
+            work.start_soon(self._run_action, tracked)
+        for seq, untracked in release.untracked:
+            work.start_soon(self._run_handler, seq, untracked)
+
+    async def _run_action(self, tracked: Tracked[Any, Any]) -> None:
+        cls = type(tracked.action)
+        spec = _lookup(self._executors, cls)
+        assert spec is not None
+        if cls is Timer:
+            result = await spec.fn(tracked.action, self._context(tracked.id, 1, None))
+            await self._deliver(tracked.id, result)
+            return
+        assert self._limiter is not None
+        limiters = [self._limiter]
+        own = _lookup(self._executor_limiters, cls)
+        if own is not None:
+            limiters.append(own)
+        async with _acquire_all(limiters):
+            result = await self._attempts(tracked, spec)
+        await self._deliver(tracked.id, result)
+
+    async def _attempts(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any]) -> Any:
+        policy = spec.retry
+        attempt = 0
+        extra: dict[str, Any] = {"fasm_key": self.key, "fasm_action_id": tracked.id}
+        while True:
+            attempt += 1
+            deadline = None if policy.timeout is None else self.clock.now() + policy.timeout
+            try:
+                result = await _with_deadline(
+                    self.clock, deadline,
+                    spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
+                self._check_result(result)
+            except Exception as e:
+                if policy.max_attempts is not None and attempt >= policy.max_attempts:
+                    assert spec.on_exhausted is not None
+                    try:
+                        result = spec.on_exhausted(tracked.action, e)
+                        self._check_result(result)
+                    except Exception as mapping_error:
+                        log.error("on_exhausted for %r raised %r; retrying the action",
+                                  tracked.id, mapping_error, extra=extra)
+                    else:
+                        log.warning("tracked action %r gave up after %d attempts: %r",
+                                    tracked.id, attempt, e, extra=extra)
+                        self._emit(ActionFailed(self.key, tracked.id, attempt, e, result))
+                        return result
+                delay = policy.delay(attempt, self._rng)
+                log.warning("tracked action %r attempt %d failed: %r; retry in %.3fs",
+                            tracked.id, attempt, e, delay, extra=extra)
+                self._emit(ActionRetried(self.key, tracked.id, attempt, e, delay))
+                await self.clock.sleep_until(self.clock.now() + delay)
+                continue
+            self._emit(ActionCompleted(self.key, tracked.id, attempt))
+            return result
+
+    def _check_result(self, result: Any) -> None:
+        if self._result_adapter is None:
+            self._result_adapter = pydantic.TypeAdapter(self.types.tracked_result)
+        try:
+            self._result_adapter.validate_python(result, strict=True)
+        except pydantic.ValidationError as e:
+            raise TypeError(
+                f"executor returned {type(result).__qualname__}, not the machine's tracked "
+                f"result type: {e.errors()[0]['msg']}"
+            ) from e
+
+    def _context(self, action_id: Any, attempt: int, deadline: float | None) -> ActionContext:
+        return ActionContext(
+            machine_key=self.key,
+            action_id=action_id,
+            idempotency_key=f"{type(self.machine).machine_name}/{self.key}/{action_id}",
+            attempt=attempt,
+            deadline=deadline,
+        )
+
+    async def _deliver(self, action_id: Any, result: Any) -> None:
+        assert self._send is not None
+        try:
+            await self._send.send(_Result(TrackedActionCompleted(action_id, result)))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # Stopping: the result is not committed, so the state still says the action is
+            # pending and restore re-emits it on the next start.
+            log.info("result of %r arrived while stopping; restore will re-emit it", action_id,
+                     extra={"fasm_key": self.key, "fasm_action_id": action_id})
+
+    async def _run_handler(self, seq: int, untracked: Untracked[Any]) -> None:
+        handler = _lookup(self._handlers, type(untracked.action))
+        assert handler is not None
+        try:
+            await _with_deadline(self.clock, self.clock.now() + self._handler_timeout,
+                                 handler(untracked.action))
+        except Exception as e:
+            log.error("handler for %r (from transition %d) failed: %r", untracked.action, seq, e,
+                      extra={"fasm_key": self.key, "fasm_seq": seq})
+            self._emit(HandlerFailed(self.key, seq, untracked.action, e))
+
+    def _emit(self, event: RuntimeEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("listener %r raised on %r", listener, event,
+                              extra={"fasm_key": self.key})
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._tg is not None
+        tg = self._tg
+        try:
+            if self._status == "running":
+                self._status = "stopping"
+                if exc is None:
+                    await self._drain()
+                else:
+                    tg.cancel_scope.cancel()
+            else:
+                tg.cancel_scope.cancel()
+            if self._work_stop is not None:
+                self._work_stop.set()
+            if self._send is not None:
+                self._send.close()
+            try:
+                await tg.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                raise self._unwrap(group) from None
+            if self._failure is not None and exc is None:
+                raise self._failure
+        finally:
+            if self._status != "failed":
+                self._status = "stopped"
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.store.release(self.key)
+                finally:
+                    await self.store.close()
+
+    async def stop(self) -> None:
+        """Stop taking input and wait (up to ``shutdown_grace``) for queued transitions and
+        in-flight executors; then leave. Same as leaving the ``async with`` block."""
+        await self.__aexit__(None, None, None)
+
+    async def _drain(self) -> None:
+        """Let queued inputs commit and in-flight actions finish, within the grace period. The
+        driver wakes us after every batch it processes."""
+        engine = self._require_engine()
+        with anyio.move_on_after(self.shutdown_grace):
+            while self._status == "stopping" and (
+                any(type(a.action) is not Timer for a in engine.in_flight.values())
+                or self._queued()
+            ):
+                self._batch_done = anyio.Event()
+                await self._batch_done.wait()
+        left = [i for i, a in engine.in_flight.items() if type(a.action) is not Timer]
+        if left:
+            log.info("stopping with %d tracked action(s) in flight; restore re-emits them",
+                     len(left), extra={"fasm_key": self.key})
+
+    def _queued(self) -> int:
+        return self._receive.statistics().current_buffer_used if self._receive else 0
+
+    def _unwrap(self, group: BaseExceptionGroup[BaseException]) -> BaseException:
+        cancelled = anyio.get_cancelled_exc_class()
+        real = [e for e in _leaves(group) if not isinstance(e, cancelled)]
+        if self._failure is not None and any(e is self._failure for e in real):
+            return self._failure
+        return real[0] if len(real) == 1 else group
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _require_engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeClosed("the runtime has not been started (use 'async with Runtime(...)')")
+        return self._engine
+
+    def _require_running(self) -> Engine:
+        if self._status != "running":
+            raise self._closed() from self._failure
+        return self._require_engine()
+
+    def _closed(self) -> RuntimeClosed:
+        if self._failure is not None:
+            return RuntimeClosed(f"the runtime stopped after a failure: {self._failure!r}")
+        return RuntimeClosed(f"the runtime is {self._status}; it accepts no input")
+
+
+def _lookup(table: Mapping[type[Any], Any], cls: type[Any]) -> Any:
+    found = table.get(cls)
+    if found is not None:
+        return found
+    for base in cls.__mro__[1:]:
+        found = table.get(base)
+        if found is not None:
+            return found
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+class _acquire_all:
+    """Acquire several capacity limiters in order, release in reverse."""
+
+    def __init__(self, limiters: list[anyio.CapacityLimiter]) -> None:
+        self._limiters = limiters
+
+    async def __aenter__(self) -> None:
+        done: list[anyio.CapacityLimiter] = []
+        try:
+            for limiter in self._limiters:
+                await limiter.acquire()
+                done.append(limiter)
+        except BaseException:
+            for limiter in reversed(done):
+                limiter.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        for limiter in reversed(self._limiters):
+            limiter.release()
+
+
+async def _with_deadline(clock: Clock, deadline: float | None, awaitable: Any) -> Any:
+    """Await ``awaitable``, cancelling it at clock time ``deadline`` (TimeoutError)."""
+    if deadline is None:
+        return await awaitable
+    if isinstance(clock, SystemClock):
+        with anyio.fail_after(max(0.0, deadline - clock.now())):
+            return await awaitable
+    timed_out = False
+    result: Any = None
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def watchdog() -> None:
+                nonlocal timed_out
+                await clock.sleep_until(deadline)
+                timed_out = True
+                scope.cancel()
+
+            tg.start_soon(watchdog)
+            result = await awaitable
+            tg.cancel_scope.cancel()
+    if timed_out:
+        raise TimeoutError(f"deadline {deadline} passed")
+    return result
+
