@@ -159,8 +159,7 @@ async def main() -> PaymentSystem:
                 print(f"process {amount}: committed at seq {committed.seq}")
             except InsufficientFunds as e:
                 print(f"process {amount}: rejected ({e})")
-        while rt.in_flight:
-            await asyncio.sleep(0.001)
+        await rt.wait_idle()
         print(f"balance {rt.state.balance}, payments "
               f"{ {i: p.status.value for i, p in rt.state.pending.items()} }")
         return rt.state

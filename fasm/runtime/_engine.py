@@ -169,7 +169,7 @@ class Engine:
         """
         if self._input_adapter is None:
             try:
-                self._input_adapter = pydantic.TypeAdapter(self.types.input)
+                self._input_adapter = _strict_adapter(self.types.input)
             except pydantic.PydanticSchemaGenerationError as e:
                 raise DefinitionError(
                     f"input type {self.types.input!r} of {type(self.machine).__qualname__} "
@@ -260,12 +260,12 @@ class Engine:
                 await self.machine.stf(self.state, step.input, actions)
             except Exception as e:
                 raise NondeterminismError(
-                    f"accepted input at seq {step.seq} ({_kind(step.input)}) raised {e!r} when "
+                    f"accepted input at seq {step.seq} ({_describe(step.input)}) raised {e!r} when "
                     "re-applied after a rollback: the stf is not deterministic"
                 ) from e
             if tuple(actions) != step.actions:
                 raise NondeterminismError(
-                    f"accepted input at seq {step.seq} ({_kind(step.input)}) emitted different "
+                    f"accepted input at seq {step.seq} ({_describe(step.input)}) emitted different "
                     "actions when re-applied after a rollback: the stf is not deterministic"
                 )
             self.seq = step.seq
@@ -315,8 +315,8 @@ class Engine:
                 await self.machine.stf(self.state, input, actions)
             except Exception as e:
                 raise NondeterminismError(
-                    f"committed input at seq {seq} ({_kind(input)}) raised {e!r} on replay: the "
-                    "stf is not deterministic, or the code changed incompatibly"
+                    f"committed input at seq {seq} ({_describe(input)}) raised {e!r} on replay: "
+                    "the stf is not deterministic, or the code changed incompatibly"
                 ) from e
             self.seq = self.committed_seq = seq
             if key is not None:
@@ -359,15 +359,32 @@ class Engine:
 
 
 def _kind(input: Input[Any, Any, Any]) -> str:
+    """The input's class name, or ``TrackedActionCompleted`` (for events and metrics labels)."""
+    if isinstance(input, Normal):
+        return type(input.value).__qualname__
+    return "TrackedActionCompleted"
+
+
+def _describe(input: Input[Any, Any, Any]) -> str:
     if isinstance(input, Normal):
         return type(input.value).__qualname__
     return f"TrackedActionCompleted(id={input.id!r})"
 
 
 def _failed(e: Exception, input: Input[Any, Any, Any]) -> TransitionFailed:
-    err = TransitionFailed(f"stf raised {type(e).__qualname__} on {_kind(input)}: {e}")
+    err = TransitionFailed(f"stf raised {type(e).__qualname__} on {_describe(input)}: {e}")
     err.__cause__ = e
     return err
+
+
+def _strict_adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
+    """A validator that also checks the fields of dataclass instances (pydantic passes instances
+    through unchecked by default, so ``Deposit("a", "lots")`` would reach the stf). A BaseModel
+    type carries its own config and validates at construction, so it is used as it is."""
+    try:
+        return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(revalidate_instances="always"))
+    except pydantic.PydanticUserError:
+        return pydantic.TypeAdapter(tp)
 
 
 def _type_name(tp: Any) -> str:

@@ -32,7 +32,16 @@ from ..persistence._durability import Durability, Journal, Writer, decode_record
 from ..persistence._memory import MemoryStore
 from ..persistence._store import Store
 from ._clock import Clock, SystemClock
-from ._engine import Accepted, Duplicate, Engine, Failed, Release, Rollback, input_kind
+from ._engine import (
+    Accepted,
+    Duplicate,
+    Engine,
+    Failed,
+    Release,
+    Rollback,
+    _strict_adapter,
+    input_kind,
+)
 from ._events import (
     ActionCompleted,
     ActionDispatched,
@@ -196,6 +205,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._limiter: anyio.CapacityLimiter | None = None
         self._executor_limiters: dict[type[Any], anyio.CapacityLimiter] = {}
         self._batch_done: anyio.Event | None = None
+        self._driver_done: anyio.Event | None = None
         self._needs_checkpoint = False
         self._writer: Writer | None = None
 
@@ -323,6 +333,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             if spec.concurrency is not None
         }
         self._work_stop = anyio.Event()
+        self._driver_done = anyio.Event()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
@@ -399,9 +410,15 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 await self._process(batch)
                 if self._batch_done is not None:
                     self._batch_done.set()
+                    self._batch_done = None
         except BaseException as e:
             self._fail(e)
             raise
+        finally:
+            if self._batch_done is not None:
+                self._batch_done.set()
+            if self._driver_done is not None:
+                self._driver_done.set()
 
     async def _process(self, batch: list[_Item]) -> None:
         engine = self._require_engine()
@@ -582,7 +599,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     def _check_result(self, result: Any) -> None:
         if self._result_adapter is None:
-            self._result_adapter = pydantic.TypeAdapter(self.types.tracked_result)
+            self._result_adapter = _strict_adapter(self.types.tracked_result)
         try:
             self._result_adapter.validate_python(result, strict=True)
         except pydantic.ValidationError as e:
@@ -640,18 +657,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert self._tg is not None
         tg = self._tg
         try:
-            if self._status == "running":
-                self._status = "stopping"
-                if exc is None:
-                    await self._drain()
-                else:
-                    tg.cancel_scope.cancel()
+            if exc is None and self._status in ("running", "stopping"):
+                await self.stop()
             else:
+                if self._status == "running":
+                    self._status = "stopping"
                 tg.cancel_scope.cancel()
-            if self._work_stop is not None:
-                self._work_stop.set()
-            if self._send is not None:
-                self._send.close()
+                self._end_work()
             try:
                 await tg.__aexit__(exc_type, exc, tb)
             except BaseExceptionGroup as group:
@@ -661,6 +673,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         finally:
             if self._status != "failed":
                 self._status = "stopped"
+            for stream in (self._send, self._receive):
+                if stream is not None:
+                    stream.close()
             with anyio.CancelScope(shield=True):
                 try:
                     await self.store.release(self.key)
@@ -668,21 +683,54 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     await self.store.close()
 
     async def stop(self) -> None:
-        """Stop taking input and wait (up to ``shutdown_grace``) for queued transitions and
-        in-flight executors; then leave. Same as leaving the ``async with`` block."""
-        await self.__aexit__(None, None, None)
+        """Stop gracefully: refuse new input, let queued transitions commit and in-flight
+        executors finish within ``shutdown_grace`` seconds, cancel what is left (restore
+        re-emits it on the next start), and wait until the last queued input is committed.
+
+        Leaving the ``async with`` block calls it; call it earlier to stop from inside. The store
+        is closed when the block is left.
+        """
+        if self._status == "running":
+            self._status = "stopping"
+            await self._drain()
+        self._end_work()
+        if self._driver_done is not None:
+            await self._driver_done.wait()
+
+    def _end_work(self) -> None:
+        """Cancel executors and handlers, and let the driver finish what is queued."""
+        if self._work_stop is not None:
+            self._work_stop.set()
+        if self._send is not None:
+            self._send.close()
+
+    async def wait_idle(self, *, include_timers: bool = False) -> None:
+        """Return once no input is queued and no tracked action is in flight (timers are not
+        waited for unless ``include_timers``). For tests, demos and orderly hand-overs.
+
+        Raises:
+            RuntimeClosed: the runtime stopped while waiting.
+        """
+        engine = self._require_engine()
+        while self._busy(engine, include_timers):
+            if self._status not in ("running", "stopping"):
+                raise self._closed() from self._failure
+            self._batch_done = event = self._batch_done or anyio.Event()
+            await event.wait()
+        if self._status == "failed":
+            raise self._closed() from self._failure
+
+    def _busy(self, engine: Engine, include_timers: bool) -> bool:
+        if self._queued():
+            return True
+        return any(include_timers or type(a.action) is not Timer
+                   for a in engine.in_flight.values())
 
     async def _drain(self) -> None:
-        """Let queued inputs commit and in-flight actions finish, within the grace period. The
-        driver wakes us after every batch it processes."""
+        """Let queued inputs commit and in-flight actions finish, within the grace period."""
         engine = self._require_engine()
         with anyio.move_on_after(self.shutdown_grace):
-            while self._status == "stopping" and (
-                any(type(a.action) is not Timer for a in engine.in_flight.values())
-                or self._queued()
-            ):
-                self._batch_done = anyio.Event()
-                await self._batch_done.wait()
+            await self.wait_idle()
         left = [i for i, a in engine.in_flight.items() if type(a.action) is not Timer]
         if left:
             log.info("stopping with %d tracked action(s) in flight; restore re-emits them",
@@ -765,6 +813,7 @@ async def _with_deadline(clock: Clock, deadline: float | None, awaitable: Any) -
             return await awaitable
     timed_out = False
     result: Any = None
+    error: Exception | None = None
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
 
@@ -775,8 +824,14 @@ async def _with_deadline(clock: Clock, deadline: float | None, awaitable: Any) -
                 scope.cancel()
 
             tg.start_soon(watchdog)
-            result = await awaitable
-            tg.cancel_scope.cancel()
+            try:
+                result = await awaitable
+            except Exception as e:
+                error = e  # raised bare below, not wrapped in the task group's ExceptionGroup
+            finally:
+                tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     if timed_out:
         raise TimeoutError(f"deadline {deadline} passed")
     return result
