@@ -298,9 +298,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """
         engine = self._require_running()
         item = _Submit(Normal(engine.validate(value)), idempotency_key)
-        assert self._send is not None
+        send = self._send
+        assert send is not None
         try:
-            await self._send.send(item)
+            try:
+                send.send_nowait(item)  # the common case: room in the queue, no extra yield
+            except anyio.WouldBlock:
+                await send.send(item)  # backpressure: wait for room
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise self._closed() from self._failure
         await item.done.wait()
@@ -503,9 +507,11 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._needs_checkpoint = False
         release = engine.committed(steps)
         group = len(steps)
+        listening = bool(self._listeners)
         for item, step in accepted:
-            self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
-                                           len(step.actions), group))
+            if listening:
+                self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
+                                               len(step.actions), group))
             if isinstance(item, _Submit):
                 item.answer(Committed(step.seq, step.actions), None)
         self._dispatch(release)
