@@ -14,7 +14,7 @@ snapshot of the state after the group, or one append of all its entries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -34,17 +34,31 @@ class Snapshot:
 class Journal:
     """Append each committed input; checkpoint the whole state now and then.
 
+    A checkpoint is written when the journal since the last one has grown to ``checkpoint_ratio``
+    times the size of that checkpoint (as an append-only log is rewritten once it outgrows its
+    base). Writing a checkpoint costs O(state), and it comes after O(state) bytes of journal, so
+    its cost per transition stays O(input) at any state size, and replay at start never reads
+    more than about ``checkpoint_ratio`` states' worth of journal.
+
     Args:
-        checkpoint_every: checkpoint after this many transitions since the last one.
-        checkpoint_bytes: or after this many bytes of journal since the last one.
+        checkpoint_ratio: journal bytes since the last checkpoint, as a multiple of its size.
+        checkpoint_every: also checkpoint after this many transitions (bounds replay time for a
+            machine whose stf is slow compared with its input size); None for no bound.
+        min_checkpoint_bytes: never checkpoint before this many journal bytes (so a tiny state
+            is not rewritten after every few inputs).
     """
 
-    checkpoint_every: int = 10_000
-    checkpoint_bytes: int = 64 * 1024 * 1024
+    checkpoint_ratio: float = 1.0
+    checkpoint_every: int | None = 100_000
+    min_checkpoint_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every < 1 or self.checkpoint_bytes < 1:
-            raise ValueError("checkpoint_every and checkpoint_bytes must be >= 1")
+        if self.checkpoint_ratio <= 0:
+            raise ValueError("checkpoint_ratio must be > 0")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1 or None")
+        if self.min_checkpoint_bytes < 0:
+            raise ValueError("min_checkpoint_bytes must be >= 0")
 
 
 Durability: TypeAlias = Snapshot | Journal
@@ -68,55 +82,53 @@ class Writer:
         self.durability = durability
         self._since_transitions = 0
         self._since_bytes = 0
+        self._checkpoint_size = 0
+
+    def encode(self, entries: Sequence[tuple[int, Any, str | None]]) -> tuple[bytes, ...]:
+        """Journal entries for ``(seq, input, idempotency_key)`` (none under Snapshot)."""
+        if isinstance(self.durability, Snapshot):
+            return ()
+        return tuple(self.codec.encode_entry(s, i, k) for s, i, k in entries)
+
+    def checkpoint_due(self, encoded: Sequence[bytes]) -> bool:
+        """Whether the write carrying ``encoded`` must also carry a checkpoint."""
+        d = self.durability
+        if isinstance(d, Snapshot):
+            return True
+        grown = self._since_bytes + sum(map(len, encoded))
+        if d.checkpoint_every is not None and (
+            self._since_transitions + len(encoded) >= d.checkpoint_every
+        ):
+            return True
+        return grown >= max(d.min_checkpoint_bytes, d.checkpoint_ratio * self._checkpoint_size)
 
     def plan(
         self,
         expected_seq: int,
-        entries: Sequence[tuple[int, Any, str | None]],
-        state: Any,
-        idempotency: Mapping[str, int],
-        *,
-        force_checkpoint: bool = False,
+        seq: int,
+        encoded: tuple[bytes, ...],
+        checkpoint: bytes | None,
     ) -> CommitPlan:
-        """Plan the write that moves the store from ``expected_seq`` past ``entries``.
+        """The write that moves the store from ``expected_seq`` to ``seq``."""
+        if checkpoint is not None:
+            return CommitPlan(expected_seq, seq, (), checkpoint)
+        return CommitPlan(expected_seq, seq, encoded, None)
 
-        ``state`` must be the state after the last entry (or at ``expected_seq`` when there are
-        none and a checkpoint is forced).
-        """
-        seq = entries[-1][0] if entries else expected_seq
-        d = self.durability
-        if isinstance(d, Snapshot):
-            return CommitPlan(expected_seq, seq, (),
-                              self.codec.encode_checkpoint(seq, state, idempotency))
-        encoded = tuple(self.codec.encode_entry(s, i, k) for s, i, k in entries)
-        self._since_transitions += len(encoded)
-        self._since_bytes += sum(map(len, encoded))
-        checkpoint = None
-        if force_checkpoint or (
-            self._since_transitions >= d.checkpoint_every
-            or self._since_bytes >= d.checkpoint_bytes
-        ):
-            checkpoint = self.codec.encode_checkpoint(seq, state, idempotency)
-            if not encoded:
-                return CommitPlan(expected_seq, seq, (), checkpoint)
-        return CommitPlan(expected_seq, seq, encoded, checkpoint)
-
-    def recovered(self, entries: int, size: int) -> None:
-        """Count a journal tail found at start toward the next checkpoint."""
+    def recovered(self, entries: int, size: int, checkpoint_size: int) -> None:
+        """Count what was found at start toward the next checkpoint."""
         self._since_transitions = entries
         self._since_bytes = size
+        self._checkpoint_size = checkpoint_size
 
     def written(self, plan: CommitPlan) -> None:
-        """The plan is durable: restart the checkpoint counters if it carried one."""
+        """The plan is durable: count it toward the next checkpoint, or restart the count."""
         if plan.checkpoint is not None:
             self._since_transitions = 0
             self._since_bytes = 0
-
-    def failed(self, plan: CommitPlan) -> None:
-        """The plan was not written: its entries no longer count toward the next checkpoint."""
-        if plan.checkpoint is None:
-            self._since_transitions -= len(plan.entries)
-            self._since_bytes -= sum(map(len, plan.entries))
+            self._checkpoint_size = len(plan.checkpoint)
+        else:
+            self._since_transitions += len(plan.entries)
+            self._since_bytes += sum(map(len, plan.entries))
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,9 +204,11 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._receive: MemoryObjectReceiveStream[_Item] | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._executor_limiters: dict[type[Any], anyio.CapacityLimiter] = {}
-        self._batch_done: anyio.Event | None = None
+        self._progress: anyio.Event | None = None
+        self._handlers_running = 0
         self._driver_done: anyio.Event | None = None
         self._needs_checkpoint = False
+        self._last_checkpoint_size = 0
         self._writer: Writer | None = None
 
     # -- definition checks ----------------------------------------------------------------------
@@ -369,7 +371,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         else:
             engine = self._new_engine(cp.state, cp.seq, cp.idempotency.items())
         await engine.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
-        self._writer.recovered(len(records.journal), sum(len(d) for _, d in records.journal))
+        self._last_checkpoint_size = len(records.checkpoint or b"")
+        self._writer.recovered(len(records.journal), sum(len(d) for _, d in records.journal),
+                               self._last_checkpoint_size)
         return engine
 
     def _new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
@@ -412,15 +416,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                 await self._process(batch)
-                if self._batch_done is not None:
-                    self._batch_done.set()
-                    self._batch_done = None
+                self._notify_progress()
         except BaseException as e:
             self._fail(e)
             raise
         finally:
-            if self._batch_done is not None:
-                self._batch_done.set()
+            if self._progress is not None:
+                self._progress.set()
             if self._driver_done is not None:
                 self._driver_done.set()
 
@@ -481,18 +483,15 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         writer = self._writer
         assert writer is not None
         steps = [s for _, s in accepted]
-        plan = writer.plan(
-            engine.committed_seq,
-            [(s.seq, s.input, s.idempotency_key) for s in steps],
-            engine.state,
-            engine.idempotency,
-            force_checkpoint=self._needs_checkpoint,
-        )
+        encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
+        checkpoint = None
+        if self._needs_checkpoint or writer.checkpoint_due(encoded):
+            checkpoint = await self._encode_checkpoint(steps[-1].seq)
+        plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         try:
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
                                     entries=plan.entries, checkpoint=plan.checkpoint)
         except BaseException as e:
-            writer.failed(plan)
             error = e if isinstance(e, FasmError) else StoreError(
                 f"store commit raised {e!r}", store=self.store.description, key=self.key,
                 seq=plan.seq)
@@ -507,14 +506,29 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._needs_checkpoint = False
         release = engine.committed(steps)
         group = len(steps)
-        listening = bool(self._listeners)
-        for item, step in accepted:
-            if listening:
+        if self._listeners:
+            for _, step in accepted:
                 self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
                                                len(step.actions), group))
+        # The engine's order: commit, then dispatch, then answer the submitters.
+        self._dispatch(release)
+        for item, step in accepted:
             if isinstance(item, _Submit):
                 item.answer(Committed(step.seq, step.actions), None)
-        self._dispatch(release)
+
+    async def _encode_checkpoint(self, seq: int) -> bytes:
+        """Encode the whole state as of ``seq``. A large state is encoded in a worker thread so
+        the event loop keeps serving executors and submitters meanwhile; that is safe because
+        only this driver runs stf, and it is waiting here."""
+        engine = self._require_engine()
+        codec = self._codec_()
+        keys = dict(engine.idempotency)
+        if self._last_checkpoint_size < 1_000_000:
+            data = codec.encode_checkpoint(seq, engine.state, keys)
+        else:
+            data = await anyio.to_thread.run_sync(codec.encode_checkpoint, seq, engine.state, keys)
+        self._last_checkpoint_size = len(data)
+        return data
 
     def _fail(self, error: BaseException) -> None:
         """The driver is leaving abnormally: answer everyone still queued, refuse new input."""
@@ -549,6 +563,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._emit(ActionDispatched(self.key, tracked.id, tracked.action))
             work.start_soon(self._run_action, tracked)
         for seq, untracked in release.untracked:
+            self._handlers_running += 1  # counted now: a stop must wait for it from here on
             work.start_soon(self._run_handler, seq, untracked)
 
     async def _run_action(self, tracked: Tracked[Any, Any]) -> None:
@@ -636,13 +651,24 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     async def _run_handler(self, seq: int, untracked: Untracked[Any]) -> None:
         handler = _lookup(self._handlers, type(untracked.action))
         assert handler is not None
+        extra = {"fasm_key": self.key, "fasm_seq": seq}
         try:
             await _with_deadline(self.clock, self.clock.now() + self._handler_timeout,
                                  handler(untracked.action))
+        except anyio.get_cancelled_exc_class():
+            # Only a stop cancels handlers: after the grace period, or at once on a crash.
+            log.warning("handler for %r (from transition %d) cancelled by stop",
+                        untracked.action, seq, extra=extra)
+            self._emit(HandlerFailed(self.key, seq, untracked.action,
+                                     RuntimeClosed("handler cancelled by stop")))
+            raise
         except Exception as e:
             log.error("handler for %r (from transition %d) failed: %r", untracked.action, seq, e,
-                      extra={"fasm_key": self.key, "fasm_seq": seq})
+                      extra=extra)
             self._emit(HandlerFailed(self.key, seq, untracked.action, e))
+        finally:
+            self._handlers_running -= 1
+            self._notify_progress()
 
     def _emit(self, event: RuntimeEvent) -> None:
         for listener in self._listeners:
@@ -711,8 +737,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._send.close()
 
     async def wait_idle(self, *, include_timers: bool = False) -> None:
-        """Return once no input is queued and no tracked action is in flight (timers are not
-        waited for unless ``include_timers``). For tests, demos and orderly hand-overs.
+        """Return once no input is queued, no tracked action is in flight (timers are not
+        waited for unless ``include_timers``) and no handler is running. For tests, demos and
+        orderly hand-overs; a graceful stop waits the same way, up to ``shutdown_grace``.
 
         Raises:
             RuntimeClosed: the runtime stopped while waiting.
@@ -721,13 +748,19 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         while self._busy(engine, include_timers):
             if self._status not in ("running", "stopping"):
                 raise self._closed() from self._failure
-            self._batch_done = event = self._batch_done or anyio.Event()
+            self._progress = event = self._progress or anyio.Event()
             await event.wait()
         if self._status == "failed":
             raise self._closed() from self._failure
 
+    def _notify_progress(self) -> None:
+        """Wake whoever waits in wait_idle (after a batch, or when a handler ends)."""
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
+
     def _busy(self, engine: Engine, include_timers: bool) -> bool:
-        if self._queued():
+        if self._queued() or self._handlers_running:
             return True
         return any(include_timers or type(a.action) is not Timer
                    for a in engine.in_flight.values())
@@ -741,6 +774,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if left:
             log.info("stopping with %d tracked action(s) in flight; restore re-emits them",
                      len(left), extra={"fasm_key": self.key})
+        if self._handlers_running:
+            log.warning("stopping with %d handler(s) still running after the grace period; "
+                        "they are cancelled", self._handlers_running, extra={"fasm_key": self.key})
 
     def _queued(self) -> int:
         return self._receive.statistics().current_buffer_used if self._receive else 0

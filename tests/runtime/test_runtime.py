@@ -502,6 +502,19 @@ async def test_crash_with_actions_in_flight_then_restart_applies_each_result_onc
         assert sorted(done) == list(range(5))
 
 
+async def test_handler_still_running_after_grace_is_cancelled_and_reported() -> None:
+    events: list[RuntimeEvent] = []
+
+    async def stuck(note: Note) -> None:
+        await anyio.sleep_forever()
+
+    async with make(handlers={Note: stuck}, shutdown_grace=0.05, listeners=[events.append]) as rt:
+        await rt.submit(Shout("hello"))
+    failed = [e for e in events if isinstance(e, HandlerFailed)]
+    assert len(failed) == 1 and isinstance(failed[0].error, RuntimeClosed)
+    assert failed[0].action == Note("hello")
+
+
 async def test_a_runtime_starts_once() -> None:
     rt = make()
     async with rt:
