@@ -1,0 +1,223 @@
+"""The codec: typed round trips, the checked envelope, schema evolution."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+import msgpack
+import pydantic
+import pytest
+
+from fasm import Normal, StateMachine, TrackedActionCompleted
+from fasm.errors import IncompatibleRecord, StoreCorrupt
+from fasm.persistence import Codec
+from fasm.persistence._codec import FORMAT_VERSION
+
+
+class Color(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass
+class Item:
+    name: str
+    price: Decimal
+    at: dt.datetime
+    color: Color = Color.RED
+
+
+class Model(pydantic.BaseModel):
+    n: int
+    tags: list[str] = []
+
+
+@dataclass
+class State:
+    items: dict[int, Item] = field(default_factory=dict)
+    model: Model | None = None
+    seen: set[str] = field(default_factory=set)
+    pair: tuple[int, str] = (0, "")
+
+
+@dataclass(frozen=True)
+class Add:
+    item: Item
+
+
+@dataclass(frozen=True)
+class Remove:
+    id: int
+
+
+@dataclass(frozen=True)
+class Ok:
+    id: int
+
+
+@dataclass(frozen=True)
+class Err:
+    id: int  # same fields as Ok: must still decode as the right class
+
+
+class Shop(StateMachine[State, Add | Remove, int, str, Ok | Err]):
+    machine_name = "tests.shop"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+def sample() -> State:
+    t = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+    return State(items={1: Item("tea", Decimal("2.50"), t, Color.BLUE)}, model=Model(n=3),
+                 seen={"ß", "🔑"}, pair=(7, "x"))
+
+
+def test_state_round_trips_with_rich_types() -> None:
+    codec = Codec(Shop)
+    data = codec.encode_checkpoint(5, sample(), {"req-1": 4})
+    cp = codec.decode_checkpoint(data, 5)
+    assert cp.state == sample()
+    assert cp.idempotency == {"req-1": 4}
+    assert cp.seq == 5
+
+
+def test_inputs_and_lookalike_results_keep_their_class() -> None:
+    codec = Codec(Shop)
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for seq, value in enumerate([Normal(Add(Item("a", Decimal(1), t))), Normal(Remove(3)),
+                                 TrackedActionCompleted(9, Ok(9)),
+                                 TrackedActionCompleted(9, Err(9))], start=1):
+        entry = codec.decode_entry(codec.encode_entry(seq, value, f"k{seq}"), seq)
+        assert entry.input == value
+        assert type(getattr(entry.input, "result", None)) is type(getattr(value, "result", None))
+        assert entry.idempotency_key == f"k{seq}"
+
+
+def test_envelope_is_never_pickle_and_names_the_machine() -> None:
+    raw = Codec(Shop).encode_entry(1, Normal(Remove(1)), None)
+    fmt, name, schema, seq, kind, _ = msgpack.unpackb(raw[:-4])
+    assert (fmt, name, schema, seq, kind) == (FORMAT_VERSION, "tests.shop", 1, 1, 1)
+    assert b"\x80\x04" not in raw  # no pickle protocol header anywhere
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4, 10, -1])
+def test_truncated_record_is_corrupt(cut: int) -> None:
+    data = Codec(Shop).encode_checkpoint(1, sample(), {})
+    with pytest.raises(StoreCorrupt):
+        Codec(Shop).decode_checkpoint(data[:cut], 1)
+
+
+def test_every_flipped_byte_is_detected() -> None:
+    codec = Codec(Shop)
+    data = codec.encode_entry(3, Normal(Remove(3)), "key")
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x40
+        with pytest.raises(StoreCorrupt):
+            codec.decode_entry(bytes(flipped), 3)
+
+
+def test_record_of_another_machine_is_refused() -> None:
+    class Other(Shop):
+        machine_name = "tests.other"
+
+    data = Codec(Other).encode_checkpoint(1, sample(), {})
+    with pytest.raises(StoreCorrupt, match=r"belongs to machine 'tests\.other'"):
+        Codec(Shop).decode_checkpoint(data, 1)
+
+
+def test_wrong_seq_or_kind_is_refused() -> None:
+    codec = Codec(Shop)
+    entry = codec.encode_entry(3, Normal(Remove(3)), None)
+    with pytest.raises(StoreCorrupt, match="seq"):
+        codec.decode_entry(entry, 4)
+    with pytest.raises(StoreCorrupt, match="kind"):
+        codec.decode_checkpoint(entry, 3)
+
+
+def _reseal(data: bytes, **changes: Any) -> bytes:
+    import zlib
+
+    fields = msgpack.unpackb(data[:-4])
+    for index, value in changes.items():
+        fields[int(index[1:])] = value
+    raw = msgpack.packb(fields, use_bin_type=True)
+    return raw + zlib.crc32(raw).to_bytes(4, "big")
+
+
+def test_newer_format_or_schema_is_refused_never_half_read() -> None:
+    codec = Codec(Shop)
+    data = codec.encode_checkpoint(1, sample(), {})
+    with pytest.raises(IncompatibleRecord, match="format 2 is newer"):
+        codec.decode_checkpoint(_reseal(data, f0=FORMAT_VERSION + 1), 1)
+    with pytest.raises(IncompatibleRecord, match="schema version 2 is newer"):
+        codec.decode_checkpoint(_reseal(data, f2=2), 1)
+
+
+def test_state_of_an_older_schema_is_migrated() -> None:
+    @dataclass
+    class V1:
+        balance: int
+
+    @dataclass
+    class V3:
+        cents: int
+        currency: str
+
+    class AccountV1(StateMachine[V1, int]):
+        machine_name = "tests.account"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    class AccountV3(StateMachine[V3, int]):
+        machine_name = "tests.account"
+        schema_version = 3
+        migrations = {  # noqa: RUF012
+            1: lambda d: {"cents": d["balance"] * 100},
+            2: lambda d: {**d, "currency": "EUR"},
+        }
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    old = Codec(AccountV1).encode_checkpoint(4, V1(balance=12), {})
+    assert Codec(AccountV3).decode_checkpoint(old, 4).state == V3(1200, "EUR")
+
+    class AccountV2Gap(AccountV3):
+        migrations = {2: lambda d: d}  # noqa: RUF012
+
+    with pytest.raises(IncompatibleRecord, match="no migration from it to 2"):
+        Codec(AccountV2Gap).decode_checkpoint(old, 4)
+
+
+def test_state_that_does_not_validate_is_corrupt_not_half_loaded() -> None:
+    @dataclass
+    class Narrow:
+        n: int
+
+    class Wide(StateMachine[dict[str, str], int]):
+        machine_name = "tests.narrow"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    class NarrowM(StateMachine[Narrow, int]):
+        machine_name = "tests.narrow"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    data = Codec(Wide).encode_checkpoint(1, {"x": "y"}, {})
+    with pytest.raises(StoreCorrupt, match="does not decode as the declared state"):
+        Codec(NarrowM).decode_checkpoint(data, 1)
