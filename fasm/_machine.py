@@ -70,8 +70,10 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
 
     Class attributes a machine may set:
 
-    * ``machine_name``: the name written into stored records (default: module and class name).
-      Records written under another name are refused, so rename with care.
+    * ``machine_name``: the name written into stored records and into executors' idempotency keys
+      (default: the class's qualified name, which does not depend on how the module was
+      launched). Records written under another name are refused: set it explicitly so that
+      renaming the class does not orphan them.
     * ``schema_version`` and ``migrations``: bump the version when the shape of state or inputs
       changes, and give ``migrations[n]``, a function from the plain data of version ``n`` to that
       of ``n + 1``, so records written by older code still load.
@@ -84,14 +86,20 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
     schema_version: ClassVar[int] = 1
     migrations: ClassVar[Mapping[int, Callable[[Any], Any]]] = {}
 
+    __fasm_named__: ClassVar[bool] = False  # machine_name set explicitly here or in a base
     # The declared type arguments (possibly still TypeVars in a generic intermediate subclass).
     __fasm_args__: ClassVar[tuple[Any, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.__fasm_args__ = _resolve_args(cls)
-        if not cls.machine_name:
-            cls.machine_name = f"{cls.__module__}.{cls.__qualname__}"
+        if "machine_name" in cls.__dict__:
+            cls.__fasm_named__ = True
+        elif not cls.__fasm_named__:
+            # The class name alone: the module path would differ between `python app.py`
+            # (__main__) and an import, orphaning stored records and changing the idempotency
+            # keys executors send out. An explicit name is inherited by subclasses.
+            cls.machine_name = cls.__qualname__
         for name in ("stf", "restore"):
             fn = getattr(cls, name)
             if not inspect.iscoroutinefunction(fn):

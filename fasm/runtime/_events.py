@@ -26,13 +26,16 @@ __all__ = (
 @dataclass(frozen=True, slots=True)
 class TransitionCommitted:
     """A transition is durable. ``input_kind`` is the input's class name or
-    ``TrackedActionCompleted``; ``group`` is how many transitions shared its store write."""
+    ``TrackedActionCompleted`` (then ``action_id`` names the action); ``group`` is how many
+    transitions shared its store write."""
 
     key: str
     seq: int
     input_kind: str
     actions: int
     group: int
+    action_id: Any = None
+    """For a committed ``TrackedActionCompleted``: the id of the completed action."""
 
 
 @dataclass(frozen=True, slots=True)

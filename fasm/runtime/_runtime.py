@@ -256,7 +256,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     @property
     def state(self) -> S:
-        """The live state (the last accepted transition's). Read it; never mutate it."""
+        """The live state (the last accepted transition's). Read it; never mutate it.
+
+        Read it again after every await rather than keeping a reference: a rollback with
+        ``rollback="reload"`` replaces the state object with the reloaded one."""
         return cast(S, self._require_engine().state)
 
     @property
@@ -508,8 +511,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         group = len(steps)
         if self._listeners:
             for _, step in accepted:
+                done = step.input.id if isinstance(step.input, TrackedActionCompleted) else None
                 self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
-                                               len(step.actions), group))
+                                               len(step.actions), group, done))
         # The engine's order: commit, then dispatch, then answer the submitters.
         self._dispatch(release)
         for item, step in accepted:

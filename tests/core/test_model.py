@@ -91,6 +91,28 @@ def test_machine_types_are_read_at_run_time() -> None:
     assert M.machine_name.endswith("M")
 
 
+def test_machine_name_is_stable_however_the_module_is_launched() -> None:
+    class Named(StateMachine[int, int]):
+        machine_name = "shop.v1"
+
+        async def stf(self, state: int, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: int, actions: Any) -> None: ...
+
+    class Child(Named):
+        pass
+
+    class Plain(StateMachine[int, int]):
+        async def stf(self, state: int, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: int, actions: Any) -> None: ...
+
+    # no module path in the default: `python app.py` and `import app` must agree
+    assert Plain.machine_name == Plain.__qualname__
+    assert "__main__" not in Plain.machine_name and __name__ not in Plain.machine_name
+    assert Child.machine_name == "shop.v1"
+
+
 def test_defaults_mean_no_actions() -> None:
     class Counter(StateMachine[int, int]):
         async def stf(self, state: int, input: Any, actions: Any) -> None: ...
