@@ -21,7 +21,10 @@ Rule 3 - a *failed* transition (``stf`` raised) leaves the state as the last acc
   last committed state, and :meth:`Engine.reset` re-applies the accepted steps not yet committed
   on top of it (paid only on failure: decode + a short replay); ``"copy"`` deep-copies the state
   before every stf (paid on every transition); ``"trust"`` does nothing, for machines the testing
-  toolkit has proven atomic. Until a required reset is done, ``step`` refuses.
+  toolkit has proven atomic; ``"trust-rejected"`` trusts the machine for :class:`Rejected` (raised
+  while validating, before any mutation, as the rules require) and reloads after anything else,
+  so frequent domain rejections cost nothing on a large state. Until a required reset is done,
+  ``step`` refuses.
 Rule 4 - a tracked action is *in flight* from its release until the commit of a
   ``TrackedActionCompleted`` with its id. An id in flight is never released twice, so a restore or
   an stf that emits it again does not double-dispatch.
@@ -67,8 +70,8 @@ __all__ = (
     "Step",
 )
 
-Rollback: TypeAlias = Literal["reload", "copy", "trust"]
-_ROLLBACKS = ("reload", "copy", "trust")
+Rollback: TypeAlias = Literal["reload", "copy", "trust", "trust-rejected"]
+_ROLLBACKS = ("reload", "copy", "trust", "trust-rejected")
 
 AnyMachine: TypeAlias = StateMachine[Any, Any, Any, Any, Any, Any]
 
@@ -207,7 +210,8 @@ class Engine:
             error = e if isinstance(e, Rejected) else _failed(e, input)
             if self.rollback == "copy":
                 self.state = before
-            reload = self.rollback == "reload"
+            reload = self.rollback == "reload" or (
+                self.rollback == "trust-rejected" and not isinstance(e, Rejected))
             self._needs_reload = reload
             return Failed(input, error, reload)
         self.seq += 1

@@ -90,6 +90,16 @@ async def test_trust_rollback_keeps_the_damage() -> None:
 
 
 @pytest.mark.anyio
+async def test_trust_rejected_reloads_only_after_unexpected_errors() -> None:
+    e = engine("trust-rejected")
+    rejected = await e.step(Normal(Pay("a", 10**6)))
+    assert isinstance(rejected, Failed) and not rejected.reload  # no reload for a rejection
+    assert isinstance(await e.step(Normal(Deposit("a", 1))), Accepted)
+    exploded = await e.step(Normal(Explode("a")))
+    assert isinstance(exploded, Failed) and exploded.reload  # a bug still reloads
+
+
+@pytest.mark.anyio
 async def test_reload_rollback_refuses_until_reset_then_reapplies_pending() -> None:
     e = engine("reload")
     first = await e.step(Normal(Deposit("a", 5)))

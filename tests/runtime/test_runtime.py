@@ -86,7 +86,7 @@ async def test_rejection_is_raised_and_state_unchanged() -> None:
 
 
 @pytest.mark.parametrize("durability", [Journal(), Snapshot()], ids=["journal", "snapshot"])
-@pytest.mark.parametrize("rollback", ["reload", "copy"])
+@pytest.mark.parametrize("rollback", ["reload", "copy", "trust-rejected"])
 async def test_stf_that_mutates_then_raises_leaves_state_unchanged(
     durability: Any, rollback: str
 ) -> None:
