@@ -1,0 +1,608 @@
+"""FileStore: a directory of files, one subdirectory per key.
+
+Layout::
+
+    <directory>/
+        FASM-STORE               marker naming the format ("fasm file store 1")
+        k-<hex of utf-8 key>/    per key (h-<sha256 hex> for keys too long for a file name)
+            lock                 flock'd by the holder of the key, or by a commit in progress
+            ckpt-<seq:020d>      a checkpoint: header + payload; written once, never modified
+            jrnl-<seq:020d>      a journal segment whose first entry is <seq>; frames appended
+
+Theory of operation (the rules live here and nowhere else):
+
+* A checkpoint is written to ``ckpt-<seq>.tmp``, fsync'd, renamed over its final name and the
+  directory fsync'd: it is either absent or whole. Only once it is durable are the older
+  checkpoints and every journal segment deleted (they hold entries up to ``seq`` only). A crash
+  between the rename and the deletions leaves files that ``load`` ignores.
+* A journal commit appends one frame per entry to the newest segment (or starts
+  ``jrnl-<expected_seq + 1>`` after a checkpoint), then fsyncs once. Each frame carries its
+  length, its seq, the seq of the commit's *last* entry, a CRC-32 of the payload and a CRC-32 of
+  the header. A commit is visible only when its last frame is intact, so a crash mid-append shows
+  none of it.
+* On load, a segment that ends inside a frame (or whose unreadable bytes are all zero, as a
+  crash can leave them) has a torn tail: the unfinished commit is ignored, and the next writer
+  truncates it before appending. A *complete* frame that fails a check, a frame out of order, or
+  a gap between the checkpoint and the journal raises :class:`StoreCorrupt`.
+* Writers hold ``lock`` (``fcntl.flock``) while they write; the kernel drops it when the process
+  dies. Loads take no file lock: a load racing another process's checkpoint retries.
+
+Every file operation runs in a worker thread (``anyio.to_thread``), one thread hop per store call,
+so the store works on asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio.to_thread
+
+from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
+from ._store import StoredRecords, check_commit_args
+
+__all__ = ("FileStore",)
+
+_MARKER_NAME = "FASM-STORE"
+_MARKER_TEXT = "fasm file store 1\n"
+_CKPT_MAGIC = b"FCKP"
+_FRAME_MAGIC = b"FJ"
+_VERSION = 1
+# header without its own CRC, then a CRC-32 of those bytes
+_CKPT = struct.Struct(">4sHQQI")  # magic, version, seq, payload length, payload crc
+_FRAME = struct.Struct(">2sHIQQI")  # magic, version, payload length, seq, last seq of commit, crc
+_CRC = 4
+CKPT_HEADER = _CKPT.size + _CRC
+FRAME_HEADER = _FRAME.size + _CRC
+_MAX_FRAME = 2**32 - 1
+_LONGEST_HEX_NAME = 200  # file names are limited to 255 bytes
+_STRIPES = 64
+_LOAD_ATTEMPTS = 5
+
+
+def key_file_name(key: str) -> str:
+    """A file name for ``key``: any unicode, '/' and '' included, case-sensitive-safe (hex).
+
+    Raises:
+        UnicodeEncodeError: the key holds lone surrogates (not valid UTF-8).
+    """
+    raw = key.encode("utf-8")
+    if 2 * len(raw) <= _LONGEST_HEX_NAME:
+        return "k-" + raw.hex()
+    return "h-" + hashlib.sha256(raw).hexdigest()
+
+
+def try_flock(path: Path) -> int | None:
+    """Open ``path`` (creating it) and take an exclusive, non-blocking ``flock`` on it.
+
+    Returns the file descriptor holding the lock, or None when another open file (in this process
+    or another) holds it. The kernel releases the lock when the descriptor is closed, including
+    when the process dies.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unflock(fd: int) -> None:
+    """Release a lock taken by :func:`try_flock` and close its descriptor."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _crc(data: bytes | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _sealed(head: bytes) -> bytes:
+    return head + _crc(head).to_bytes(_CRC, "big")
+
+
+def _frame(seq: int, last_seq: int, payload: bytes) -> bytes:
+    head = _FRAME.pack(_FRAME_MAGIC, _VERSION, len(payload), seq, last_seq, _crc(payload))
+    return _sealed(head) + payload
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Tail:
+    """Where the next journal commit of a key goes, as a writer found it."""
+
+    seq: int
+    segment: Path | None  # None: the next append starts a new segment
+    segment_end: int = 0
+
+
+@dataclass(slots=True)
+class _Scan:
+    tail: _Tail
+    checkpoint_seq: int = 0
+    checkpoint: Path | None = None
+    entries: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class FileStore:
+    """A :class:`~fasm.persistence.Store` in a directory of plain files.
+
+    Args:
+        directory: where the store lives; created when missing. A non-empty directory that is not
+            a fasm file store is refused (:class:`StoreCorrupt`) rather than written into.
+        fsync: fsync files and directories so a commit that returned survives power loss. With
+            ``fsync=False`` a commit survives a crash of the process but not of the machine.
+
+    What a user should know:
+
+    * Checkpoints are new files renamed into place; journal entries are appended in checksummed
+      frames, one fsync per ``commit`` call (group commit is one call with many entries). A
+      checkpoint deletes the journal it covers once it is durable.
+    * A torn tail (a crash inside an append, so the commit never returned) is ignored on load and
+      cut off by the next writer. A complete record that fails its checksum, or a missing record
+      before the tail, raises :class:`StoreCorrupt`; the store never falls back to older data.
+      Damage that makes the *last* commit of a segment look unfinished (the file cut short
+      inside it) cannot be told from a torn write and is treated as one.
+    * ``acquire`` takes an ``flock`` on the key's lock file: exclusive between store objects and
+      processes, released by the kernel if the process dies. A ``commit`` takes the same lock for
+      its duration when the key is not acquired, so a commit on a key another store object holds
+      raises :class:`StoreConflict`.
+    * Disk full or any other write error raises :class:`StoreUnavailable` after the partial write
+      is cut off again, so nothing of that commit is visible. If even that cleanup fails (a
+      failing disk), the message says so: the commit may then become visible later, as after a
+      crash during the commit.
+    * Keys map to directory names by hex (``h-<sha256>`` beyond 100 UTF-8 bytes); lock files and
+      key directories are never deleted.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self._root = Path(directory)
+        self._fsync = fsync
+        self._open = False
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._state = threading.Lock()  # guards _held and _tails
+        self._held: dict[str, int] = {}  # key -> fd holding its flock
+        self._tails: dict[str, _Tail] = {}  # only for held keys: nobody else writes them
+
+    @property
+    def description(self) -> str:
+        """``file:<directory>``."""
+        return f"file:{self._root}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the directory and its marker, or check an existing one.
+
+        Raises:
+            StoreUnavailable: the directory cannot be created or read.
+            StoreCorrupt: the directory holds something that is not a fasm file store.
+        """
+        await anyio.to_thread.run_sync(self._open_sync)
+
+    def _open_sync(self) -> None:
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+            marker = self._root / _MARKER_NAME
+            try:
+                text = marker.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                others = [p for p in os.listdir(self._root) if not p.startswith(_MARKER_NAME)]
+                if others:
+                    raise StoreCorrupt(
+                        "directory is not empty and has no FASM-STORE marker: not a fasm file "
+                        "store", store=self.description) from None
+                tmp = self._root / f"{_MARKER_NAME}.{uuid.uuid4().hex}.tmp"
+                tmp.write_text(_MARKER_TEXT, encoding="utf-8")
+                self._sync_file(tmp)
+                os.replace(tmp, marker)
+                self._sync_dir(self._root)
+            else:
+                if text != _MARKER_TEXT:
+                    raise StoreCorrupt(f"unknown store format {text.strip()!r}",
+                                       store=self.description)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot open the store directory: {e}",
+                                   store=self.description) from e
+        self._open = True
+
+    async def close(self) -> None:
+        """Release every held key. Safe to call twice."""
+        await anyio.to_thread.run_sync(self._close_sync)
+
+    def _close_sync(self) -> None:
+        self._open = False
+        with self._state:
+            held, self._held = self._held, {}
+            self._tails.clear()
+        for fd in held.values():
+            try:
+                unflock(fd)
+            except OSError:
+                pass  # closing the descriptor (or the process ending) frees the lock anyway
+
+    def _check_open(self, key: str) -> None:
+        if not self._open:
+            raise StoreUnavailable("store is not open", store=self.description, key=key)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _mutex(self, key: str) -> threading.Lock:
+        """Serializes this object's operations on one key (striped to bound memory)."""
+        return self._stripes[hash(key) % _STRIPES]
+
+    def _sync_file(self, path: Path) -> None:
+        if self._fsync:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _sync_dir(self, path: Path) -> None:
+        if self._fsync:
+            _fsync_dir(path)
+
+    def _key_dir(self, key: str, *, create: bool) -> Path:
+        path = self._root / key_file_name(key)
+        if create and not path.is_dir():
+            try:
+                path.mkdir()
+            except FileExistsError:
+                pass
+            else:
+                self._sync_dir(self._root)
+        return path
+
+    def _write_at(self, fd: int, data: bytes | memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset``. Kept as a method so that tests can inject write
+        faults (a disk that fills up midway)."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def _corrupt(self, message: str, key: str, seq: int | None = None) -> StoreCorrupt:
+        return StoreCorrupt(message, store=self.description, key=key, seq=seq)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _parse_segment(
+        self, key: str, path: Path, start: int, data: bytes
+    ) -> tuple[list[tuple[int, bytes]], int]:
+        """The committed entries of one segment and the offset where they end."""
+        committed: list[tuple[int, bytes]] = []
+        pending: list[tuple[int, bytes]] = []
+        pending_last = 0
+        valid_end = pos = 0
+        size = len(data)
+        while pos < size:
+            if size - pos < FRAME_HEADER:
+                break  # torn inside a header
+            head = data[pos:pos + _FRAME.size]
+            crc = int.from_bytes(data[pos + _FRAME.size:pos + FRAME_HEADER], "big")
+            if _crc(head) != crc:
+                if not data[pos:].strip(b"\0"):
+                    break  # blocks a crash left unwritten
+                raise self._corrupt(f"{path.name}: frame header at offset {pos} fails its "
+                                    "checksum", key)
+            magic, version, length, seq, last_seq, payload_crc = _FRAME.unpack(head)
+            if magic != _FRAME_MAGIC or version != _VERSION:
+                raise self._corrupt(f"{path.name}: unknown frame format at offset {pos}", key, seq)
+            end = pos + FRAME_HEADER + length
+            if end > size:
+                break  # torn inside a payload
+            payload = data[pos + FRAME_HEADER:end]
+            if _crc(payload) != payload_crc:
+                raise self._corrupt(f"{path.name}: entry at offset {pos} fails its checksum",
+                                    key, seq)
+            want = pending[-1][0] + 1 if pending else (
+                committed[-1][0] + 1 if committed else start)
+            if seq != want or last_seq < seq or (pending and last_seq != pending_last):
+                raise self._corrupt(f"{path.name}: entry out of order at offset {pos} (expected "
+                                    f"seq {want}, commit ending at {last_seq})", key, seq)
+            pending.append((seq, payload))
+            pending_last = last_seq
+            pos = end
+            if seq == last_seq:
+                committed.extend(pending)
+                pending = []
+                valid_end = pos
+        return committed, valid_end
+
+    def _scan(self, key: str, kdir: Path, *, for_write: bool) -> _Scan:
+        """Find the checkpoint and the committed journal of a key (raises on corruption)."""
+        try:
+            names = os.listdir(kdir)
+        except FileNotFoundError:
+            return _Scan(_Tail(0, None))
+        ckpts: list[int] = []
+        segments: list[int] = []
+        for name in names:
+            prefix, _, number = name.partition("-")
+            if name.endswith(".tmp"):
+                if for_write:  # an unfinished checkpoint from a crash; we hold the lock
+                    os.unlink(kdir / name)
+            elif number.isdigit() and prefix == "ckpt":
+                ckpts.append(int(number))
+            elif number.isdigit() and prefix == "jrnl":
+                segments.append(int(number))
+        scan = _Scan(_Tail(0, None))
+        if ckpts:
+            scan.checkpoint_seq = max(ckpts)
+            scan.checkpoint = kdir / f"ckpt-{scan.checkpoint_seq:020d}"
+        for start in sorted(segments):
+            path = kdir / f"jrnl-{start:020d}"
+            entries, valid_end = self._parse_segment(key, path, start, path.read_bytes())
+            if start > scan.checkpoint_seq:
+                scan.tail.segment, scan.tail.segment_end = path, valid_end
+            scan.entries.extend(e for e in entries if e[0] > scan.checkpoint_seq)
+        want = scan.checkpoint_seq + 1
+        for seq, _ in scan.entries:
+            if seq != want:
+                raise self._corrupt(f"journal has seq {seq} where {want} was expected (missing "
+                                    "or repeated entries)", key, seq)
+            want += 1
+        scan.tail.seq = want - 1
+        return scan
+
+    def _read_checkpoint(self, key: str, path: Path, seq: int) -> bytes:
+        with open(path, "rb") as f:
+            header = f.read(CKPT_HEADER)
+            payload = f.read()
+        if len(header) < CKPT_HEADER or _crc(header[:_CKPT.size]) != int.from_bytes(
+                header[_CKPT.size:], "big"):
+            raise self._corrupt(f"{path.name}: checkpoint header fails its checksum", key, seq)
+        magic, version, rec_seq, length, crc = _CKPT.unpack(header[:_CKPT.size])
+        if magic != _CKPT_MAGIC or version != _VERSION or rec_seq != seq:
+            raise self._corrupt(f"{path.name}: not a checkpoint of seq {seq}", key, seq)
+        if len(payload) != length or _crc(payload) != crc:
+            raise self._corrupt(f"{path.name}: checkpoint is truncated or fails its checksum "
+                                f"({len(payload)} of {length} bytes)", key, seq)
+        return payload
+
+    async def load(self, key: str) -> StoredRecords | None:
+        """Everything stored for ``key``, or None for a key never committed.
+
+        Raises:
+            StoreCorrupt: a complete record fails its checksum, or records are missing.
+            StoreUnavailable: the files cannot be read.
+        """
+        return await anyio.to_thread.run_sync(self._load_sync, key)
+
+    def _load_sync(self, key: str) -> StoredRecords | None:
+        self._check_open(key)
+        for _ in range(_LOAD_ATTEMPTS):
+            try:
+                with self._mutex(key):
+                    scan = self._scan(key, self._key_dir(key, create=False), for_write=False)
+                    checkpoint = None
+                    if scan.checkpoint is not None:
+                        checkpoint = self._read_checkpoint(key, scan.checkpoint,
+                                                           scan.checkpoint_seq)
+            except FileNotFoundError:
+                continue  # another process replaced files under us (a checkpoint); read again
+            except OSError as e:
+                raise StoreUnavailable(f"cannot read: {e}", store=self.description,
+                                       key=key) from e
+            if checkpoint is None and not scan.entries:
+                return None
+            return StoredRecords(scan.tail.seq, checkpoint, scan.checkpoint_seq,
+                                 tuple(scan.entries))
+        raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to load",
+                               store=self.description, key=key)
+
+    # -- locking ----------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> None:
+        """Take the key's lock file for this store object (a no-op if it holds it already).
+
+        Raises:
+            StoreConflict: another store object or process holds the key.
+            StoreUnavailable: the store is closed or the lock file cannot be created.
+        """
+        await anyio.to_thread.run_sync(self._acquire_sync, key)
+
+    def _acquire_sync(self, key: str) -> None:
+        self._check_open(key)
+        with self._mutex(key):
+            if key in self._held:
+                return
+            try:
+                fd = try_flock(self._key_dir(key, create=True) / "lock")
+            except OSError as e:
+                raise StoreUnavailable(f"cannot take the key's lock file: {e}",
+                                       store=self.description, key=key) from e
+            if fd is None:
+                raise StoreConflict("key is held by another store object or process",
+                                    store=self.description, key=key)
+            with self._state:
+                self._held[key] = fd
+
+    async def release(self, key: str) -> None:
+        """Give up ``key``; releasing a key that is not held does nothing."""
+        await anyio.to_thread.run_sync(self._release_sync, key)
+
+    def _release_sync(self, key: str) -> None:
+        with self._mutex(key), self._state:
+            fd = self._held.pop(key, None)
+            self._tails.pop(key, None)
+        if fd is not None:
+            try:
+                unflock(fd)
+            except OSError:
+                pass  # the descriptor is closed either way, and with it the lock
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        key: str,
+        *,
+        expected_seq: int,
+        seq: int,
+        entries: Sequence[bytes] = (),
+        checkpoint: bytes | None = None,
+    ) -> None:
+        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
+
+        Raises:
+            StoreConflict: the stored seq is not ``expected_seq``, or another store object holds
+                the key; nothing written.
+            StoreUnavailable: the write failed (disk full, I/O error); nothing committed.
+            StoreCorrupt: the key's files are damaged; nothing written on top of them.
+            ValueError: the arguments break the commit rules.
+        """
+        check_commit_args(expected_seq, seq, entries, checkpoint)
+        if any(len(e) > _MAX_FRAME for e in entries):
+            raise ValueError("a journal entry is larger than 4 GiB")
+        await anyio.to_thread.run_sync(
+            self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+
+    def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
+                     checkpoint: bytes | None) -> None:
+        self._check_open(key)
+        with self._mutex(key):
+            held = key in self._held
+            temporary: int | None = None
+            try:
+                kdir = self._key_dir(key, create=True)
+                if not held:
+                    temporary = try_flock(kdir / "lock")
+                    if temporary is None:
+                        raise StoreConflict("key is held by another store object or process",
+                                            store=self.description, key=key, seq=seq)
+                with self._state:
+                    tail = self._tails.pop(key, None)  # dropped on any failure below
+                if tail is None:
+                    tail = self._scan(key, kdir, for_write=True).tail
+                if tail.seq != expected_seq:
+                    raise StoreConflict(f"stale writer: stored seq is {tail.seq}, writer expected "
+                                        f"{expected_seq}", store=self.description, key=key,
+                                        seq=seq)
+                if checkpoint is not None:
+                    tail = self._write_checkpoint(key, kdir, seq, checkpoint)
+                else:
+                    tail = self._append(key, tail, kdir, expected_seq, entries)
+                if held:
+                    with self._state:
+                        self._tails[key] = tail
+            except OSError as e:
+                raise StoreUnavailable(f"commit failed, nothing committed: {e}",
+                                       store=self.description, key=key, seq=seq) from e
+            finally:
+                if temporary is not None:
+                    unflock(temporary)
+
+    def _append(self, key: str, tail: _Tail, kdir: Path, expected_seq: int,
+                entries: Sequence[bytes]) -> _Tail:
+        last = expected_seq + len(entries)
+        data = b"".join(_frame(s, last, bytes(e))
+                        for s, e in zip(range(expected_seq + 1, last + 1), entries, strict=True))
+        path, offset = tail.segment, tail.segment_end
+        created = path is None
+        if path is None:
+            path, offset = kdir / f"jrnl-{expected_seq + 1:020d}", 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                if os.fstat(fd).st_size != offset:
+                    os.ftruncate(fd, offset)  # cut a torn tail a crash left behind
+                self._write_at(fd, data, offset)
+                if self._fsync:
+                    os.fsync(fd)
+                if created:
+                    self._sync_dir(kdir)
+            except OSError as e:
+                self._raise_after_rollback(e, fd, offset, key, last)
+        finally:
+            os.close(fd)
+        return _Tail(last, path, offset + len(data))
+
+    def _raise_after_rollback(self, error: OSError, fd: int, offset: int, key: str,
+                              seq: int) -> None:
+        """Cut the frames of a failed append off again, then raise StoreUnavailable."""
+        what = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+        try:
+            os.ftruncate(fd, offset)
+            if self._fsync:
+                os.fsync(fd)
+        except OSError:
+            raise StoreUnavailable(
+                f"{what} ({error}) and cutting off the partial write failed too: the commit may "
+                "become visible on a later load, as after a crash", store=self.description,
+                key=key, seq=seq) from error
+        raise StoreUnavailable(f"{what}, nothing committed: {error}", store=self.description,
+                               key=key, seq=seq) from error
+
+    def _write_checkpoint(self, key: str, kdir: Path, seq: int, checkpoint: bytes) -> _Tail:
+        final = kdir / f"ckpt-{seq:020d}"
+        tmp = kdir / f"ckpt-{seq:020d}.tmp"
+        header = _sealed(_CKPT.pack(_CKPT_MAGIC, _VERSION, seq, len(checkpoint),
+                                    _crc(checkpoint)))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                self._write_at(fd, header, 0)
+                self._write_at(fd, checkpoint, len(header))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # a leftover .tmp is ignored by load and removed by the next writer
+            what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+            raise StoreUnavailable(f"{what} writing a checkpoint, nothing committed: {e}",
+                                   store=self.description, key=key, seq=seq) from e
+        try:
+            self._sync_dir(kdir)
+        except OSError as e:
+            # The rename may or may not be durable: undo it so that this process does not
+            # load a commit it reported as failed.
+            try:
+                os.unlink(final)
+                self._sync_dir(kdir)
+            except OSError:
+                raise StoreUnavailable(
+                    f"cannot make the checkpoint durable ({e}) nor undo it: it may become "
+                    "visible on a later load, as after a crash", store=self.description,
+                    key=key, seq=seq) from e
+            raise StoreUnavailable(f"cannot make the checkpoint durable, nothing committed: {e}",
+                                   store=self.description, key=key, seq=seq) from e
+        # Durable now: what it covers can go. Failures here only leave files load ignores.
+        for name in os.listdir(kdir):
+            prefix, _, number = name.partition("-")
+            if number.isdigit() and (prefix == "jrnl" or (prefix == "ckpt" and
+                                                          int(number) < seq)):
+                try:
+                    os.unlink(kdir / name)
+                except OSError:
+                    pass
+        return _Tail(seq, None)

@@ -1,0 +1,457 @@
+"""PostgresStore: records in PostgreSQL tables, keys locked with session advisory locks.
+
+Tables (``<prefix>`` is ``table_prefix``, in ``schema``)::
+
+    <prefix>meta(name PRIMARY KEY, value)         the format version
+    <prefix>keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc, last_commit)
+    <prefix>journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
+
+A commit is one transaction: a transaction-scoped advisory lock on the key (so that two first
+commits of a new key queue instead of colliding), ``SELECT seq ... FOR UPDATE``, the fencing check,
+the writes, and a ``last_commit`` token unique to this commit. The token is how a commit whose
+connection dropped while ``COMMIT`` was in flight finds out, after reconnecting, whether it
+committed: the store never acknowledges a commit that did not commit, and does not report as
+failed one that did whenever the database can be asked.
+
+psycopg is imported only here. Its async connection needs an asyncio event loop, so the store
+drives a synchronous ``psycopg.Connection`` from worker threads, one call at a time: it works on
+asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import psycopg
+import psycopg.conninfo
+from psycopg import sql
+
+from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
+from ._sqlite import records_from_rows
+from ._store import StoredRecords, check_commit_args
+
+__all__ = ("PostgresStore",)
+
+_FORMAT = "1"
+_T = TypeVar("_T")
+_RELOCK_TIMEOUT = "2s"  # waiting for our own dead session to let go of its locks
+_RESOLVE_TIMEOUT = "10s"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS {meta} (name text PRIMARY KEY, value text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS {keys} (key text PRIMARY KEY, seq bigint NOT NULL, "
+    "checkpoint_seq bigint NOT NULL, checkpoint bytea, checkpoint_crc bigint, last_commit uuid)",
+    "CREATE TABLE IF NOT EXISTS {journal} (key text NOT NULL, seq bigint NOT NULL, "
+    "entry bytea NOT NULL, crc bigint NOT NULL, PRIMARY KEY (key, seq))",
+)
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def safe_dsn(dsn: str) -> str:
+    """The connection string without its password, for messages."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<unparsable dsn>"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+def _hash(*parts: str) -> bytes:
+    return hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=8).digest()
+
+
+class PostgresStore:
+    """A :class:`~fasm.persistence.Store` in PostgreSQL (psycopg 3).
+
+    Args:
+        dsn: a libpq connection string or URL.
+        schema: the schema holding the tables; created when missing.
+        table_prefix: prefix of the three table names.
+        connect_timeout: seconds to wait for a connection.
+
+    What a user should know:
+
+    * ``acquire`` takes ``pg_try_advisory_lock`` on a 64-bit hash of schema, prefix and key,
+      held by this store's session: exclusive across store objects and processes, and released
+      by the server when the session ends (a killed process never leaves a key locked).
+    * A lost connection makes the call that meets it raise :class:`StoreUnavailable`; the next
+      call reconnects. The session's advisory locks die with it, so on reconnecting the store
+      ends its old session if the server still runs it and takes every held key's lock again.
+      A key that another store object took in the meantime is lost: ``commit`` on it raises
+      :class:`StoreConflict` until it is acquired again. Whatever happened while the lock was
+      down, ``commit`` is fenced by ``expected_seq`` inside the transaction, so a stale writer
+      can never overwrite a newer commit.
+    * If the connection drops while ``COMMIT`` is in flight, the store reconnects at once and
+      looks for the commit's token: found, the commit returns normally; absent, it raises
+      :class:`StoreUnavailable` (nothing committed). Only when the database cannot be reached
+      again is the outcome unknown; the error then says so, and a later ``load`` tells.
+    * Keys cannot contain NUL characters (PostgreSQL ``text`` cannot hold them): ValueError.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        table_prefix: str = "fasm_",
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._prefix = table_prefix
+        self._connect_timeout = max(1, round(connect_timeout))
+        self._app = f"fasm-store-{uuid.uuid4().hex[:12]}"
+        self._keys = sql.Identifier(schema, f"{table_prefix}keys")
+        self._journal = sql.Identifier(schema, f"{table_prefix}journal")
+        self._meta = sql.Identifier(schema, f"{table_prefix}meta")
+        self._ns = int.from_bytes(_hash(schema, table_prefix)[:4], "big", signed=True)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pid: int | None = None
+        self._opened = False
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._held: set[str] = set()
+        self._lost: set[str] = set()
+        self._guard = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        """``postgres:<dsn without password> <schema>.<prefix>*``."""
+        return f"postgres:{safe_dsn(self._dsn)} {self._schema}.{self._prefix}*"
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the current session, or None when not connected."""
+        return self._pid
+
+    def _session_key(self, key: str) -> int:
+        return int.from_bytes(_hash(self._schema, self._prefix, key), "big", signed=True)
+
+    def _xact_key(self, key: str) -> tuple[int, int]:
+        # The two-int advisory key space does not overlap the bigint one used by acquire.
+        return self._ns, int.from_bytes(_hash(key)[:4], "big", signed=True)
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _translate(self, e: psycopg.Error, doing: str, key: str | None = None,
+                   seq: int | None = None) -> StoreError:
+        if isinstance(e, psycopg.errors.DataCorrupted | psycopg.errors.IndexCorrupted):
+            return StoreCorrupt(f"{doing}: the database reports corruption: {e}",
+                                store=self.description, key=key, seq=seq)
+        if isinstance(e, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+            return StoreCorrupt(f"{doing}: the tables are missing or are not a fasm store ({e})",
+                                store=self.description, key=key, seq=seq)
+        return StoreUnavailable(f"{doing}: {type(e).__name__}: {e}", store=self.description,
+                                key=key, seq=seq)
+
+    @staticmethod
+    def _check_key(key: str) -> None:
+        if "\0" in key:
+            raise ValueError("PostgreSQL text cannot hold NUL characters, so keys cannot either")
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, application_name=self._app,
+                                   connect_timeout=self._connect_timeout)
+        except psycopg.Error as e:
+            raise StoreUnavailable(f"cannot connect: {e}", store=self.description) from e
+        self._conn, self._pid = conn, conn.info.backend_pid
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _connection(self, key: str | None = None) -> psycopg.Connection[Any]:
+        """The live connection; reconnects (and takes held keys again) after a lost one."""
+        if not self._opened:
+            raise StoreUnavailable("store is not open", store=self.description, key=key)
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        old_pid = self._pid
+        self._drop_connection()
+        conn = self._connect()
+        try:
+            self._end_session(conn, old_pid)
+            with self._guard:
+                held = sorted(self._held)
+            if held:
+                conn.execute(f"SET lock_timeout = '{_RELOCK_TIMEOUT}'")
+            for k in held:
+                try:
+                    conn.execute("SELECT pg_advisory_lock(%s)", (self._session_key(k),))
+                except psycopg.errors.LockNotAvailable:
+                    with self._guard:  # another store object took it while we were away
+                        self._held.discard(k)
+                        self._lost.add(k)
+            conn.execute("SET lock_timeout = 0")
+        except psycopg.Error as e:
+            self._drop_connection()
+            raise self._translate(e, "cannot restore the session after reconnecting", key) from e
+        return conn
+
+    def _end_session(self, conn: psycopg.Connection[Any], pid: int | None) -> None:
+        """End our previous session if the server still runs it (a half-open connection), so
+        its locks and any transaction it has are released rather than held until it times out."""
+        if pid is None:
+            return
+        try:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE pid = %s AND application_name = %s", (pid, self._app))
+        except psycopg.errors.InsufficientPrivilege:
+            pass  # then we wait for the server to notice the dead client
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, and create the schema and tables when missing.
+
+        Raises:
+            StoreUnavailable: the server cannot be reached or the tables cannot be created.
+            StoreCorrupt: the tables hold a format this code does not know.
+        """
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        if self._opened:
+            return
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (self._ns,))
+                if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                (self._schema,)).fetchone() is None:
+                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self._schema)))
+                for statement in _SCHEMA:
+                    conn.execute(sql.SQL(statement).format(
+                        meta=self._meta, keys=self._keys, journal=self._journal))
+                conn.execute(sql.SQL("INSERT INTO {} VALUES ('format', %s) ON CONFLICT DO NOTHING")
+                             .format(self._meta), (_FORMAT,))
+                row = conn.execute(sql.SQL("SELECT value FROM {} WHERE name = 'format'")
+                                   .format(self._meta)).fetchone()
+                if row is None or row[0] != _FORMAT:
+                    raise StoreCorrupt(f"unknown store format {row!r}", store=self.description)
+        except psycopg.Error as e:
+            self._drop_connection()
+            raise self._translate(e, "cannot prepare the tables") from e
+        except BaseException:
+            self._drop_connection()
+            raise
+        self._opened = True
+
+    async def close(self) -> None:
+        """Release every held key and disconnect. Safe to call twice."""
+        await self._run(self._close_sync)
+
+    def _close_sync(self) -> None:
+        self._opened = False
+        with self._guard:
+            self._held.clear()
+            self._lost.clear()
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            try:
+                # Ending the session releases its locks too, but only once the server process
+                # has exited, after close() returned: unlock now so the keys are free at once.
+                conn.execute("SELECT pg_advisory_unlock_all()")
+            except psycopg.Error:
+                pass
+        self._drop_connection()
+        self._pid = None
+
+    # -- locking ----------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> None:
+        """Take ``pg_try_advisory_lock`` for ``key`` (a no-op if this object holds it).
+
+        Raises:
+            StoreConflict: another store object or process holds the key.
+            StoreUnavailable: the server cannot be reached.
+        """
+        self._check_key(key)
+        await self._run(self._acquire_sync, key)
+
+    def _acquire_sync(self, key: str) -> None:
+        conn = self._connection(key)
+        if key in self._held:
+            return
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)",
+                               (self._session_key(key),)).fetchone()
+        except psycopg.Error as e:
+            raise self._translate(e, "cannot lock the key", key) from e
+        if row is None or not row[0]:
+            raise StoreConflict("key is held by another store object or process",
+                                store=self.description, key=key)
+        with self._guard:
+            self._held.add(key)
+            self._lost.discard(key)
+
+    async def release(self, key: str) -> None:
+        """Give up ``key``; releasing a key that is not held does nothing."""
+        await self._run(self._release_sync, key)
+
+    def _release_sync(self, key: str) -> None:
+        with self._guard:
+            self._lost.discard(key)
+            if key not in self._held:
+                return
+            self._held.discard(key)
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            return  # the session, and the lock with it, is gone already
+        try:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (self._session_key(key),))
+        except psycopg.Error:
+            self._drop_connection()  # ending the session releases the lock for sure
+
+    # -- reading and writing ----------------------------------------------------------------
+
+    async def load(self, key: str) -> StoredRecords | None:
+        """Everything stored for ``key``, read in one repeatable-read transaction, or None.
+
+        Raises:
+            StoreCorrupt: a record fails its CRC-32 or entries are missing.
+            StoreUnavailable: the server cannot be reached.
+        """
+        self._check_key(key)
+        return await self._run(self._load_sync, key)
+
+    def _load_sync(self, key: str) -> StoredRecords | None:
+        conn = self._connection(key)
+        try:
+            with conn.transaction(), conn.cursor(binary=True) as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = cur.execute(
+                    sql.SQL("SELECT seq, checkpoint_seq, checkpoint, checkpoint_crc FROM {} "
+                            "WHERE key = %s").format(self._keys), (key,)).fetchone()
+                rows = [] if row is None else cur.execute(
+                    sql.SQL("SELECT seq, entry, crc FROM {} WHERE key = %s AND seq > %s "
+                            "ORDER BY seq").format(self._journal), (key, row[1])).fetchall()
+        except psycopg.Error as e:
+            raise self._translate(e, "cannot load", key) from e
+        if row is None:
+            return None
+        return records_from_rows(self.description, key, row, rows)
+
+    async def commit(
+        self,
+        key: str,
+        *,
+        expected_seq: int,
+        seq: int,
+        entries: Sequence[bytes] = (),
+        checkpoint: bytes | None = None,
+    ) -> None:
+        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
+        transaction.
+
+        Raises:
+            StoreConflict: the stored seq is not ``expected_seq``, or this store lost the key to
+                another store object while its connection was down; nothing written.
+            StoreUnavailable: the server cannot be reached or refused the write; nothing
+                committed (or, if it could not be reached again after losing the connection
+                during ``COMMIT``, the message says the outcome is unknown).
+            ValueError: the arguments break the commit rules.
+        """
+        self._check_key(key)
+        check_commit_args(expected_seq, seq, entries, checkpoint)
+        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+
+    def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
+                     checkpoint: bytes | None) -> None:
+        conn = self._connection(key)
+        if key in self._lost:
+            raise StoreConflict("this store lost the key's lock when its connection dropped and "
+                                "another store object took it; acquire it again",
+                                store=self.description, key=key, seq=seq)
+        token = uuid.uuid4()
+        committing = False
+        try:
+            conn.execute("BEGIN")
+            try:
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._xact_key(key))
+                row = conn.execute(sql.SQL("SELECT seq FROM {} WHERE key = %s FOR UPDATE")
+                                   .format(self._keys), (key,)).fetchone()
+                current = 0 if row is None else row[0]
+                if current != expected_seq:
+                    raise StoreConflict(f"stale writer: stored seq is {current}, writer expected "
+                                        f"{expected_seq}", store=self.description, key=key,
+                                        seq=seq)
+                self._write(conn, key, expected_seq, seq, entries, checkpoint, token)
+                committing = True
+                conn.execute("COMMIT")
+            except BaseException:
+                if not committing and not conn.broken:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass  # the server rolls back a transaction whose session ends
+                raise
+        except psycopg.Error as e:
+            if committing and (conn.broken or conn.closed):
+                self._resolve(key, seq, token, e)
+                return
+            raise self._translate(e, "commit failed, nothing committed", key, seq) from e
+
+    def _write(self, conn: psycopg.Connection[Any], key: str, expected_seq: int, seq: int,
+               entries: Sequence[bytes], checkpoint: bytes | None, token: uuid.UUID) -> None:
+        if checkpoint is not None:
+            conn.execute(
+                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %b, %s, %s) ON CONFLICT (key) DO "
+                        "UPDATE SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq, "
+                        "checkpoint = excluded.checkpoint, checkpoint_crc = "
+                        "excluded.checkpoint_crc, last_commit = excluded.last_commit")
+                .format(self._keys), (key, seq, seq, checkpoint, _crc(checkpoint), token))
+            conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s AND seq <= %s")
+                         .format(self._journal), (key, seq))
+            return
+        with conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL("INSERT INTO {} VALUES (%s, %s, %b, %s)").format(self._journal),
+                [(key, s, bytes(e), _crc(e))
+                 for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)])
+        conn.execute(
+            sql.SQL("INSERT INTO {} (key, seq, checkpoint_seq, last_commit) VALUES (%s, %s, 0, "
+                    "%s) ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, "
+                    "last_commit = excluded.last_commit").format(self._keys), (key, seq, token))
+
+    def _resolve(self, key: str, seq: int, token: uuid.UUID, error: psycopg.Error) -> None:
+        """The connection died while COMMIT was in flight: find out whether it committed.
+
+        Returns when it did; raises StoreUnavailable when it did not or cannot be known.
+        """
+        try:
+            conn = self._connection(key)  # also ends the old session if the server still has it
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{_RESOLVE_TIMEOUT}'")
+                # Waits until the old transaction, if still running, has ended either way.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._xact_key(key))
+                row = conn.execute(sql.SQL("SELECT last_commit FROM {} WHERE key = %s")
+                                   .format(self._keys), (key,)).fetchone()
+        except (psycopg.Error, StoreError) as e:
+            raise StoreUnavailable(
+                f"connection lost while COMMIT was in flight ({error}) and the outcome cannot be "
+                f"checked now ({e}); load the key once the database is reachable to see whether "
+                "it committed", store=self.description, key=key, seq=seq) from error
+        if row is not None and row[0] == token:
+            return
+        raise StoreUnavailable(f"connection lost during COMMIT ({error}); checked after "
+                               "reconnecting: nothing committed", store=self.description,
+                               key=key, seq=seq) from error

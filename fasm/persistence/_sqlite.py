@@ -1,0 +1,362 @@
+"""SQLiteStore: one SQLite database (stdlib ``sqlite3``, WAL mode), one connection per store.
+
+Tables::
+
+    fasm_meta(name PRIMARY KEY, value)             the format version
+    fasm_keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc)
+    fasm_journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
+
+A commit is one ``BEGIN IMMEDIATE`` transaction: read the key's seq, refuse a stale writer, then
+append entries (or replace the checkpoint and delete the entries it covers) and ``COMMIT``.
+Every record carries a CRC-32 that ``load`` checks, because SQLite itself checksums nothing.
+
+The connection is used from worker threads only, one call at a time (a capacity limiter of one),
+so the event loop never blocks on the disk and the store works on asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
+from ._file import key_file_name, try_flock, unflock
+from ._store import StoredRecords, check_commit_args
+
+__all__ = ("SQLiteStore", "records_from_rows")
+
+_FORMAT = "1"
+_T = TypeVar("_T")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS fasm_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS fasm_keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+    "checkpoint_seq INTEGER NOT NULL, checkpoint BLOB, checkpoint_crc INTEGER)",
+    "CREATE TABLE IF NOT EXISTS fasm_journal (key TEXT NOT NULL, seq INTEGER NOT NULL, "
+    "entry BLOB NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID",
+)
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End an open transaction without masking the error that is being raised."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite rolls back by itself when the statement or connection failed
+
+
+def records_from_rows(store: str, key: str, row: Sequence[Any],
+                      rows: Sequence[Sequence[Any]]) -> StoredRecords:
+    """Check what a SQL store read for a key and build its records.
+
+    Args:
+        store: the store's description, for errors.
+        key: the key.
+        row: ``(seq, checkpoint_seq, checkpoint, checkpoint_crc)`` from the keys table.
+        rows: ``(seq, entry, crc)`` journal rows after ``checkpoint_seq``, ascending.
+
+    Raises:
+        StoreCorrupt: a record fails its CRC-32, or the journal has gaps or ends short of seq.
+    """
+    seq, checkpoint_seq, checkpoint, checkpoint_crc = row
+    if checkpoint is not None:
+        checkpoint = bytes(checkpoint)
+        if _crc(checkpoint) != checkpoint_crc:
+            raise StoreCorrupt("checkpoint fails its checksum", store=store, key=key,
+                               seq=checkpoint_seq)
+    journal: list[tuple[int, bytes]] = []
+    for entry_seq, entry, crc in rows:
+        want = checkpoint_seq + len(journal) + 1
+        if entry_seq != want:
+            raise StoreCorrupt(f"journal has seq {entry_seq} where {want} was expected",
+                               store=store, key=key, seq=entry_seq)
+        data = bytes(entry)
+        if _crc(data) != crc:
+            raise StoreCorrupt("journal entry fails its checksum", store=store, key=key,
+                               seq=entry_seq)
+        journal.append((entry_seq, data))
+    if checkpoint_seq + len(journal) != seq:
+        raise StoreCorrupt(f"key is at seq {seq} but its records end at "
+                           f"{checkpoint_seq + len(journal)}", store=store, key=key, seq=seq)
+    return StoredRecords(seq, checkpoint, checkpoint_seq, tuple(journal))
+
+
+class SQLiteStore:
+    """A :class:`~fasm.persistence.Store` in one SQLite database file.
+
+    Args:
+        path: the database file (created when missing), or ``":memory:"`` for a private,
+            non-durable database.
+        synchronous: SQLite's ``PRAGMA synchronous``. ``"FULL"`` (the default) fsyncs the WAL on
+            every commit: a commit that returned survives power loss. ``"NORMAL"`` in WAL mode
+            fsyncs only at checkpoints of the WAL: a commit survives a crash of the process, but
+            the last commits before a power loss or OS crash may be lost (never torn). ``"OFF"``
+            never fsyncs: for tests and throwaway data.
+        busy_timeout: seconds to wait for another connection's write lock before giving up
+            with :class:`StoreUnavailable` ("database is locked").
+
+    What a user should know:
+
+    * ``acquire`` is exclusive across store objects and processes through an ``flock`` on a lock
+      file per key in ``<path>.locks/``. The kernel drops it when the process dies, so a killed
+      process never leaves a key locked. Lock files are never deleted.
+    * ``commit`` is fenced by ``expected_seq`` in the same transaction that writes, so a stale
+      writer is refused even when it never acquired the key.
+    * Driver errors are translated: a locked or unreachable database is
+      :class:`StoreUnavailable`; a file that is not an SQLite database, a malformed database, or
+      a record whose CRC-32 does not match is :class:`StoreCorrupt`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["FULL", "NORMAL", "OFF"] = "FULL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL", "OFF"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or OFF, not {synchronous!r}")
+        self._path = os.fspath(path)
+        self._memory = self._path == ":memory:"
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._held: dict[str, int | None] = {}  # key -> flock fd (None for ":memory:")
+        self._held_lock = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        """``sqlite:<path>``."""
+        return f"sqlite:{self._path}"
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _translate(self, e: sqlite3.Error, doing: str, key: str | None = None,
+                   seq: int | None = None) -> StoreError:
+        text = str(e)
+        if "not a database" in text or "malformed" in text:
+            return StoreCorrupt(f"{doing}: the database file is damaged or not an SQLite "
+                                f"database ({text})", store=self.description, key=key, seq=seq)
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable(f"{doing}: database is locked by another connection (waited "
+                                    f"{self._busy_timeout}s)", store=self.description, key=key,
+                                    seq=seq)
+        return StoreUnavailable(f"{doing}: {type(e).__name__}: {text}", store=self.description,
+                                key=key, seq=seq)
+
+    def _connection(self, key: str | None) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreUnavailable("store is not open", store=self.description, key=key)
+        return self._conn
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the database, switch it to WAL mode and create the tables.
+
+        Raises:
+            StoreUnavailable: the file cannot be opened, or the database stays locked.
+            StoreCorrupt: the file is not an SQLite database, or not one this code can read.
+        """
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        if self._conn is not None:
+            return
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("INSERT OR IGNORE INTO fasm_meta VALUES ('format', ?)", (_FORMAT,))
+                (found,) = conn.execute(
+                    "SELECT value FROM fasm_meta WHERE name = 'format'").fetchone()
+                if found != _FORMAT:
+                    raise StoreCorrupt(f"unknown store format {found!r}", store=self.description)
+                conn.execute("COMMIT")
+            finally:
+                _rollback(conn)
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            raise self._translate(e, "cannot open the database") from e
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        if not self._memory:
+            try:
+                Path(self._path + ".locks").mkdir(exist_ok=True)
+            except OSError as e:
+                conn.close()
+                raise StoreUnavailable(f"cannot create the lock directory: {e}",
+                                       store=self.description) from e
+        self._conn = conn
+
+    async def close(self) -> None:
+        """Release every held key and close the connection. Safe to call twice."""
+        await self._run(self._close_sync)
+
+    def _close_sync(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held, {}
+        for fd in held.values():
+            if fd is not None:
+                try:
+                    unflock(fd)
+                except OSError:
+                    pass  # the descriptor is closed either way, and with it the lock
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass  # nothing uncommitted can be lost: every commit ends its transaction
+
+    # -- locking ----------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> None:
+        """Take exclusive use of ``key`` (a no-op if this object holds it already).
+
+        Raises:
+            StoreConflict: another store object or process holds the key.
+            StoreUnavailable: the store is closed or the lock file cannot be created.
+        """
+        await self._run(self._acquire_sync, key)
+
+    def _acquire_sync(self, key: str) -> None:
+        self._connection(key)
+        with self._held_lock:
+            if key in self._held:
+                return
+            if self._memory:
+                self._held[key] = None  # a private database: nobody else can see the key
+                return
+            try:
+                fd = try_flock(Path(self._path + ".locks") / key_file_name(key))
+            except OSError as e:
+                raise StoreUnavailable(f"cannot take the key's lock file: {e}",
+                                       store=self.description, key=key) from e
+            if fd is None:
+                raise StoreConflict("key is held by another store object or process",
+                                    store=self.description, key=key)
+            self._held[key] = fd
+
+    async def release(self, key: str) -> None:
+        """Give up ``key``; releasing a key that is not held does nothing."""
+        with self._held_lock:
+            fd = self._held.pop(key, None)
+        if fd is not None:
+            try:
+                unflock(fd)
+            except OSError:
+                pass
+
+    # -- reading and writing ----------------------------------------------------------------
+
+    async def load(self, key: str) -> StoredRecords | None:
+        """Everything stored for ``key``, read in one transaction, or None.
+
+        Raises:
+            StoreCorrupt: a record fails its CRC-32, entries are missing, or the file is damaged.
+            StoreUnavailable: the database cannot be read (closed, locked, I/O error).
+        """
+        return await self._run(self._load_sync, key)
+
+    def _load_sync(self, key: str) -> StoredRecords | None:
+        conn = self._connection(key)
+        try:
+            conn.execute("BEGIN")  # one read snapshot for both tables
+            try:
+                row = conn.execute(
+                    "SELECT seq, checkpoint_seq, checkpoint, checkpoint_crc FROM fasm_keys "
+                    "WHERE key = ?", (key,)).fetchone()
+                rows = [] if row is None else conn.execute(
+                    "SELECT seq, entry, crc FROM fasm_journal WHERE key = ? AND seq > ? "
+                    "ORDER BY seq", (key, row[1])).fetchall()
+            finally:
+                _rollback(conn)
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot load", key) from e
+        if row is None:
+            return None
+        return records_from_rows(self.description, key, row, rows)
+
+    async def commit(
+        self,
+        key: str,
+        *,
+        expected_seq: int,
+        seq: int,
+        entries: Sequence[bytes] = (),
+        checkpoint: bytes | None = None,
+    ) -> None:
+        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
+        ``BEGIN IMMEDIATE`` transaction.
+
+        Raises:
+            StoreConflict: the stored seq is not ``expected_seq``; nothing written.
+            StoreUnavailable: the database is locked, closed or failing; nothing committed.
+            StoreCorrupt: the database file is damaged.
+            ValueError: the arguments break the commit rules.
+        """
+        check_commit_args(expected_seq, seq, entries, checkpoint)
+        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+
+    def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
+                     checkpoint: bytes | None) -> None:
+        conn = self._connection(key)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT seq FROM fasm_keys WHERE key = ?", (key,)).fetchone()
+                current = 0 if row is None else row[0]
+                if current != expected_seq:
+                    raise StoreConflict(f"stale writer: stored seq is {current}, writer "
+                                        f"expected {expected_seq}", store=self.description,
+                                        key=key, seq=seq)
+                if checkpoint is not None:
+                    conn.execute(
+                        "INSERT INTO fasm_keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                        "SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq, "
+                        "checkpoint = excluded.checkpoint, "
+                        "checkpoint_crc = excluded.checkpoint_crc",
+                        (key, seq, seq, checkpoint, _crc(checkpoint)))
+                    conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?",
+                                 (key, seq))
+                else:
+                    conn.executemany(
+                        "INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
+                        ((key, s, bytes(e), _crc(e))
+                         for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)))
+                    conn.execute(
+                        "INSERT INTO fasm_keys (key, seq, checkpoint_seq) VALUES (?, ?, 0) "
+                        "ON CONFLICT (key) DO UPDATE SET seq = excluded.seq", (key, seq))
+                conn.execute("COMMIT")
+            finally:
+                _rollback(conn)
+        except sqlite3.Error as e:
+            raise self._translate(e, "commit failed, nothing committed", key, seq) from e

@@ -1,0 +1,570 @@
+"""The store conformance suite: the checks every :class:`~fasm.persistence.Store` must pass.
+
+One implementation, two ways in:
+
+* :func:`check_store` runs every check against a store factory and raises ``AssertionError``
+  naming the check that failed (like ``trio.testing.check_one_way_stream``);
+* :class:`StoreConformance` is a pytest base class with one test per check; a subclass provides
+  ``make_store`` (and optionally ``corrupt``).
+
+The factory returns a new, not yet opened store object on the *same location* every time it is
+called (same directory, database file, DSN and schema): the suite opens two objects at once to
+check that keys are exclusive between them, and reopens to check durability. Checks use keys
+unique to each run, except the unicode-key check, which also uses fixed keys such as ``""`` and
+starts from whatever is stored under them.
+
+The corruption check and its hook: ``corrupt(key)`` must damage the stored bytes of one committed
+record of ``key`` (flip bits in a checkpoint or a journal entry) behind the store's back, as bit
+rot would. It is called with the store open, after a checkpoint at seq 1 and journal entries 2..5
+were committed. Then ``load`` (on the open store, and on a fresh one when ``durable``) must either
+raise :class:`~fasm.errors.StoreCorrupt`, or return exactly the committed records except that
+every record whose bytes differ fails :class:`~fasm.persistence.Codec` decoding (the codec's
+checksum catches it). Returning fewer records, other seqs, or different bytes that decode is
+silent corruption and fails. A hook that changes nothing ``load`` returns fails too. Removing
+records is not what the hook is for: a torn tail of a commit that never returned is the backend's
+business, tested by its own tests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Never
+
+import anyio
+
+from .._actions import ActionsContainer
+from .._inputs import Input, Normal
+from .._machine import StateMachine
+from ..errors import StoreConflict, StoreCorrupt
+from ..persistence._codec import Codec
+from ..persistence._store import Store, StoredRecords
+
+__all__ = ("STORE_CHECKS", "StoreConformance", "check_store")
+
+MiB = 1024 * 1024
+
+
+class _Probe(StateMachine[dict[str, int], str]):
+    """A machine the suite encodes records for, so that a damaged record can be decoded."""
+
+    machine_name = "fasm.testing.store-conformance"
+
+    async def stf(self, state: dict[str, int], input: Input[str, Never, Never],
+                  actions: ActionsContainer[Never, Never, Never]) -> None:
+        state["n"] = state.get("n", 0) + 1
+
+    async def restore(self, state: dict[str, int],
+                      actions: ActionsContainer[Never, Never, Never]) -> None:
+        return None
+
+
+class _Skip(Exception):
+    """A check that does not apply to this store (no corrupt hook, not durable)."""
+
+
+@dataclass
+class _Suite:
+    make_store: Callable[[], Awaitable[Store]]
+    durable: bool
+    corrupt: Callable[[str], Awaitable[None]] | None
+    big_state_bytes: int
+    run: str = field(default_factory=lambda: f"{random.getrandbits(48):012x}")
+
+    def key(self, name: str) -> str:
+        return f"fasm-suite-{self.run}/{name}"
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[Store]:
+        store = await self.make_store()
+        await store.open()
+        try:
+            yield store
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _show(records: StoredRecords | None) -> str:
+    if records is None:
+        return "None"
+    cp = records.checkpoint
+    shown = "None" if cp is None else (
+        repr(cp) if len(cp) <= 16 else f"{cp[:16]!r}... ({len(cp)} bytes)")
+    return (f"StoredRecords(seq={records.seq}, checkpoint={shown}, "
+            f"checkpoint_seq={records.checkpoint_seq}, "
+            f"journal seqs={[s for s, _ in records.journal]})")
+
+
+def _expect(got: StoredRecords | None, seq: int, checkpoint: bytes | None, checkpoint_seq: int,
+            journal: Sequence[tuple[int, bytes]], what: str) -> None:
+    want = StoredRecords(seq, checkpoint, checkpoint_seq, tuple(journal))
+    _check(got is not None, f"{what}: load returned None, expected {_show(want)}")
+    assert got is not None
+    same = (got.seq == seq and got.checkpoint == checkpoint
+            and got.checkpoint_seq == checkpoint_seq
+            and [(s, bytes(e)) for s, e in got.journal] == list(journal))
+    _check(same, f"{what}: load returned {_show(got)}, expected {_show(want)}")
+
+
+async def _raises(exc: type[BaseException], call: Awaitable[Any], what: str) -> None:
+    try:
+        await call
+    except exc:
+        return
+    except BaseException as e:
+        raise AssertionError(f"{what}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"{what}: expected {exc.__name__}, nothing was raised")
+
+
+async def _seq_of(store: Store, key: str) -> int:
+    got = await store.load(key)
+    return 0 if got is None else got.seq
+
+
+# -- the checks ------------------------------------------------------------------------------
+
+
+async def check_round_trip(suite: _Suite) -> None:
+    """A checkpoint and journal entries load back exactly; an unknown key loads as None."""
+    async with suite.opened() as store:
+        k = suite.key("round-trip")
+        _check(await store.load(k) is None, "load of a key never committed must return None")
+        await store.commit(k, expected_seq=0, seq=1, checkpoint=b"state@1")
+        _expect(await store.load(k), 1, b"state@1", 1, (), "after a checkpoint")
+        await store.commit(k, expected_seq=1, seq=4, entries=[b"e2", b"e3", b"e4"])
+        _expect(await store.load(k), 4, b"state@1", 1, [(2, b"e2"), (3, b"e3"), (4, b"e4")],
+                "after a checkpoint and three entries")
+        k2 = suite.key("round-trip-journal-only")
+        await store.commit(k2, expected_seq=0, seq=2, entries=(b"e1", b"e2"))
+        _expect(await store.load(k2), 2, None, 0, [(1, b"e1"), (2, b"e2")],
+                "a key with entries and no checkpoint")
+
+
+async def check_sequence(suite: _Suite) -> None:
+    """Sequence numbers only grow, and the journal after the checkpoint has no gaps."""
+    async with suite.opened() as store:
+        k = suite.key("sequence")
+        steps: list[tuple[int, int, list[bytes], bytes | None]] = [
+            (0, 1, [b"a"], None), (1, 3, [b"b", b"c"], None), (3, 5, [], b"ckpt@5"),
+            (5, 6, [b"f"], None), (6, 10, [b"g", b"h", b"i", b"j"], None),
+        ]
+        last = 0
+        for expected, seq, entries, checkpoint in steps:
+            await store.commit(k, expected_seq=expected, seq=seq, entries=entries,
+                               checkpoint=checkpoint)
+            got = await store.load(k)
+            _check(got is not None and got.seq == seq > last,
+                   f"after commit {expected}->{seq}: load says {_show(got)}")
+            assert got is not None
+            seqs = [s for s, _ in got.journal]
+            _check(seqs == list(range(got.checkpoint_seq + 1, seq + 1)),
+                   f"after commit {expected}->{seq}: journal seqs {seqs} are not "
+                   f"{got.checkpoint_seq + 1}..{seq}")
+            last = seq
+        _expect(await store.load(k), 10, b"ckpt@5", 5,
+                [(6, b"f"), (7, b"g"), (8, b"h"), (9, b"i"), (10, b"j")], "after five commits")
+
+
+async def check_stale_writer(suite: _Suite) -> None:
+    """A commit whose expected_seq is not the stored seq raises StoreConflict, writes nothing."""
+    async with suite.opened() as store:
+        k = suite.key("stale-writer")
+        await _raises(StoreConflict, store.commit(k, expected_seq=1, seq=2, entries=[b"x"]),
+                      "commit with expected_seq=1 on a new key")
+        _check(await store.load(k) is None, "a refused commit on a new key wrote something")
+        await store.commit(k, expected_seq=0, seq=2, entries=[b"a", b"b"])
+        for expected in (0, 1, 3):
+            await _raises(StoreConflict, store.commit(k, expected_seq=expected, seq=expected + 1,
+                                                      entries=[b"stale"]),
+                          f"commit with expected_seq={expected} when the key is at 2")
+            await _raises(StoreConflict, store.commit(k, expected_seq=expected, seq=7,
+                                                      checkpoint=b"stale"),
+                          f"checkpoint with expected_seq={expected} when the key is at 2")
+        _expect(await store.load(k), 2, None, 0, [(1, b"a"), (2, b"b")],
+                "after refused stale commits")
+        await store.commit(k, expected_seq=2, seq=3, entries=[b"c"])
+        _expect(await store.load(k), 3, None, 0, [(1, b"a"), (2, b"b"), (3, b"c")],
+                "a commit with the right expected_seq after refusals")
+
+
+async def check_argument_rules(suite: _Suite) -> None:
+    """Malformed commits raise ValueError and write nothing."""
+    async with suite.opened() as store:
+        k = suite.key("argument-rules")
+        await store.commit(k, expected_seq=0, seq=1, entries=[b"a"])
+        bad: list[tuple[str, int, int, list[bytes], bytes | None]] = [
+            ("seq equal to expected_seq", 1, 1, [], b"c"),
+            ("seq below expected_seq", 1, 0, [], b"c"),
+            ("negative expected_seq", -1, 1, [b"x", b"y"], None),
+            ("too few entries", 1, 3, [b"x"], None),
+            ("too many entries", 1, 2, [b"x", b"y"], None),
+            ("neither entries nor checkpoint", 1, 2, [], None),
+        ]
+        for what, expected, seq, entries, checkpoint in bad:
+            await _raises(ValueError, store.commit(k, expected_seq=expected, seq=seq,
+                                                   entries=entries, checkpoint=checkpoint), what)
+        _expect(await store.load(k), 1, None, 0, [(1, b"a")], "after malformed commits")
+
+
+async def check_checkpoint_drops_entries(suite: _Suite) -> None:
+    """A checkpoint at seq N replaces the old one; load returns no entry at or below N."""
+    async with suite.opened() as store:
+        k = suite.key("checkpoint-drops")
+        await store.commit(k, expected_seq=0, seq=3, entries=[b"1", b"2", b"3"])
+        await store.commit(k, expected_seq=3, seq=4, checkpoint=b"c4")
+        _expect(await store.load(k), 4, b"c4", 4, (), "checkpoint after three entries")
+        await store.commit(k, expected_seq=4, seq=6, entries=[b"5", b"6"])
+        _expect(await store.load(k), 6, b"c4", 4, [(5, b"5"), (6, b"6")],
+                "entries after the checkpoint")
+        await store.commit(k, expected_seq=6, seq=8, entries=[b"7", b"8"], checkpoint=b"c8")
+        _expect(await store.load(k), 8, b"c8", 8, (),
+                "a checkpoint given with entries covers them")
+
+
+async def check_journal(suite: _Suite) -> None:
+    """Appends of all sizes replay in order; group commits and truncation by checkpoint."""
+    rng = random.Random(7)
+    async with suite.opened() as store:
+        k = suite.key("journal")
+        written: list[tuple[int, bytes]] = []
+        sizes = [0, 1, 2, 100, 4096, 65536, *(rng.randrange(300) for _ in range(44))]
+        for seq, size in enumerate(sizes, start=1):
+            entry = rng.randbytes(size)
+            await store.commit(k, expected_seq=seq - 1, seq=seq, entries=[entry])
+            written.append((seq, entry))
+        _expect(await store.load(k), 50, None, 0, written, "fifty single appends")
+        group = [rng.randbytes(rng.randrange(200)) for _ in range(100)]
+        await store.commit(k, expected_seq=50, seq=150, entries=group)
+        written += list(zip(range(51, 151), group, strict=True))
+        _expect(await store.load(k), 150, None, 0, written, "a group commit of 100 entries")
+        await store.commit(k, expected_seq=150, seq=151, checkpoint=b"c151")
+        await store.commit(k, expected_seq=151, seq=152, entries=[b"after"])
+        _expect(await store.load(k), 152, b"c151", 151, [(152, b"after")],
+                "journal truncated by a checkpoint")
+
+
+async def check_durable_reopen(suite: _Suite) -> None:
+    """What was committed is there for a new store object after close."""
+    if not suite.durable:
+        raise _Skip("the store is not durable (durable=False)")
+    k = suite.key("durable")
+    async with suite.opened() as store:
+        await store.acquire(k)
+        await store.commit(k, expected_seq=0, seq=1, checkpoint=b"c1")
+        await store.commit(k, expected_seq=1, seq=3, entries=[b"e2", b"e3"])
+    async with suite.opened() as store:
+        _expect(await store.load(k), 3, b"c1", 1, [(2, b"e2"), (3, b"e3")], "after reopening")
+        await store.acquire(k)
+        await store.commit(k, expected_seq=3, seq=4, entries=[b"e4"])
+    async with suite.opened() as store:
+        _expect(await store.load(k), 4, b"c1", 1, [(2, b"e2"), (3, b"e3"), (4, b"e4")],
+                "after reopening twice")
+
+
+async def check_acquire(suite: _Suite) -> None:
+    """Keys are exclusive between store objects; release and close give them up."""
+    k, other = suite.key("acquire"), suite.key("acquire-other")
+    async with suite.opened() as a, suite.opened() as b:
+        await a.acquire(k)
+        await a.acquire(k)  # holding it already: a no-op
+        await _raises(StoreConflict, b.acquire(k), "acquire of a key another store holds")
+        await b.acquire(other)  # another key is independent
+        await b.release(k)  # not held by b: does nothing
+        await _raises(StoreConflict, b.acquire(k), "acquire after a release by a non-holder")
+        await a.release(k)
+        await b.acquire(k)
+        await _raises(StoreConflict, a.acquire(k), "acquire of a key released to another store")
+        await _raises(StoreConflict, a.acquire(other), "acquire of the other held key")
+        await b.close()
+        await a.acquire(k)  # close released it
+        await a.acquire(other)
+
+
+async def check_corruption(suite: _Suite) -> None:
+    """A record damaged behind the store's back is never loaded as valid data."""
+    if suite.corrupt is None:
+        raise _Skip("no corrupt hook given")
+    codec = Codec(_Probe)
+    k = suite.key("corruption")
+    checkpoint = codec.encode_checkpoint(1, {"n": 1}, {})
+    entries = [(s, codec.encode_entry(s, Normal(f"input {s}"), None)) for s in range(2, 6)]
+    async with suite.opened() as store:
+        await store.commit(k, expected_seq=0, seq=1, checkpoint=checkpoint)
+        await store.commit(k, expected_seq=1, seq=3, entries=[e for _, e in entries[:2]])
+        await store.commit(k, expected_seq=3, seq=5, entries=[e for _, e in entries[2:]])
+        await suite.corrupt(k)
+        await _judge_corruption(store, k, codec, checkpoint, entries, "load on the open store")
+    if suite.durable:
+        async with suite.opened() as store:
+            await _judge_corruption(store, k, codec, checkpoint, entries,
+                                    "load on a reopened store")
+
+
+async def _judge_corruption(store: Store, key: str, codec: Codec, checkpoint: bytes,
+                            entries: list[tuple[int, bytes]], what: str) -> None:
+    try:
+        got = await store.load(key)
+    except StoreCorrupt:
+        return
+    _check(got is not None and got.seq == 5 and got.checkpoint_seq == 1
+           and got.checkpoint is not None and [s for s, _ in got.journal] == [2, 3, 4, 5],
+           f"{what}: after corrupt() load neither raised StoreCorrupt nor returned the "
+           f"committed records (damaged or not): {_show(got)}")
+    assert got is not None and got.checkpoint is not None
+    changed = 0
+    if got.checkpoint != checkpoint:
+        changed += 1
+        await _raises(StoreCorrupt, _decode(codec.decode_checkpoint, got.checkpoint, 1),
+                      f"{what}: the damaged checkpoint load returned must fail decoding")
+    for (seq, entry), (_, original) in zip(got.journal, entries, strict=True):
+        if bytes(entry) != original:
+            changed += 1
+            await _raises(StoreCorrupt, _decode(codec.decode_entry, bytes(entry), seq),
+                          f"{what}: the damaged entry {seq} load returned must fail decoding")
+    _check(changed > 0, f"{what}: load returned every record as committed: the corrupt hook "
+                        "must damage a committed record's stored bytes")
+
+
+async def _decode(decode: Callable[[bytes, int], object], data: bytes, seq: int) -> None:
+    decode(data, seq)
+
+
+async def check_big_checkpoint(suite: _Suite) -> None:
+    """A large checkpoint (50 MiB of random bytes by default) round-trips, and shrinks again."""
+    data = random.Random(0x5EED).randbytes(suite.big_state_bytes)
+    k = suite.key("big-checkpoint")
+    async with suite.opened() as store:
+        await store.commit(k, expected_seq=0, seq=1, checkpoint=data)
+        _expect(await store.load(k), 1, data, 1, (), f"a {len(data)}-byte checkpoint")
+        await store.commit(k, expected_seq=1, seq=2, entries=[b"after"])
+    if suite.durable:
+        async with suite.opened() as store:
+            _expect(await store.load(k), 2, data, 1, [(2, b"after")],
+                    f"a {len(data)}-byte checkpoint after reopening")
+    async with suite.opened() as store:
+        await store.commit(k, expected_seq=2, seq=3, checkpoint=b"small")
+        _expect(await store.load(k), 3, b"small", 3, (), "a small checkpoint replacing a big one")
+
+
+async def check_many_keys(suite: _Suite) -> None:
+    """1,000 keys, committed and loaded concurrently, keep their own records."""
+    keys = [suite.key(f"many/{i}") for i in range(1000)]
+    limiter = anyio.CapacityLimiter(16)
+
+    async def commit(store: Store, i: int) -> None:
+        async with limiter:
+            await store.commit(keys[i], expected_seq=0, seq=1, entries=[f"key {i}".encode()])
+
+    loaded: dict[int, StoredRecords | None] = {}
+
+    async def load(store: Store, i: int) -> None:
+        async with limiter:
+            loaded[i] = await store.load(keys[i])
+
+    async with suite.opened() as store:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(keys)):
+                tg.start_soon(commit, store, i)
+        async with anyio.create_task_group() as tg:
+            for i in range(len(keys)):
+                tg.start_soon(load, store, i)
+        for i in range(len(keys)):
+            _expect(loaded[i], 1, None, 0, [(1, f"key {i}".encode())], f"key {keys[i]!r}")
+        _check(await store.load(suite.key("many/1000")) is None,
+               "a key next to 1,000 committed ones must load as None")
+
+
+async def check_unicode_keys(suite: _Suite) -> None:
+    """Keys are any string: unicode, '/', '', '..', and case-distinct keys never alias."""
+    odd = ["ключ/🔑", "", " ", "a/b", "../escape", "..", ".", "CaseKey", "casekey",
+           "line\nbreak", "tab\tkey", "back\\slash", "%2F", "k-6162", "日本語のキー", "x" * 300]
+    keys = odd + [suite.key(name) for name in odd]
+    async with suite.opened() as store:
+        for i, key in enumerate(keys):
+            seq = await _seq_of(store, key)
+            await store.commit(key, expected_seq=seq, seq=seq + 1,
+                               checkpoint=f"{suite.run}:{i}".encode())
+        for i, key in enumerate(keys):
+            got = await store.load(key)
+            _check(got is not None and got.checkpoint == f"{suite.run}:{i}".encode(),
+                   f"key {key!r}: load returned {_show(got)}, not its own checkpoint")
+        await store.acquire("ключ/🔑")
+        await store.acquire("")
+        await store.release("ключ/🔑")
+        await store.release("")
+
+
+async def check_tiny_state(suite: _Suite) -> None:
+    """A one-byte and an empty checkpoint, and an empty entry, are kept as given."""
+    async with suite.opened() as store:
+        for name, checkpoint in (("one-byte", b"\x00"), ("empty", b"")):
+            k = suite.key(f"tiny-{name}")
+            await store.commit(k, expected_seq=0, seq=1, checkpoint=checkpoint)
+            _expect(await store.load(k), 1, checkpoint, 1, (), f"a {name} checkpoint")
+        k = suite.key("tiny-entry")
+        await store.commit(k, expected_seq=0, seq=1, entries=[b""])
+        _expect(await store.load(k), 1, None, 0, [(1, b"")], "an empty journal entry")
+
+
+async def check_close_twice(suite: _Suite) -> None:
+    """close() twice is safe, also while holding a key."""
+    store = await suite.make_store()
+    await store.open()
+    k = suite.key("close-twice")
+    try:
+        await store.acquire(k)
+        await store.commit(k, expected_seq=0, seq=1, entries=[b"a"])
+    finally:
+        await store.close()
+    await store.close()
+    async with suite.opened() as other:
+        await other.acquire(k)  # the first store's close released it
+
+
+_CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
+    "round_trip": check_round_trip,
+    "sequence": check_sequence,
+    "stale_writer": check_stale_writer,
+    "argument_rules": check_argument_rules,
+    "checkpoint_drops_entries": check_checkpoint_drops_entries,
+    "journal": check_journal,
+    "durable_reopen": check_durable_reopen,
+    "acquire": check_acquire,
+    "corruption": check_corruption,
+    "big_checkpoint": check_big_checkpoint,
+    "many_keys": check_many_keys,
+    "unicode_keys": check_unicode_keys,
+    "tiny_state": check_tiny_state,
+    "close_twice": check_close_twice,
+}
+
+STORE_CHECKS: tuple[str, ...] = tuple(_CHECKS)
+"""The names of the checks, in the order :func:`check_store` runs them."""
+
+
+async def _run(suite: _Suite, name: str) -> None:
+    try:
+        await _CHECKS[name](suite)
+    except _Skip:
+        raise
+    except AssertionError as e:
+        raise AssertionError(f"store check {name!r} failed: {e}") from e
+    except Exception as e:
+        raise AssertionError(
+            f"store check {name!r} failed: unexpected {type(e).__name__}: {e}") from e
+
+
+async def check_store(
+    make_store: Callable[[], Awaitable[Store]],
+    *,
+    durable: bool = True,
+    corrupt: Callable[[str], Awaitable[None]] | None = None,
+    big_state_bytes: int = 50 * MiB,
+) -> None:
+    """Run every conformance check against a store.
+
+    Args:
+        make_store: returns a new, not yet opened store object on the same location each call.
+        durable: whether data survives closing the store (False skips the reopen checks).
+        corrupt: damages one committed record of a key behind the store's back (see the module
+            documentation for what it must do); without it the corruption check is skipped.
+        big_state_bytes: the size of the large-checkpoint check.
+
+    Raises:
+        AssertionError: a check failed; the message names it and what went wrong.
+    """
+    suite = _Suite(make_store, durable, corrupt, big_state_bytes)
+    for name in STORE_CHECKS:
+        try:
+            await _run(suite, name)
+        except _Skip:
+            continue
+
+
+def _anyio_marks() -> list[Any]:
+    # pytest is only needed by those who use the class: importing fasm.testing must not need it.
+    try:
+        import pytest
+    except ImportError:  # pragma: no cover
+        return []
+    return [pytest.mark.anyio]
+
+
+class StoreConformance:
+    """pytest base class running the conformance checks, one test per check.
+
+    Subclass it in a test module (its name must start with ``Test``) and provide
+    ``async def make_store(self) -> Store`` returning a new, not yet opened store object on the
+    same location each call; per-test locations come from fixtures, e.g. an autouse fixture that
+    stores ``tmp_path`` on ``self``. Optionally define ``async def corrupt(self, key: str)``, and
+    set ``durable = False`` or a smaller ``big_state_bytes``. The tests are marked for anyio and
+    run on every backend of the ``anyio_backend`` fixture.
+    """
+
+    pytestmark: ClassVar[list[Any]] = _anyio_marks()
+    durable: ClassVar[bool] = True
+    big_state_bytes: ClassVar[int] = 50 * MiB
+    corrupt: Callable[[str], Awaitable[None]] | None = None
+
+    async def make_store(self) -> Store:
+        """A new, not yet opened store object on this test's location."""
+        raise NotImplementedError(f"{type(self).__qualname__} must define make_store")
+
+    async def _run_check(self, name: str) -> None:
+        suite = _Suite(self.make_store, self.durable, self.corrupt, self.big_state_bytes)
+        try:
+            await _run(suite, name)
+        except _Skip as e:
+            import pytest
+
+            pytest.skip(str(e))
+
+    async def test_round_trip(self) -> None:
+        await self._run_check("round_trip")
+
+    async def test_sequence(self) -> None:
+        await self._run_check("sequence")
+
+    async def test_stale_writer(self) -> None:
+        await self._run_check("stale_writer")
+
+    async def test_argument_rules(self) -> None:
+        await self._run_check("argument_rules")
+
+    async def test_checkpoint_drops_entries(self) -> None:
+        await self._run_check("checkpoint_drops_entries")
+
+    async def test_journal(self) -> None:
+        await self._run_check("journal")
+
+    async def test_durable_reopen(self) -> None:
+        await self._run_check("durable_reopen")
+
+    async def test_acquire(self) -> None:
+        await self._run_check("acquire")
+
+    async def test_corruption(self) -> None:
+        await self._run_check("corruption")
+
+    async def test_big_checkpoint(self) -> None:
+        await self._run_check("big_checkpoint")
+
+    async def test_many_keys(self) -> None:
+        await self._run_check("many_keys")
+
+    async def test_unicode_keys(self) -> None:
+        await self._run_check("unicode_keys")
+
+    async def test_tiny_state(self) -> None:
+        await self._run_check("tiny_state")
+
+    async def test_close_twice(self) -> None:
+        await self._run_check("close_twice")
