@@ -1,0 +1,167 @@
+"""SQLiteStore under faults: a locked database, a file that is not one, damaged rows, locks of
+dead processes, and the synchronous modes."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fasm.errors import StoreConflict, StoreCorrupt, StoreUnavailable
+from fasm.persistence import SQLiteStore
+from tests.persistence._faults import check_killed_holder_frees_key, flip_byte
+
+pytestmark = pytest.mark.anyio
+
+KEY = "order/42"
+
+
+async def opened(path: Path, **kwargs: float | str) -> SQLiteStore:
+    store = SQLiteStore(path, **kwargs)  # type: ignore[arg-type]
+    await store.open()
+    return store
+
+
+def db(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+async def test_a_locked_database_is_unavailable_and_nothing_is_committed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await opened(path, busy_timeout=0.1)
+    await store.commit(KEY, expected_seq=0, seq=1, entries=[b"one"])
+    other = db(path)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable, match="database is locked") as caught:
+            await store.commit(KEY, expected_seq=1, seq=2, entries=[b"two"])
+        assert "order/42" in str(caught.value) and "seq=2" in str(caught.value)
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        got = await store.load(KEY)  # WAL: readers are not blocked by a writer
+        assert got is not None and got.seq == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await store.commit(KEY, expected_seq=1, seq=2, entries=[b"two"])
+    got = await store.load(KEY)
+    assert got is not None and got.journal == ((1, b"one"), (2, b"two"))
+    await store.close()
+
+
+async def test_a_file_that_is_not_a_database_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    path.write_bytes(b"these are my holiday notes, not a database\n" * 200)
+    with pytest.raises(StoreCorrupt, match="not an SQLite database") as caught:
+        await SQLiteStore(path).open()
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    assert path.read_bytes().startswith(b"these are my holiday notes")
+
+
+async def test_an_unreachable_path_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        await SQLiteStore(tmp_path / "missing-dir" / "s.db").open()
+
+
+@pytest.mark.parametrize("damage", ["checkpoint", "entry", "missing-entry", "seq-ahead"])
+async def test_damaged_rows_are_corruption(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "s.db"
+    store = await opened(path)
+    await store.commit(KEY, expected_seq=0, seq=1, checkpoint=b"state")
+    await store.commit(KEY, expected_seq=1, seq=4, entries=[b"two", b"three", b"four"])
+    with db(path) as other:
+        if damage == "checkpoint":
+            other.execute("UPDATE fasm_keys SET checkpoint = ?", (flip_byte(b"state", 0),))
+        elif damage == "entry":
+            other.execute("UPDATE fasm_journal SET entry = ? WHERE seq = 3",
+                          (flip_byte(b"three", 2),))
+        elif damage == "missing-entry":
+            other.execute("DELETE FROM fasm_journal WHERE seq = 3")
+        else:
+            other.execute("UPDATE fasm_keys SET seq = 9")
+    other.close()
+    with pytest.raises(StoreCorrupt, match="order/42"):
+        await store.load(KEY)
+    await store.close()
+
+
+async def test_a_stale_writer_is_refused_without_acquire(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    a, b = await opened(path), await opened(path)
+    await a.commit(KEY, expected_seq=0, seq=1, entries=[b"a"])
+    with pytest.raises(StoreConflict, match="stored seq is 1, writer expected 0"):
+        await b.commit(KEY, expected_seq=0, seq=1, entries=[b"b"])
+    with pytest.raises(StoreConflict):
+        await b.commit(KEY, expected_seq=0, seq=1, checkpoint=b"b")
+    got = await b.load(KEY)
+    assert got is not None and got.journal == ((1, b"a"),)
+    await a.close()
+    await b.close()
+
+
+async def test_a_second_store_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    a, b = await opened(path), await opened(path)
+    await a.acquire(KEY)
+    with pytest.raises(StoreConflict, match="held by another"):
+        await b.acquire(KEY)
+    await a.close()
+    await b.acquire(KEY)
+    await b.close()
+
+
+async def test_a_killed_process_does_not_keep_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    await check_killed_holder_frees_key(lambda: SQLiteStore(path), "SQLiteStore",
+                                        f"SQLiteStore({str(path)!r})", KEY)
+
+
+@pytest.mark.parametrize("mode", ["FULL", "NORMAL", "OFF"])
+async def test_wal_and_synchronous_modes(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "s.db"
+    store = await opened(path, synchronous=mode)
+    assert store._conn is not None
+    levels = {"OFF": 0, "NORMAL": 1, "FULL": 2}
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (levels[mode],)
+    await store.commit(KEY, expected_seq=0, seq=1, checkpoint=b"c")
+    await store.close()
+    with db(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other.close()
+    store = await opened(path)
+    got = await store.load(KEY)
+    assert got is not None and got.checkpoint == b"c"
+    await store.close()
+
+
+def test_an_unknown_synchronous_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteStore(tmp_path / "s.db", synchronous="EXTRA")  # type: ignore[arg-type]
+
+
+async def test_a_database_from_another_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await opened(path)
+    await store.close()
+    with db(path) as other:
+        other.execute("UPDATE fasm_meta SET value = '99' WHERE name = 'format'")
+    other.close()
+    with pytest.raises(StoreCorrupt, match="unknown store format"):
+        await SQLiteStore(path).open()
+
+
+async def test_a_memory_database_works() -> None:
+    store = SQLiteStore(":memory:")
+    await store.open()
+    await store.acquire(KEY)
+    await store.commit(KEY, expected_seq=0, seq=1, entries=[b"x"])
+    got = await store.load(KEY)
+    assert got is not None and got.seq == 1
+    await store.close()
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "s.db")
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.commit(KEY, expected_seq=0, seq=1, entries=[b"x"])
