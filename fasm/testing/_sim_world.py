@@ -1,0 +1,760 @@
+"""One simulated run: the real engine, a simulated store, clock, executors and crashes.
+
+The run performs, against simulated parts, exactly the engine calls the production
+:class:`~fasm.runtime.Runtime` makes (its ``_recover``, ``_process``, ``_reload`` and ``_flush``):
+
+* start: load the store, decode the records, ``Engine.replay`` the journal tail, ``Engine.restore``,
+  dispatch what restore released;
+* a batch: ``Engine.step`` each queued input; after a failed step, the rollback the engine asks for
+  (``reload``: load the store, replay, ``Engine.reset``); then one store write for the accepted
+  steps (planned by the production ``Writer``), ``Engine.committed``, dispatch.
+
+A crash may come between any two of these. It drops the engine, the queue and every executor
+running in the process; only what the store holds survives, through the same codec, so a restart
+loses exactly what production would lose. Time is virtual: it jumps to the next event.
+
+Every choice (which input, how long an attempt takes, whether it fails, how many inputs share a
+commit, whether to crash here) is made by seeded ``random.Random`` streams, so a seed is a run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from .._actions import ActionList, Tracked
+from .._inputs import Input, Normal, TrackedActionCompleted
+from .._machine import StateMachine, type_members
+from .._timer import Timer, TimerFired
+from ..errors import (
+    InvalidInput,
+    NondeterminismError,
+    Rejected,
+    RestoreFailed,
+    StoreUnavailable,
+)
+from ..persistence._codec import Codec
+from ..persistence._durability import Durability, Writer, decode_records
+from ..persistence._memory import MemoryStore
+from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release, Rollback
+from ._checks import (
+    Invariant,
+    StateTools,
+    Violation,
+    check_invariants,
+    diff,
+    perturb_sets,
+    run_sync,
+    short,
+)
+from ._sim_config import Checks, CrashPoint, FaultPlan, SimExecutor, lookup
+
+__all__ = ("Run", "Setup")
+
+# Event kinds on the virtual-time heap.
+_ARRIVE, _ATTEMPT_END, _RETRY, _DELIVER, _TIMER = range(5)
+_EXHAUSTED = 1000  # this many None inputs in a row end the input phase
+
+
+@dataclass(eq=False)
+class Setup:
+    """Everything about a simulation that does not change between seeds (built once)."""
+
+    machine: StateMachine[Any, Any, Any, Any, Any, Any]
+    initial: Callable[[], Any]
+    executors: dict[type[Any], SimExecutor[Any, Any]]
+    invariants: tuple[Invariant, ...]
+    plan: FaultPlan
+    checks: Checks
+    durability: Durability
+    rollback: Rollback
+    key: str
+    idempotency_window: int
+    codec: Codec = field(init=False)
+    tools: StateTools = field(init=False)
+    validator: Engine = field(init=False)
+    results: pydantic.TypeAdapter[Any] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        types = type(self.machine).machine_types()
+        self.codec = Codec(type(self.machine))
+        self.tools = StateTools(self.codec, types.state)
+        # One engine kept for Engine.validate, so the input validator is built once per
+        # simulation and not once per simulated restart.
+        self.validator = Engine(self.machine, state=None)
+        self.results = _strict_adapter(types.tracked_result) if _declares(types.tracked_result) \
+            else None
+
+
+def _declares(tp: Any) -> bool:
+    return bool(type_members(tp))
+
+
+def _strict_adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
+    # As the Runtime checks executor results: dataclass instances are revalidated too.
+    try:
+        return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(revalidate_instances="always"))
+    except pydantic.PydanticUserError:
+        return pydantic.TypeAdapter(tp)
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    """A queued input: a submit (``n`` is its submit number) or a delivered result."""
+
+    input: Input[Any, Any, Any]
+    key: str | None = None
+    n: int = 0
+    tag: str = ""
+
+
+class Run:
+    """One seed's run. Call :meth:`run`; read ``counts``, ``trace`` and ``faults`` after.
+
+    Args:
+        setup: the simulation's fixed parts.
+        rngs: (inputs, faults, executors) random streams; one object for all three is fine.
+        draw_input: ``fn(state) -> input value or None`` (None: nothing arrives this time).
+        steps: how many transitions (``Engine.step`` calls) the main phase runs.
+        trace_limit: keep at most this many trace lines (None: all).
+    """
+
+    def __init__(
+        self,
+        setup: Setup,
+        rngs: tuple[random.Random, random.Random, random.Random],
+        draw_input: Callable[[Any], Any],
+        steps: int,
+        *,
+        trace_limit: int | None = 400,
+        skip: float = 0.0,
+        max_arrivals: int | None = None,
+    ) -> None:
+        self.s = setup
+        self.plan = setup.plan
+        self.checks = setup.checks
+        self.rng_inputs, self.rng, self.rng_exec = rngs
+        self.draw_input = draw_input
+        self.steps = steps
+        self.skip = skip
+        self.arrivals_left = max_arrivals
+        self.nones = 0
+        self.exhausted = False
+        self.store = MemoryStore()
+        run_sync(self.store.open(), "MemoryStore.open")
+        run_sync(self.store.acquire(setup.key), "MemoryStore.acquire")
+        self.now = 0.0
+        self.step = 0
+        self.phase = "main"
+        self.inc = 0
+        self.counter = 0
+        self.submits = 0
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.queue: deque[_Item] = deque()
+        self.counts: dict[str, int] = {}
+        self.trace: deque[tuple[int, float, str, Any, Any]] = deque(maxlen=trace_limit)
+        self.faults: list[tuple[int, float, str]] = []
+        # Tracked actions emitted by committed transitions and not completed: what restore must
+        # re-emit. ``live`` is the same over accepted (not yet committed) transitions too.
+        self.durable: dict[Any, Any] = {}
+        self.live: dict[Any, Any] = {}
+        self.refused: dict[Any, int] = {}
+        self.keys_durable: dict[str, int] = {}
+        self.keys_live: dict[str, int] = {}
+        self.unacked: dict[str, _Item] = {}
+        self.acked: deque[_Item] = deque(maxlen=16)
+        self.engine: Engine
+        self.writer: Writer
+        self.needs_checkpoint = False
+        self.shadow: Any = None
+        self.snap: Any = None  # plain data of engine.state as it is now, when known
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def note(self, kind: str, a: Any = None, b: Any = None) -> None:
+        self.trace.append((self.step, self.now, kind, a, b))
+
+    def fault(self, text: str) -> None:
+        self.faults.append((self.step, self.now, text))
+
+    def chance(self, p: float) -> bool:
+        # Written so that a shrinking RNG (hypothesis: random() -> 0.0) means "no fault".
+        return p > 0.0 and self.rng.random() >= 1.0 - p
+
+    def push(self, t: float, kind: int, payload: Any = None) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (t, self.counter, kind, payload))
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the main phase, then the liveness phase.
+
+        Raises:
+            Violation: a check failed (the run stops there).
+        """
+        self.start()
+        self.push(self.now + self.rng_inputs.uniform(*self.plan.input_interval), _ARRIVE)
+        while self.step < self.steps and not (self.exhausted and not self.queue):
+            if self.queue:
+                self.batch()
+            elif not self.advance():
+                break
+        if self.checks.liveness:
+            self.drain()
+
+    def advance(self) -> bool:
+        """Move time to the next event and handle it; False when there is none."""
+        if not self.heap:
+            return False
+        t, _, kind, payload = heapq.heappop(self.heap)
+        self.now = max(self.now, t)
+        if kind == _ARRIVE:
+            self.arrive()
+        elif kind == _ATTEMPT_END:
+            inc, action_id, action, attempt, outcome, value = payload
+            if inc == self.inc:
+                self.attempt_ended(action_id, action, attempt, outcome, value)
+        elif kind == _RETRY:
+            inc, action_id, action, attempt = payload
+            if inc == self.inc:
+                self.attempt(action_id, action, attempt)
+        elif kind == _TIMER:
+            inc, action_id, timer = payload
+            if inc == self.inc:
+                self.count("results:timer")
+                self.deliver(action_id, TimerFired(at=timer.at, now=self.now), "")
+        else:
+            action_id, result, tag = payload
+            self.count(f"results:{tag}")
+            self.deliver(action_id, result, tag)
+        return True
+
+    def arrive(self) -> None:
+        if self.phase != "main" or self.exhausted:
+            return
+        self.push(self.now + self.rng_inputs.uniform(*self.plan.input_interval), _ARRIVE)
+        if self.arrivals_left is not None:
+            self.arrivals_left -= 1
+            self.exhausted = self.arrivals_left <= 0
+        # ``skip`` is only used under hypothesis: random() shrinks to 0.0, so a shrunk run keeps
+        # only the inputs the failure needs.
+        if self.skip and self.rng_inputs.random() < self.skip:
+            return
+        value = self.draw_input(self.engine.state)
+        if value is None:
+            # A source that keeps returning None has run out of inputs.
+            self.nones += 1
+            self.exhausted = self.exhausted or self.nones >= _EXHAUSTED
+            return
+        self.nones = 0
+        try:
+            value = self.s.validator.validate(value)
+        except InvalidInput as e:
+            raise Violation("input", f"the input source produced {short(value)}, which the "
+                                     f"machine does not accept: {e}") from e
+        self.submits += 1
+        key = f"k{self.submits}" if self.chance(self.plan.keyed) else None
+        item = _Item(Normal(value), key, self.submits)
+        if key is not None:
+            self.unacked[key] = item
+        self.count("inputs")
+        self.queue.append(item)
+        if self.acked and self.chance(self.plan.resubmit):
+            again = self.rng.choice(self.acked)
+            self.fault(f"client resends submit #{again.n} (key {again.key!r}) after a lost reply")
+            self.queue.append(_Item(again.input, again.key, again.n, "resent"))
+
+    def deliver(self, action_id: Any, result: Any, tag: str) -> None:
+        self.queue.append(_Item(TrackedActionCompleted(action_id, result), tag=tag))
+
+    # -- executors --------------------------------------------------------------------------------
+
+    def dispatch(self, release: Release) -> None:
+        for tracked in release.tracked:
+            self.count("dispatched")
+            action = tracked.action
+            if isinstance(action, Timer):
+                self.push(max(self.now, action.at), _TIMER, (self.inc, tracked.id, action))
+            else:
+                self.attempt(tracked.id, action, 1)
+        if release.untracked:
+            self.count("untracked", len(release.untracked))
+
+    def attempt(self, action_id: Any, action: Any, attempt: int) -> None:
+        spec: SimExecutor[Any, Any] = lookup(self.s.executors, type(action))
+        rng = self.rng_exec
+        low, high = spec.latency or self.plan.latency
+        limit = spec.retry.timeout
+        outcome: str
+        value: Any
+        if self.chance(self.plan.timeout):
+            took = limit if limit is not None else self.plan.hang
+            outcome, value = "timeout", TimeoutError("injected: the attempt hung")
+        elif self.chance(self.plan.fail):
+            took = rng.uniform(low, high)
+            outcome, value = "fail", ConnectionError("injected failure")
+        else:
+            took = rng.uniform(low, high)
+            if limit is not None and took > limit:
+                took, outcome, value = limit, "timeout", TimeoutError("slower than its timeout")
+            else:
+                outcome, value = "ok", spec.produce(action, rng)
+        self.push(self.now + took, _ATTEMPT_END,
+                  (self.inc, action_id, action, attempt, outcome, value))
+
+    def attempt_ended(self, action_id: Any, action: Any, attempt: int, outcome: str,
+                      value: Any) -> None:
+        if outcome == "ok":
+            self.count("results:ok")
+            self.check_result(action, value)
+            self.deliver(action_id, value, "")
+            if self.chance(self.plan.duplicate):
+                self.fault(f"result of {action_id!r} will be delivered twice")
+                low, high = self.plan.latency
+                self.push(self.now + self.rng.uniform(low, high), _DELIVER,
+                          (action_id, value, "duplicate"))
+            return
+        self.count(f"results:{outcome}")
+        kind = type(action).__qualname__
+        self.fault(f"{kind} {action_id!r} attempt {attempt}: {outcome}")
+        spec: SimExecutor[Any, Any] = lookup(self.s.executors, type(action))
+        policy = spec.retry
+        if policy.max_attempts is not None and attempt >= policy.max_attempts:
+            assert spec.on_exhausted is not None
+            result = spec.on_exhausted(action, value)
+            self.check_result(action, result)
+            self.count("results:exhausted")
+            self.note("exhausted", action_id, result)
+            self.deliver(action_id, result, "")
+            return
+        delay = policy.delay(attempt, self.rng)
+        self.count("retries")
+        self.note("retry", action_id, (attempt, outcome, delay))
+        self.push(self.now + delay, _RETRY, (self.inc, action_id, action, attempt + 1))
+
+    def check_result(self, action: Any, result: Any) -> None:
+        if self.s.results is None:
+            return
+        try:
+            self.s.results.validate_python(result, strict=True)
+        except pydantic.ValidationError as e:
+            raise Violation("executor", f"the simulated executor for {short(action)} returned "
+                                        f"{short(result)}, not the machine's tracked result "
+                                        f"type: {e.errors()[0]['msg']}") from e
+
+    # -- start and crash (Runtime._recover, then restore) -----------------------------------------
+
+    def new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
+        return Engine(self.s.machine, state=state, seq=seq, idempotency=keys,
+                      rollback=self.s.rollback, idempotency_window=self.s.idempotency_window)
+
+    def recovered_engine(self) -> tuple[Engine, tuple[int, int, int], bool]:
+        """A new engine at the store's committed seq (what ``Runtime._recover`` builds).
+
+        Returns the engine, what ``Writer.recovered`` is told (journal entries, journal bytes,
+        checkpoint bytes), and whether the next write must carry a checkpoint.
+        """
+        s = self.s
+        records = run_sync(self.store.load(s.key), "MemoryStore.load")
+        if records is None:
+            return self.new_engine(s.initial(), 0, ()), (0, 0, 0), True
+        recovered = decode_records(s.codec, records, store=self.store.description, key=s.key)
+        cp = recovered.checkpoint
+        if cp is None:
+            engine, force = self.new_engine(s.initial(), 0, ()), True
+        else:
+            engine, force = self.new_engine(cp.state, cp.seq, cp.idempotency.items()), False
+        try:
+            run_sync(engine.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal),
+                     "stf (replay)")
+        except NondeterminismError as e:
+            raise Violation("determinism", f"replaying the committed journal failed: {e}") from e
+        sizes = (len(records.journal), sum(len(d) for _, d in records.journal),
+                 len(records.checkpoint or b""))
+        return engine, sizes, force
+
+    def start(self) -> None:
+        self.inc += 1
+        self.queue.clear()
+        self.writer = Writer(self.s.codec, self.s.durability)
+        engine, sizes, self.needs_checkpoint = self.recovered_engine()
+        self.writer.recovered(*sizes)
+        self.engine = engine
+        try:
+            release = run_sync(engine.restore(), "restore")
+        except RestoreFailed as e:
+            raise Violation("restore", str(e)) from e
+        emitted = [*release.tracked, *release.already_in_flight]
+        if self.checks.restore and self.inc > 1:
+            self.compare_restore(emitted, f"after the restart at t={self.now:.3f}")
+        tools = self.s.tools
+        self.snap = None
+        # The determinism check's replica: the state as a new process would load it.
+        self.shadow = tools.loaded(tools.encode(engine.state)) if self.checks.determinism \
+            else None
+        self.durable = {a.id: a.action for a in emitted}
+        self.live = dict(self.durable)
+        self.keys_live = dict(self.keys_durable)
+        self.count("starts")
+        self.note("start", engine.seq, emitted)
+        if self.checks.invariants:
+            check_invariants(self.s.invariants, engine.state)
+        self.dispatch(release)
+        # A client resends, with its key, every submit it got no answer for.
+        for item in sorted(self.unacked.values(), key=lambda i: i.n):
+            self.count("resent")
+            self.queue.append(_Item(item.input, item.key, item.n, "resent"))
+
+    def crash(self, point: CrashPoint | str) -> None:
+        self.count("crashes")
+        self.count(f"crash:{point}")
+        self.fault(f"crash {point}")
+        self.note("crash", point)
+        old = self.inc
+        self.now += self.rng.uniform(*self.plan.restart_delay)
+        # Results an executor of the dead process was about to return are lost, unless the
+        # plan says they still arrive (computed elsewhere and delivered after the restart).
+        if self.plan.late > 0:
+            for t, _, kind, payload in sorted(self.heap):
+                if kind == _ATTEMPT_END and payload[0] == old and payload[4] == "ok" \
+                        and self.chance(self.plan.late):
+                    self.fault(f"result of {payload[1]!r} arrives after the restart")
+                    self.push(max(t, self.now), _DELIVER, (payload[1], payload[5], "late"))
+        self.start()
+
+    def compare_restore(self, emitted: list[Tracked[Any, Any]], when: str) -> None:
+        seen: dict[Any, Any] = {}
+        twice = []
+        for a in emitted:
+            if a.id in seen:
+                twice.append(a.id)
+            seen[a.id] = a.action
+        lost = [i for i in self.durable if i not in seen]
+        invented = [i for i in seen if i not in self.durable]
+        if not (lost or invented or twice):
+            return
+        lines = [f"restore {when} did not re-emit exactly the pending tracked actions"]
+        for i in lost:
+            lines.append(f"lost: {i!r} ({short(self.durable[i])}) was emitted and committed, and "
+                         "no result was committed for it; restore forgot it, so it never "
+                         "completes")
+        for i in invented:
+            lines.append(f"invented: {i!r} ({short(seen[i])}) is not pending (never emitted, "
+                         "or its result was already committed)")
+        for i in twice:
+            lines.append(f"emitted twice: {i!r}")
+        raise Violation("restore", "\n".join(lines))
+
+    # -- a batch (Runtime._process and _flush) ----------------------------------------------------
+
+    def batch(self) -> None:
+        queue = self.queue
+        k = min(len(queue), self.plan.max_batch)
+        if k > 1:
+            k = self.rng.randint(1, k)
+        accepted: list[tuple[_Item, Accepted]] = []
+        answered: list[_Item] = []
+        for _ in range(k):
+            self.one(queue.popleft(), accepted, answered)
+        if accepted and self.flush(accepted):
+            return
+        self.ack(answered)
+        if self.engine.in_flight and "in-flight" in self.plan.crash_points \
+                and self.chance(self.plan.crash):
+            self.crash("in-flight")
+
+    def ack(self, items: list[_Item]) -> None:
+        for item in items:
+            if item.key is not None and self.unacked.pop(item.key, None) is not None:
+                self.acked.append(item)
+
+    def one(self, item: _Item, accepted: list[tuple[_Item, Accepted]],
+            answered: list[_Item]) -> None:
+        engine, checks, tools = self.engine, self.checks, self.s.tools
+        inp = item.input
+        is_result = isinstance(inp, TrackedActionCompleted)
+        pending = is_result and inp.id in self.live  # type: ignore[union-attr]
+        before = self.snap
+        pre = None
+        if is_result and (checks.absorbed or checks.duplicates):
+            pre = before if before is not None else tools.plain(engine.state)
+        self.snap = None
+        if self.shadow is not None and tools.has_sets:
+            # Another process would iterate these sets in another order: make the re-run's
+            # copy do so too, before every step.
+            self.shadow = perturb_sets(self.shadow)
+        self.step += 1
+        self.count("steps")
+        self.note("input", inp, item)
+        step = run_sync(engine.step(inp, item.key), "stf")
+        if isinstance(step, Accepted):
+            self.note("accepted", step.seq, step.actions)
+            post = self.rerun(inp, step) if self.shadow is not None else None
+            if pre is not None:
+                post = post if post is not None else tools.plain(engine.state)
+                self.check_result_step(inp, pending, pre, post)
+            self.snap = post
+            if is_result:
+                self.live.pop(inp.id, None)  # type: ignore[union-attr]
+            for action in step.actions:
+                if isinstance(action, Tracked):
+                    self.live[action.id] = action.action
+            if item.key is not None:
+                if checks.idempotency and item.key in self.keys_live:
+                    raise Violation("idempotency", f"submit #{item.n} was resent with key "
+                                    f"{item.key!r}, committed at seq "
+                                    f"{self.keys_live[item.key]}, and ran again")
+                self.keys_live[item.key] = step.seq
+            if checks.invariants:
+                check_invariants(self.s.invariants, engine.state)
+            accepted.append((item, step))
+        elif isinstance(step, Duplicate):
+            self.snap = before
+            self.count("duplicate submits")
+            self.note("duplicate", step.seq)
+            if checks.idempotency and self.keys_live.get(step.idempotency_key) != step.seq:
+                raise Violation("idempotency", f"key {step.idempotency_key!r} was answered as a "
+                                f"duplicate of seq {step.seq}, but it ran at seq "
+                                f"{self.keys_live.get(step.idempotency_key)}")
+            answered.append(item)
+        else:
+            self.failed(item, step, pending, pre, before)
+            answered.append(item)
+
+    def failed(self, item: _Item, step: Failed, pending: bool, pre: Any, before: Any) -> None:
+        engine, checks, tools = self.engine, self.checks, self.s.tools
+        inp = item.input
+        error = step.error
+        cause = error if isinstance(error, Rejected) else (error.__cause__ or error)
+        self.count("rejections" if isinstance(error, Rejected) else "errors")
+        self.note("failed", cause)
+        mutated = tools.plain(engine.state) if checks.atomicity else None
+        if isinstance(inp, TrackedActionCompleted):
+            # As the Runtime does: a refused result is dropped and its id no longer waited on.
+            engine.forget(inp.id)
+            self.refused[inp.id] = self.step
+        if step.reload:
+            self.reload()
+        if mutated is not None:
+            if before is not None:
+                expected = before
+            elif self.s.rollback == "trust":
+                expected = tools.plain(self.last_accepted_state())
+            else:  # the engine rolled back ("reload" above, or "copy" by itself)
+                expected = tools.plain(engine.state)
+            if mutated != expected:
+                changes = "; ".join(diff(expected, mutated))
+                raise Violation("atomicity", f"stf raised {cause!r} on {short(inp)} after "
+                                f"changing state ({changes}). The Runtime's rollback hides this; "
+                                "with rollback='trust', or state that is not rolled back, the "
+                                "change is kept")
+            self.snap = expected
+        if self.shadow is not None:
+            self.rerun_failed(inp, step, checked=mutated is not None)
+        if pre is not None:
+            self.check_result_step(inp, pending, pre, None, cause)
+        if checks.errors and not isinstance(error, Rejected):
+            raise Violation("errors", f"stf raised {type(cause).__qualname__} ({cause}) on "
+                            f"{short(inp)}: an exception that is not a fasm.Rejected is a bug, "
+                            "not a refusal (subclass Rejected for expected refusals)")
+
+    def reload(self) -> None:
+        """Runtime._reload: back to the last committed state, then re-apply the accepted steps
+        not yet committed (``Engine.reset``)."""
+        engine = self.engine
+        keys: tuple[tuple[str, int], ...] = ()
+        if engine.committed_seq == 0:
+            state, seq = self.s.initial(), 0
+        else:
+            fresh = self.recovered_engine()[0]
+            state, seq, keys = fresh.state, fresh.seq, tuple(fresh.idempotency.items())
+        try:
+            run_sync(engine.reset(state, seq, keys), "stf (reset)")
+        except NondeterminismError as e:
+            raise Violation("determinism", f"re-applying accepted inputs after a rollback "
+                                           f"failed: {e}") from e
+        self.count("reloads")
+
+    def last_accepted_state(self) -> Any:
+        """The state as the last accepted step left it, rebuilt from the store (for
+        ``rollback='trust'``, where the engine itself keeps whatever the stf left)."""
+        fresh = self.recovered_engine()[0]
+        run_sync(fresh.replay((s.seq, s.input, s.idempotency_key) for s in self.engine.pending),
+                 "stf (replay)")
+        return fresh.state
+
+    def flush(self, accepted: list[tuple[_Item, Accepted]]) -> bool:
+        """One store write for the accepted steps, then release. True when the process
+        crashed on the way."""
+        plan = self.plan
+        has_result = any(isinstance(s.input, TrackedActionCompleted) for _, s in accepted)
+        point: CrashPoint = "result-uncommitted" if has_result else "before-commit"
+        if point in plan.crash_points and self.chance(plan.crash):
+            self.crash(point)
+            return True
+        engine, writer = self.engine, self.writer
+        steps = [s for _, s in accepted]
+        # As Runtime._flush: encode the entries, add a checkpoint when due, plan one write.
+        encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
+        checkpoint = None
+        if self.needs_checkpoint or writer.checkpoint_due(encoded):
+            checkpoint = self.s.codec.encode_checkpoint(steps[-1].seq, engine.state,
+                                                        dict(engine.idempotency))
+        write = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
+        if self.chance(plan.store_failure):
+            self.store.fail_next_commits = 1
+        try:
+            run_sync(self.store.commit(self.s.key, expected_seq=write.expected_seq, seq=write.seq,
+                                       entries=write.entries, checkpoint=write.checkpoint),
+                     "MemoryStore.commit")
+        except StoreUnavailable:
+            # The Runtime stops on a store failure; its process is restarted.
+            self.count("store failures")
+            self.crash("store-failure")
+            return True
+        writer.written(write)
+        if write.checkpoint is not None:
+            self.needs_checkpoint = False
+        self.count("commits")
+        self.count("transitions", len(steps))
+        self.note("commit", (write.expected_seq, write.seq), write.checkpoint is not None)
+        for step in steps:
+            if isinstance(step.input, TrackedActionCompleted):
+                self.durable.pop(step.input.id, None)
+            for action in step.actions:
+                if isinstance(action, Tracked):
+                    self.durable[action.id] = action.action
+            if step.idempotency_key is not None:
+                self.keys_durable[step.idempotency_key] = step.seq
+        if "after-commit" in plan.crash_points and self.chance(plan.crash):
+            self.crash("after-commit")
+            return True
+        release = engine.committed(steps)
+        self.ack([item for item, _ in accepted])
+        self.dispatch(release)
+        if self.checks.restore:
+            self.probe_restore()
+        return False
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def rerun(self, inp: Input[Any, Any, Any], step: Accepted) -> Any:
+        """Determinism: the same input on the replica must give the same actions and state.
+        Returns the plain post-state (reused by later checks)."""
+        actions: ActionList[Any, Any, Any] = ActionList()
+        what = f"re-running {short(inp)} on a copy of the state before it"
+        try:
+            run_sync(self.s.machine.stf(self.shadow, inp, actions), "stf (re-run)")
+        except Exception as e:
+            raise Violation("determinism", f"{what} raised {e!r}; the first run "
+                                           "returned") from e
+        again = tuple(actions)
+        if again != step.actions:
+            raise Violation("determinism", f"{what} emitted different actions:\n"
+                            f"first:  {short(list(step.actions), 300)}\n"
+                            f"re-run: {short(list(again), 300)}\n(ids from randomness or the "
+                            "clock, or iteration over a set, differ between runs)")
+        tools = self.s.tools
+        now, then = tools.plain(self.engine.state), tools.plain(self.shadow)
+        if now != then:
+            raise Violation("determinism", f"{what} left a different state: "
+                            f"{'; '.join(diff(now, then))}")
+        return now
+
+    def rerun_failed(self, inp: Input[Any, Any, Any], step: Failed, *, checked: bool) -> None:
+        first = step.error if isinstance(step.error, Rejected) else step.error.__cause__
+        error: Exception | None = None
+        try:
+            run_sync(self.s.machine.stf(self.shadow, inp, ActionList()), "stf (re-run)")
+        except Exception as e:
+            error = e
+        if error is None or type(error) is not type(first):
+            raise Violation("determinism", f"re-running {short(inp)} on a copy of the state "
+                            f"before it gave {error!r}; the first run raised {first!r}")
+        tools = self.s.tools
+        now = self.snap if self.snap is not None else tools.plain(self.engine.state)
+        self.snap = now
+        if tools.plain(self.shadow) != now:
+            if checked:
+                # The first run was atomic (checked above), so the re-run changing its copy
+                # before raising is a different behaviour on equal state.
+                raise Violation("determinism", f"re-running {short(inp)} on a copy of the state "
+                                "before it changed the copy before raising; the first run did "
+                                "not change state")
+            self.shadow = tools.loaded(tools.encode(self.engine.state))
+
+    def check_result_step(self, inp: Any, pending: bool, pre: Any, post: Any,
+                          error: BaseException | None = None) -> None:
+        checks = self.checks
+        if pending and checks.absorbed:
+            if post is None:
+                raise Violation("absorbed", f"stf refused {short(inp)}, the result of a pending "
+                                f"tracked action, with {error!r}: the Runtime drops it, and the "
+                                "action stays pending until a restart")
+            if post == pre:
+                raise Violation("absorbed", f"{short(inp)} completed a pending tracked action "
+                                "but changed nothing in state: state still says it is pending, "
+                                "so restore would re-emit it after every restart")
+        elif not pending and checks.duplicates and post is not None and post != pre:
+            raise Violation("duplicates", f"{short(inp)} is not pending (a duplicated or "
+                            f"late delivery) and changed state: {'; '.join(diff(pre, post))}. A "
+                            "result delivered twice must be refused or change nothing")
+
+    def probe_restore(self) -> None:
+        actions: ActionList[Any, Any, Any] = ActionList()
+        try:
+            run_sync(self.s.machine.restore(self.engine.state, actions), "restore")
+        except Exception as e:
+            raise Violation("restore", f"restore raised {e!r} on the committed state") from e
+        emitted = []
+        for a in actions:
+            if not isinstance(a, Tracked):
+                raise Violation("restore", f"restore emitted {short(a)}: it may only re-emit "
+                                           "pending tracked actions")
+            emitted.append(a)
+        self.compare_restore(emitted, f"run on the state committed at seq "
+                                      f"{self.engine.committed_seq}")
+
+    # -- the end: liveness ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Faults off, no new inputs, clock forward: everything pending must complete."""
+        self.phase = "drain"
+        self.plan = self.plan.quiet
+        self.note("drain", len(self.durable))
+        self.heap = [e for e in self.heap if e[2] != _ARRIVE]
+        heapq.heapify(self.heap)
+        waiting = dict(self.durable)
+        limit = self.step + 1000 + 20 * len(waiting)
+        while waiting and self.step < limit and (self.queue or self.heap):
+            if self.queue:
+                self.batch()
+            else:
+                self.advance()
+            for action_id in [i for i in waiting if i not in self.durable]:
+                del waiting[action_id]
+        if not waiting:
+            return
+        lines = []
+        for action_id, action in waiting.items():
+            if action_id in self.refused:
+                why = (f"its result was refused at step {self.refused[action_id]} and the "
+                       "Runtime dropped it")
+            elif action_id not in self.engine.in_flight:
+                why = "nothing is executing it (not in flight)"
+            else:
+                why = "still in flight when the drain gave up"
+            lines.append(f"{action_id!r} ({short(action)}): {why}")
+        raise Violation("liveness", "with faults off and the clock run forward, these tracked "
+                                    "actions never completed:\n" + "\n".join(lines))
+
