@@ -601,3 +601,29 @@ async def test_untracked_actions_reach_handlers_in_order() -> None:
 async def test_timer_result_type_is_built_in() -> None:
     assert TimerFired(at=1.0, now=2.0).now == 2.0
     assert Timer(at=3.0).at == 3.0
+
+
+async def test_real_store_locked_mid_run_stops_without_acknowledging(tmp_path: Any) -> None:
+    """SQLite locked by another process's connection: the commit fails, the runtime stops, and
+    what was acknowledged before is intact."""
+    import sqlite3
+
+    from fasm.persistence import SQLiteStore
+
+    path = tmp_path / "locked.db"
+    with pytest.raises(StoreUnavailable, match="locked"):
+        async with make(SQLiteStore(path, busy_timeout=0.1)) as rt:
+            await rt.submit(Deposit("a", 1))
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(StoreUnavailable, match="locked"):
+                    await rt.submit(Deposit("a", 1000))
+                with pytest.raises(RuntimeClosed):
+                    await rt.submit(Deposit("a", 1))
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+    async with make(SQLiteStore(path)) as again:
+        assert again.state.balances == {"a": 101}
+        assert again.seq == 1
