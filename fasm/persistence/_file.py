@@ -44,6 +44,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import anyio.to_thread
 
@@ -185,6 +186,7 @@ class FileStore:
         self._state = threading.Lock()  # guards _held and _tails
         self._held: dict[str, int] = {}  # key -> fd holding its flock
         self._tails: dict[str, _Tail] = {}  # only for held keys: nobody else writes them
+        self._durable_dirs: set[str] = set()  # keys whose directory entry we fsync'd
 
     @property
     def description(self) -> str:
@@ -267,13 +269,12 @@ class FileStore:
 
     def _key_dir(self, key: str, *, create: bool) -> Path:
         path = self._root / key_file_name(key)
-        if create and not path.is_dir():
-            try:
-                path.mkdir()
-            except FileExistsError:
-                pass
-            else:
-                self._sync_dir(self._root)
+        if create and key not in self._durable_dirs:
+            path.mkdir(exist_ok=True)
+            # Also when it existed: a process that died right after mkdir may have left an entry
+            # that is not durable yet, and our commits would go with it on power loss.
+            self._sync_dir(self._root)
+            self._durable_dirs.add(key)
         return path
 
     def _write_at(self, fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -515,7 +516,10 @@ class FileStore:
                                        store=self.description, key=key, seq=seq) from e
             finally:
                 if temporary is not None:
-                    unflock(temporary)
+                    try:
+                        unflock(temporary)
+                    except OSError:
+                        pass  # the descriptor is closed either way, and with it the lock
 
     def _append(self, key: str, tail: _Tail, kdir: Path, expected_seq: int,
                 entries: Sequence[bytes]) -> _Tail:
@@ -523,7 +527,6 @@ class FileStore:
         data = b"".join(_frame(s, last, bytes(e))
                         for s, e in zip(range(expected_seq + 1, last + 1), entries, strict=True))
         path, offset = tail.segment, tail.segment_end
-        created = path is None
         if path is None:
             path, offset = kdir / f"jrnl-{expected_seq + 1:020d}", 0
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -534,7 +537,7 @@ class FileStore:
                 self._write_at(fd, data, offset)
                 if self._fsync:
                     os.fsync(fd)
-                if created:
+                if offset == 0:  # a new segment (or one a failed writer left empty)
                     self._sync_dir(kdir)
             except OSError as e:
                 self._raise_after_rollback(e, fd, offset, key, last)
@@ -543,7 +546,7 @@ class FileStore:
         return _Tail(last, path, offset + len(data))
 
     def _raise_after_rollback(self, error: OSError, fd: int, offset: int, key: str,
-                              seq: int) -> None:
+                              seq: int) -> NoReturn:
         """Cut the frames of a failed append off again, then raise StoreUnavailable."""
         what = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
         try:
@@ -596,13 +599,14 @@ class FileStore:
                     key=key, seq=seq) from e
             raise StoreUnavailable(f"cannot make the checkpoint durable, nothing committed: {e}",
                                    store=self.description, key=key, seq=seq) from e
-        # Durable now: what it covers can go. Failures here only leave files load ignores.
-        for name in os.listdir(kdir):
-            prefix, _, number = name.partition("-")
-            if number.isdigit() and (prefix == "jrnl" or (prefix == "ckpt" and
-                                                          int(number) < seq)):
-                try:
+        # Committed: what it covers can go. Failures here only leave files that load ignores,
+        # so they must not turn a commit that happened into an error.
+        try:
+            for name in os.listdir(kdir):
+                prefix, _, number = name.partition("-")
+                if number.isdigit() and (prefix == "jrnl" or (prefix == "ckpt"
+                                                              and int(number) < seq)):
                     os.unlink(kdir / name)
-                except OSError:
-                    pass
+        except OSError:
+            pass
         return _Tail(seq, None)
