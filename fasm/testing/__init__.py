@@ -3,6 +3,23 @@ suite that every :class:`~fasm.persistence.Store`, ours or a user's, runs."""
 
 from __future__ import annotations
 
+from ._checks import SuspendedError as SuspendedError
+from ._sim import InputSource as InputSource
+from ._sim import Simulation as Simulation
+from ._sim import simulate as simulate
+from ._sim_config import CRASH_POINTS as CRASH_POINTS
+from ._sim_config import Checks as Checks
+from ._sim_config import CrashPoint as CrashPoint
+from ._sim_config import ExecutorSpec as ExecutorSpec
+from ._sim_config import FaultPlan as FaultPlan
+from ._sim_config import SimExecutor as SimExecutor
+from ._sim_config import Weighted as Weighted
+from ._sim_pytest import simulation_test as simulation_test
+from ._sim_report import Failure as Failure
+from ._sim_report import Progress as Progress
+from ._sim_report import SeedResult as SeedResult
+from ._sim_report import SimReport as SimReport
+from ._sim_report import SimulationFailed as SimulationFailed
 from ._store_suite import STORE_CHECKS as STORE_CHECKS
 from ._store_suite import StoreConformance as StoreConformance
 from ._store_suite import check_store as check_store
@@ -11,4 +28,29 @@ __all__ = (
     "STORE_CHECKS",
     "StoreConformance",
     "check_store",
+    # simulation
+    "CRASH_POINTS",
+    "Checks",
+    "CrashPoint",
+    "ExecutorSpec",
+    "Failure",
+    "FaultPlan",
+    "InputSource",
+    "Progress",
+    "SeedResult",
+    "SimExecutor",
+    "SimReport",
+    "Simulation",
+    "SimulationFailed",
+    "SuspendedError",
+    "Weighted",
+    "simulate",
+    "simulation_test",
 )
+
+# Show public names in tracebacks and reprs, as fasm and fasm.runtime do.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("fasm.testing._"):
+        _obj.__module__ = "fasm.testing"
+del _name, _obj
