@@ -32,7 +32,7 @@ async def opened(dsn: str, schema: str, **kwargs: Any) -> PostgresStore:
 def query(dsn: str, statement: str, *params: Any, schema: str) -> list[tuple[Any, ...]]:
     """Run one statement on a separate connection; ``{keys}`` and ``{journal}`` name the tables."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(sql.SQL(statement).format(  # type: ignore[arg-type]
+        cur = conn.execute(sql.SQL(statement).format(
             keys=sql.Identifier(schema, "fasm_keys"),
             journal=sql.Identifier(schema, "fasm_journal")), params)
         return cur.fetchall() if cur.description else []
@@ -121,7 +121,7 @@ class CommitCutter:
 
     def __init__(self, dsn: str) -> None:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
-        self.target = (str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+        self.target = (str(params.get("host", "127.0.0.1")), int(str(params.get("port", 5432))))
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.05)  # so that close() stops the accept loop promptly
         self._stop = False
