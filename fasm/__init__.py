@@ -22,6 +22,7 @@ from ._machine import StateMachine as StateMachine
 from ._timer import Timer as Timer
 from ._timer import TimerFired as TimerFired
 from .errors import ActionsFull as ActionsFull
+from .errors import ConstraintViolation as ConstraintViolation
 from .errors import DefinitionError as DefinitionError
 from .errors import FasmError as FasmError
 from .errors import InvalidInput as InvalidInput
@@ -35,6 +36,7 @@ __all__ = (
     "ActionsContainer",
     "ActionsFull",
     "BoundedActions",
+    "ConstraintViolation",
     "DefinitionError",
     "FasmError",
     "Input",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = (
     "ActionsFull",
+    "ConstraintViolation",
     "DefinitionError",
     "FasmError",
     "IncompatibleRecord",
@@ -29,6 +30,7 @@ __all__ = (
     "StoreCorrupt",
     "StoreError",
     "StoreUnavailable",
+    "TransactionConflict",
     "TransitionFailed",
 )
 
@@ -51,6 +53,26 @@ class Rejected(FasmError):
     Subclass it for each domain outcome (``class InsufficientFunds(Rejected)``) so callers and
     metrics can tell a refusal from a bug. ``Runtime.submit`` re-raises the rejection itself.
     """
+
+
+class ConstraintViolation(Rejected):
+    """The database refused a write made by an stf because it breaks one of its constraints
+    (unique, exclusion, foreign key, check, not null): the input is rejected and the transaction
+    is as it was before it. The driver's error is the ``__cause__``.
+
+    This is how a constraint becomes a domain rule the database enforces: catch it in the stf to
+    raise your own :class:`Rejected` subclass (``raise SlotTaken(...) from e``), or let it reach
+    the submitter as it is. The stf cannot go on using the transaction after it: whatever it does
+    next, the input is rejected.
+
+    Attributes:
+        constraint: the constraint's name when the database reports it (PostgreSQL does; SQLite
+            reports the columns instead, e.g. ``"bookings.dentist, bookings.slot"``), else None.
+    """
+
+    def __init__(self, message: str, *, constraint: str | None = None) -> None:
+        super().__init__(message)
+        self.constraint = constraint
 
 
 class TransitionFailed(FasmError):
@@ -129,6 +151,29 @@ class StoreUnavailable(StoreError):
 class StoreConflict(StoreError):
     """Another writer owns the key, or the store's sequence is not the one the writer expected
     (a stale writer). The write was refused."""
+
+
+class TransactionConflict(StoreError):
+    """The database kept aborting a group of transitions (serialization failure, deadlock, lock
+    timeout, SQLite busy) and the runtime gave up after its bounded number of fresh attempts.
+    Nothing of the group was committed. Unlike other store errors it does not stop the runtime:
+    it is contention, not a fault, so submit again later.
+
+    Attributes:
+        attempts: how many times the group was run.
+    """
+
+    def __init__(self, message: str, *, store: str = "", key: str | None = None,
+                 seq: int | None = None, attempts: int = 0) -> None:
+        super().__init__(message, store=store, key=key, seq=seq)
+        self.attempts = attempts
+
+    def located(self, *, store: str, key: str | None) -> StoreError:
+        """The same error with the store and key filled in."""
+        located = TransactionConflict(self.message, store=store, key=key, seq=self.seq,
+                                      attempts=self.attempts)
+        located.__cause__ = self.__cause__
+        return located
 
 
 class StoreCorrupt(StoreError):

@@ -15,6 +15,7 @@ from ._events import ActionRetried as ActionRetried
 from ._events import HandlerFailed as HandlerFailed
 from ._events import Listener as Listener
 from ._events import RuntimeEvent as RuntimeEvent
+from ._events import TransactionRetried as TransactionRetried
 from ._events import TransitionCommitted as TransitionCommitted
 from ._events import TransitionRejected as TransitionRejected
 from ._executors import ActionContext as ActionContext
@@ -45,6 +46,7 @@ __all__ = (
     "RuntimeClosed",
     "RuntimeEvent",
     "SystemClock",
+    "TransactionRetried",
     "TransitionCommitted",
     "TransitionRejected",
 )

@@ -36,13 +36,21 @@ Rule 6 - an idempotency key maps to the seq of the committed transition that fir
   so a rejected submit may be retried with the same key.
 Rule 7 - replay (recovery from a journal) reruns committed inputs through ``stf`` with actions
   discarded. A committed input that now raises proves nondeterminism.
+Rule 8 - transactional state: when ``state`` is a database transaction, the database is the
+  atomicity (the caller rolls a failed input back to a savepoint, so the policy is ``"trust"``),
+  and ``finish(state)``, called after ``stf`` returned, may still fail the transition (the stf
+  swallowed a database error that left its work undone). A transaction abandoned as a whole (a
+  serialization failure, a lost connection) takes its accepted steps with it:
+  :meth:`Engine.abandon` forgets them and the caller runs the same inputs again on a fresh
+  transaction. They may now end differently, because another writer changed the database in
+  between: that is new state, not nondeterminism.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -131,6 +139,8 @@ class Engine:
         rollback: the rollback policy (see the module docstring, rule 3).
         idempotency_window: how many keys to remember; older ones are forgotten.
         actions_factory: makes the container handed to stf and restore.
+        finish: called with the state after each stf returned; raising fails the transition as
+            if the stf had raised (rule 8).
     """
 
     def __init__(
@@ -143,6 +153,7 @@ class Engine:
         rollback: Rollback = "reload",
         idempotency_window: int = 1000,
         actions_factory: type[ActionList[Any, Any, Any]] | None = None,
+        finish: Callable[[Any], None] | None = None,
     ) -> None:
         if rollback not in _ROLLBACKS:
             raise DefinitionError(f"rollback must be one of {_ROLLBACKS}, got {rollback!r}")
@@ -161,6 +172,7 @@ class Engine:
         self._pending: list[Accepted] = []  # accepted, not yet committed, in order
         self._needs_reload = False
         self._input_adapter: pydantic.TypeAdapter[Any] | None = None
+        self._finish = finish
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -206,6 +218,8 @@ class Engine:
         actions.clear()
         try:
             await self.machine.stf(self.state, input, actions)
+            if self._finish is not None:
+                self._finish(self.state)
         except Exception as e:
             error = e if isinstance(e, Rejected) else _failed(e, input)
             if self.rollback == "copy":
@@ -277,6 +291,17 @@ class Engine:
                 self._remember(step.idempotency_key, step.seq)
         actions.clear()
         self._needs_reload = False
+
+    def abandon(self, idempotency: Iterable[tuple[str, int]]) -> None:
+        """Forget every accepted step not yet committed, because the transaction holding them was
+        rolled back as a whole (rule 8): ``seq`` goes back to the committed one and the
+        idempotency keys to ``idempotency``, the committed keys. The caller runs the inputs again.
+        """
+        self._pending.clear()
+        self.seq = self.committed_seq
+        self._keys = OrderedDict(idempotency)
+        self._needs_reload = False
+        self._actions.clear()
 
     # -- restore and replay -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ __all__ = (
     "HandlerFailed",
     "Listener",
     "RuntimeEvent",
+    "TransactionRetried",
     "TransitionCommitted",
     "TransitionRejected",
 )
@@ -99,6 +100,20 @@ class HandlerFailed:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class TransactionRetried:
+    """The database abandoned the transaction of a group of ``inputs`` inputs (``error``: a
+    :class:`~fasm.errors.TransactionConflict` for a serialization failure, deadlock or busy
+    database, a :class:`~fasm.errors.StoreUnavailable` for a lost connection); attempt
+    ``attempt`` failed and the group is run again on a fresh transaction, unless that was the
+    last attempt."""
+
+    key: str
+    attempt: int
+    inputs: int
+    error: BaseException
+
+
 RuntimeEvent: TypeAlias = (
     TransitionCommitted
     | TransitionRejected
@@ -107,6 +122,7 @@ RuntimeEvent: TypeAlias = (
     | ActionCompleted
     | ActionFailed
     | HandlerFailed
+    | TransactionRetried
 )
 
 Listener: TypeAlias = Callable[[RuntimeEvent], None]

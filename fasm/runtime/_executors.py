@@ -7,7 +7,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
+import anyio
+
 from ..errors import DefinitionError
+from ._clock import Clock, SystemClock
 
 __all__ = ("ActionContext", "Executor", "ExecutorFn", "Handler", "RetryPolicy")
 
@@ -104,3 +107,59 @@ class Executor(Generic[A, R]):
             )
         if self.concurrency is not None and self.concurrency < 1:
             raise DefinitionError("concurrency must be >= 1 or None")
+
+
+class acquire_all:
+    """Acquire several capacity limiters in order, release in reverse."""
+
+    def __init__(self, limiters: list[anyio.CapacityLimiter]) -> None:
+        self._limiters = limiters
+
+    async def __aenter__(self) -> None:
+        done: list[anyio.CapacityLimiter] = []
+        try:
+            for limiter in self._limiters:
+                await limiter.acquire()
+                done.append(limiter)
+        except BaseException:
+            for limiter in reversed(done):
+                limiter.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        for limiter in reversed(self._limiters):
+            limiter.release()
+
+
+async def with_deadline(clock: Clock, deadline: float | None, awaitable: Any) -> Any:
+    """Await ``awaitable``, cancelling it at clock time ``deadline`` (TimeoutError)."""
+    if deadline is None:
+        return await awaitable
+    if isinstance(clock, SystemClock):
+        with anyio.fail_after(max(0.0, deadline - clock.now())):
+            return await awaitable
+    timed_out = False
+    result: Any = None
+    error: Exception | None = None
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def watchdog() -> None:
+                nonlocal timed_out
+                await clock.sleep_until(deadline)
+                timed_out = True
+                scope.cancel()
+
+            tg.start_soon(watchdog)
+            try:
+                result = await awaitable
+            except Exception as e:
+                error = e  # raised bare below, not wrapped in the task group's ExceptionGroup
+            finally:
+                tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if timed_out:
+        raise TimeoutError(f"deadline {deadline} passed")
+    return result
+

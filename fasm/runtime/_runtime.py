@@ -1,9 +1,11 @@
-"""The Runtime: an anyio shell that performs what the engine decides, against a real store, real
-executors and a real clock."""
+"""The Runtime: an anyio shell that performs what the engine decides, against real storage, real
+executors and a real clock.
+
+Where state lives is the host's business (:mod:`fasm.runtime._host`): a Python object written
+through a store, or a database transaction. The loop here knows only the host's protocol."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -27,10 +29,9 @@ from ..errors import (
     RuntimeClosed,
     StoreError,
 )
-from ..persistence._codec import Codec
-from ..persistence._durability import Durability, Journal, Writer, decode_records
-from ..persistence._memory import MemoryStore
+from ..persistence._durability import Durability
 from ..persistence._store import Store
+from ..persistence._txn import Database
 from ._clock import Clock, SystemClock
 from ._engine import (
     Accepted,
@@ -50,10 +51,14 @@ from ._events import (
     HandlerFailed,
     Listener,
     RuntimeEvent,
+    TransactionRetried,
     TransitionCommitted,
     TransitionRejected,
 )
-from ._executors import ActionContext, Executor, ExecutorFn, Handler
+from ._executors import ActionContext, Executor, ExecutorFn, Handler, acquire_all, with_deadline
+from ._host import StateHost
+from ._state_database import DatabaseHost
+from ._state_object import ObjectHost
 
 __all__ = ("Committed", "Runtime")
 
@@ -116,15 +121,26 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     Use it as ``async with Runtime(...) as rt: await rt.submit(value)``. Works on asyncio and trio.
 
+    State lives in one of two ways. Either it is a Python object, made durable through a store
+    (``initial_state=``, optionally ``store=`` and ``durability=``); or it is a database
+    transaction the stf reads and writes through (``database=``, a
+    :class:`~fasm.persistence.SQLiteDatabase` or :class:`~fasm.persistence.PostgresDatabase`):
+    each group of inputs is one transaction with a savepoint per input, committed once, and
+    ``restore`` reads in a read-only transaction. Give exactly one of ``initial_state`` and
+    ``database``.
+
     Args:
         machine: the machine instance.
         initial_state: the state of a machine the store has never seen (a value, deep-copied
             when needed, or a zero-argument factory).
-        key: the machine key in the store.
+        key: the machine key in the store or database.
         store: where state is kept (default: a fresh :class:`~fasm.persistence.MemoryStore`).
             The runtime opens it on start and closes it on stop.
         durability: :class:`~fasm.persistence.Journal` (default) or
             :class:`~fasm.persistence.Snapshot`.
+        database: keep state in this database instead (the machine's state type must be
+            :class:`~fasm.persistence.Transaction`). The runtime opens it on start and closes it
+            on stop.
         executors: tracked-action class -> ``Executor`` or ``async fn(action, ctx)``. Every class
             in the machine's tracked-action type needs one (``Timer`` has a built-in one).
         handlers: untracked-action class -> ``async fn(action)``. Every class in the machine's
@@ -135,26 +151,31 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         max_in_flight: most executor calls running at once (timers are not counted).
         handler_timeout: seconds (clock time) a handler may run before it is cancelled.
         shutdown_grace: seconds (real time) that stop waits for in-flight work before cancelling.
-        rollback: how a failed stf is undone: ``"reload"``, ``"copy"`` or ``"trust"`` (see
-            docs/runtime.md and :mod:`fasm.runtime._engine`).
+        rollback: how a failed stf is undone: ``"reload"`` (default for a state object),
+            ``"copy"``, ``"trust-rejected"`` or ``"trust"`` (see docs/runtime.md and
+            :mod:`fasm.runtime._engine`). With ``database=`` it is ``"trust"``: the database
+            rolls the input back to its savepoint.
         idempotency_window: how many submit idempotency keys are remembered.
         listeners: callables receiving every :mod:`runtime event <fasm.runtime>`.
         seed: seeds the retry jitter (None: from the OS).
 
     Raises:
         DefinitionError: a tracked or untracked action class has no executor or handler, an
-            executor is registered for a class the machine does not declare, or an option is
-            out of range.
+            executor is registered for a class the machine does not declare, an option is out
+            of range, both or neither of ``initial_state`` and ``database`` are given, or
+            ``database=`` comes with ``store``, ``durability``, a rollback other than
+            ``"trust"``, or a machine whose state type is not ``Transaction``.
     """
 
     def __init__(
         self,
         machine: StateMachine[S, I, TId, TA, TR, U],
         *,
-        initial_state: S | Callable[[], S],
+        initial_state: S | Callable[[], S] | None = None,
         key: str = "default",
         store: Store | None = None,
         durability: Durability | None = None,
+        database: Database | None = None,
         executors: Mapping[type[Any], Executor[Any, Any] | ExecutorFn[Any, Any]] | None = None,
         handlers: Mapping[type[Any], Handler] | None = None,
         clock: Clock | None = None,
@@ -163,7 +184,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         max_in_flight: int = 1000,
         handler_timeout: float = 30.0,
         shutdown_grace: float = 5.0,
-        rollback: Rollback = "reload",
+        rollback: Rollback | None = None,
         idempotency_window: int = 1000,
         listeners: Sequence[Listener] = (),
         seed: int | None = None,
@@ -171,8 +192,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self.machine = machine
         self.types = type(machine).machine_types()
         self.key = key
-        self.store: Store = store if store is not None else MemoryStore()
-        self.durability: Durability = durability if durability is not None else Journal()
         self.clock: Clock = clock if clock is not None else SystemClock()
         for name, value, low in (("queue_size", queue_size, 1), ("max_group", max_group, 1),
                                  ("max_in_flight", max_in_flight, 1)):
@@ -180,20 +199,16 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 raise DefinitionError(f"{name} must be >= {low}, got {value}")
         if handler_timeout <= 0 or shutdown_grace < 0:
             raise DefinitionError("handler_timeout must be > 0 and shutdown_grace >= 0")
-        self._initial = initial_state
         self._queue_size = queue_size
         self._max_group = max_group
         self._max_in_flight = max_in_flight
         self._handler_timeout = handler_timeout
         self.shutdown_grace = shutdown_grace
-        self._rollback: Rollback = rollback
-        self._idempotency_window = idempotency_window
         self._listeners = tuple(listeners)
         self._rng = random.Random(seed)
         self._executors = self._check_executors(dict(executors or {}))
         self._handlers = self._check_handlers(dict(handlers or {}))
         self._result_adapter: pydantic.TypeAdapter[Any] | None = None
-        self._codec: Codec | None = None
         self._engine: Engine | None = None
         self._status = "new"
         self._failure: BaseException | None = None
@@ -207,9 +222,26 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._progress: anyio.Event | None = None
         self._handlers_running = 0
         self._driver_done: anyio.Event | None = None
-        self._needs_checkpoint = False
-        self._last_checkpoint_size = 0
-        self._writer: Writer | None = None
+        self.store: Store | None = None
+        """The store of a state-object runtime (None with ``database=``)."""
+        self.durability: Durability | None = None
+        self.database: Database | None = database
+        """The database of a transactional runtime (None otherwise)."""
+        self._host: StateHost
+        if database is not None:
+            self._host = DatabaseHost.checked(
+                machine, key=key, database=database, idempotency_window=idempotency_window,
+                seed=seed, initial_state=initial_state, store=store, durability=durability,
+                rollback=rollback)
+        else:
+            if initial_state is None:
+                raise DefinitionError(
+                    "pass initial_state= (state kept as a Python object, made durable through "
+                    "a store) or database= (state kept in a database)")
+            host = ObjectHost(machine, key=key, initial_state=initial_state, store=store,
+                              durability=durability, rollback=rollback or "reload",
+                              idempotency_window=idempotency_window)
+            self.store, self.durability, self._host = host.store, host.durability, host
 
     # -- definition checks ----------------------------------------------------------------------
 
@@ -324,15 +356,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._status != "new":
             raise RuntimeClosed("a Runtime starts once; make a new one to start again")
         self._status = "starting"
-        await self.store.open()
         try:
-            await self.store.acquire(self.key)
-            self._engine = await self._recover()
-            release = await self._engine.restore()
+            self._engine = await self._host.open()
+            release = await self._host.restore(self._engine)
         except BaseException:
             self._status = "stopped"
             with anyio.CancelScope(shield=True):
-                await self.store.close()
+                await self._host.close()
             raise
         self._send, self._receive = anyio.create_memory_object_stream[_Item](self._queue_size)
         self._limiter = anyio.CapacityLimiter(self._max_in_flight)
@@ -357,40 +387,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         log.info("runtime started", extra={"fasm_key": self.key, "fasm_seq": self.seq,
                                            "fasm_restored": len(release.tracked)})
         return self
-
-    async def _recover(self) -> Engine:
-        codec = self._codec_()
-        self._writer = Writer(codec, self.durability)
-        records = await self.store.load(self.key)
-        if records is None:
-            self._needs_checkpoint = True
-            return self._new_engine(self._fresh_initial(), 0, ())
-        recovered = decode_records(codec, records, store=self.store.description, key=self.key)
-        cp = recovered.checkpoint
-        if cp is None:
-            # A journal without a checkpoint was written from the initial state.
-            self._needs_checkpoint = True
-            engine = self._new_engine(self._fresh_initial(), 0, ())
-        else:
-            engine = self._new_engine(cp.state, cp.seq, cp.idempotency.items())
-        await engine.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
-        self._last_checkpoint_size = len(records.checkpoint or b"")
-        self._writer.recovered(len(records.journal), sum(len(d) for _, d in records.journal),
-                               self._last_checkpoint_size)
-        return engine
-
-    def _new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
-        return Engine(self.machine, state=state, seq=seq, idempotency=keys,
-                      rollback=self._rollback, idempotency_window=self._idempotency_window)
-
-    def _fresh_initial(self) -> Any:
-        init = self._initial
-        return init() if callable(init) else copy.deepcopy(init)
-
-    def _codec_(self) -> Codec:
-        if self._codec is None:
-            self._codec = Codec(type(self.machine))
-        return self._codec
 
     async def _host_work(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as work:
@@ -431,25 +427,57 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     async def _process(self, batch: list[_Item]) -> None:
         engine = self._require_engine()
-        accepted: list[tuple[_Item, Accepted]] = []
-        answers: list[tuple[_Submit, Committed[Any, Any, Any] | None, BaseException | None]] = []
-        for item in batch:
-            step = await engine.step(item.input, item.key)
+        try:
+            result = await self._host.run(engine, [(item.input, item.key) for item in batch])
+        except BaseException as e:
+            # Nothing of the group is acknowledged: the runtime stops (see _drive).
+            error = e if isinstance(e, FasmError) else StoreError(
+                f"store commit raised {e!r}", store=self._host.description, key=self.key)
+            for item in batch:
+                if isinstance(item, _Submit) and not item.done.is_set():
+                    item.answer(None, error)
+            if error is e:
+                raise
+            raise error from e
+        for attempt, retried in result.retries:
+            self._emit(TransactionRetried(self.key, attempt, len(batch), retried))
+        committed: list[tuple[_Item, Accepted]] = []
+        for item, step in zip(batch, result.steps, strict=True):
             if isinstance(step, Accepted):
-                accepted.append((item, step))
-            elif isinstance(step, Duplicate):
-                assert isinstance(item, _Submit)
-                answers.append((item, Committed(step.seq, (), True), None))
-            else:
+                committed.append((item, step))
+            elif isinstance(step, Failed):
                 self._rejected(item, step)
-                if step.reload:
-                    await self._reload()
-                if isinstance(item, _Submit):
-                    answers.append((item, None, step.error))
-        if accepted:
-            await self._flush(accepted)
-        for submit, outcome, error in answers:
-            submit.answer(outcome, error)
+        if committed:
+            release = engine.committed([s for _, s in committed])
+            if self._listeners:
+                for _, step in committed:
+                    done = (step.input.id if isinstance(step.input, TrackedActionCompleted)
+                            else None)
+                    self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
+                                                   len(step.actions), len(committed), done))
+            # The engine's order: commit, then dispatch, then answer the submitters.
+            self._dispatch(release)
+        for item, step in zip(batch, result.steps, strict=True):
+            if isinstance(item, _Result):
+                if isinstance(step, StoreError):
+                    self._redeliver(item, step)
+            elif isinstance(step, Accepted):
+                item.answer(Committed(step.seq, step.actions), None)
+            elif isinstance(step, Duplicate):
+                item.answer(Committed(step.seq, (), True), None)
+            elif isinstance(step, Failed):
+                item.answer(None, step.error)
+            else:
+                item.answer(None, step)
+
+    def _redeliver(self, item: _Result, error: StoreError) -> None:
+        """A result the database kept refusing to commit (contention) goes back in the queue:
+        it is still in flight, and dropping it would stall its action until a restart."""
+        log.warning("result of tracked action %r not committed (%s); queued again",
+                    item.input.id, error, extra={"fasm_key": self.key,
+                                                 "fasm_action_id": item.input.id})
+        assert self._work is not None
+        self._work.start_soon(self._deliver, item.input.id, item.input.result)
 
     def _rejected(self, item: _Item, step: Failed) -> None:
         kind = input_kind(step.input)
@@ -466,73 +494,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             log.debug("input rejected: %s", step.error, extra=extra)
         else:
             log.warning("stf raised on %s: %r", kind, step.error.__cause__, extra=extra)
-
-    async def _reload(self) -> None:
-        engine = self._require_engine()
-        records = await self.store.load(self.key)
-        if records is None or engine.committed_seq == 0:
-            await engine.reset(self._fresh_initial(), 0, ())
-            return
-        recovered = decode_records(self._codec_(), records, store=self.store.description,
-                                   key=self.key)
-        cp = recovered.checkpoint
-        fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
-                                 cp.idempotency.items() if cp else ())
-        await fresh.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
-        await engine.reset(fresh.state, fresh.seq, fresh.idempotency.items())
-
-    async def _flush(self, accepted: list[tuple[_Item, Accepted]]) -> None:
-        engine = self._require_engine()
-        writer = self._writer
-        assert writer is not None
-        steps = [s for _, s in accepted]
-        encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
-        checkpoint = None
-        if self._needs_checkpoint or writer.checkpoint_due(encoded):
-            checkpoint = await self._encode_checkpoint(steps[-1].seq)
-        plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
-        try:
-            await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
-                                    entries=plan.entries, checkpoint=plan.checkpoint)
-        except BaseException as e:
-            error = e if isinstance(e, FasmError) else StoreError(
-                f"store commit raised {e!r}", store=self.store.description, key=self.key,
-                seq=plan.seq)
-            if error is not e:
-                error.__cause__ = e
-            for item, _ in accepted:
-                if isinstance(item, _Submit):
-                    item.answer(None, error)
-            raise error from None if error is e else e
-        writer.written(plan)
-        if plan.checkpoint is not None:
-            self._needs_checkpoint = False
-        release = engine.committed(steps)
-        group = len(steps)
-        if self._listeners:
-            for _, step in accepted:
-                done = step.input.id if isinstance(step.input, TrackedActionCompleted) else None
-                self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
-                                               len(step.actions), group, done))
-        # The engine's order: commit, then dispatch, then answer the submitters.
-        self._dispatch(release)
-        for item, step in accepted:
-            if isinstance(item, _Submit):
-                item.answer(Committed(step.seq, step.actions), None)
-
-    async def _encode_checkpoint(self, seq: int) -> bytes:
-        """Encode the whole state as of ``seq``. A large state is encoded in a worker thread so
-        the event loop keeps serving executors and submitters meanwhile; that is safe because
-        only this driver runs stf, and it is waiting here."""
-        engine = self._require_engine()
-        codec = self._codec_()
-        keys = dict(engine.idempotency)
-        if self._last_checkpoint_size < 1_000_000:
-            data = codec.encode_checkpoint(seq, engine.state, keys)
-        else:
-            data = await anyio.to_thread.run_sync(codec.encode_checkpoint, seq, engine.state, keys)
-        self._last_checkpoint_size = len(data)
-        return data
 
     def _fail(self, error: BaseException) -> None:
         """The driver is leaving abnormally: answer everyone still queued, refuse new input."""
@@ -583,7 +544,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         own = _lookup(self._executor_limiters, cls)
         if own is not None:
             limiters.append(own)
-        async with _acquire_all(limiters):
+        async with acquire_all(limiters):
             result = await self._attempts(tracked, spec)
         await self._deliver(tracked.id, result)
 
@@ -595,7 +556,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             attempt += 1
             deadline = None if policy.timeout is None else self.clock.now() + policy.timeout
             try:
-                result = await _with_deadline(
+                result = await with_deadline(
                     self.clock, deadline,
                     spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
                 self._check_result(result)
@@ -657,7 +618,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert handler is not None
         extra = {"fasm_key": self.key, "fasm_seq": seq}
         try:
-            await _with_deadline(self.clock, self.clock.now() + self._handler_timeout,
+            await with_deadline(self.clock, self.clock.now() + self._handler_timeout,
                                  handler(untracked.action))
         except anyio.get_cancelled_exc_class():
             # Only a stop cancels handlers: after the grace period, or at once on a crash.
@@ -713,10 +674,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 if stream is not None:
                     stream.close()
             with anyio.CancelScope(shield=True):
-                try:
-                    await self.store.release(self.key)
-                finally:
-                    await self.store.close()
+                await self._host.close()
 
     async def stop(self) -> None:
         """Stop gracefully: refuse new input, let queued transitions commit and in-flight
@@ -826,59 +784,3 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
-
-
-class _acquire_all:
-    """Acquire several capacity limiters in order, release in reverse."""
-
-    def __init__(self, limiters: list[anyio.CapacityLimiter]) -> None:
-        self._limiters = limiters
-
-    async def __aenter__(self) -> None:
-        done: list[anyio.CapacityLimiter] = []
-        try:
-            for limiter in self._limiters:
-                await limiter.acquire()
-                done.append(limiter)
-        except BaseException:
-            for limiter in reversed(done):
-                limiter.release()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        for limiter in reversed(self._limiters):
-            limiter.release()
-
-
-async def _with_deadline(clock: Clock, deadline: float | None, awaitable: Any) -> Any:
-    """Await ``awaitable``, cancelling it at clock time ``deadline`` (TimeoutError)."""
-    if deadline is None:
-        return await awaitable
-    if isinstance(clock, SystemClock):
-        with anyio.fail_after(max(0.0, deadline - clock.now())):
-            return await awaitable
-    timed_out = False
-    result: Any = None
-    error: Exception | None = None
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-
-            async def watchdog() -> None:
-                nonlocal timed_out
-                await clock.sleep_until(deadline)
-                timed_out = True
-                scope.cancel()
-
-            tg.start_soon(watchdog)
-            try:
-                result = await awaitable
-            except Exception as e:
-                error = e  # raised bare below, not wrapped in the task group's ExceptionGroup
-            finally:
-                tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    if timed_out:
-        raise TimeoutError(f"deadline {deadline} passed")
-    return result
-

@@ -1,0 +1,83 @@
+"""The persistence seam inside the Runtime: where state lives and how a group of inputs becomes a
+durable commit.
+
+Two hosts implement it, one per kind of state, and the Runtime's loop knows only this protocol:
+
+* :class:`~fasm.runtime._state_object.ObjectHost` keeps a Python state object and writes records
+  through a :class:`~fasm.persistence.Store` (snapshot or journal);
+* :class:`~fasm.runtime._state_database.DatabaseHost` hands the stf a database transaction and
+  commits each group as one transaction (SQLite, PostgreSQL).
+
+Either way the engine decides (it runs stf and restore and keeps the rules), the host performs the
+steps against its storage, and the Runtime releases actions and answers submitters only after
+``run`` returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias
+
+from .._inputs import Input
+from ..errors import StoreError
+from ._engine import Engine, Release, Step
+
+__all__ = ("GroupResult", "StateHost", "Submitted")
+
+Submitted: TypeAlias = tuple[Input[Any, Any, Any], str | None]
+"""An input and its idempotency key, as the runtime queued them."""
+
+
+@dataclass(slots=True)
+class GroupResult:
+    """What became of a group of inputs, in order.
+
+    Attributes:
+        steps: per input, the engine's step (every :class:`Accepted` one is durable now), or the
+            store error that kept it from committing while the runtime can go on (contention).
+        retries: ``(attempt, error)`` for each time the group had to be run again.
+    """
+
+    steps: list[Step | StoreError]
+    retries: list[tuple[int, StoreError]] = field(default_factory=list)
+
+
+class StateHost(Protocol):
+    """Where a runtime's state lives."""
+
+    @property
+    def description(self) -> str:
+        """The storage backend and location, for messages."""
+        ...
+
+    async def open(self) -> Engine:
+        """Open the storage, take exclusive use of the machine key, and return an engine at the
+        last committed state.
+
+        Raises:
+            StoreError: the storage cannot be opened, the key is held elsewhere, or what is
+                stored cannot be read.
+        """
+        ...
+
+    async def restore(self, engine: Engine) -> Release:
+        """Run the machine's restore on the committed state.
+
+        Raises:
+            RestoreFailed: restore raised or emitted an untracked action.
+        """
+        ...
+
+    async def run(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
+        """Run each input through the engine and make the accepted ones durable, in order.
+
+        Raises:
+            StoreError: the group could not be made durable and the runtime must stop; nothing
+                of it is acknowledged.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Give up the machine key and close the storage. Safe after a failed open."""
+        ...
