@@ -1,9 +1,13 @@
-"""Testing toolkit: deterministic simulation, fault plans, checkers, and the store conformance
-suite that every :class:`~fasm.persistence.Store`, ours or a user's, runs."""
+"""Testing toolkit: deterministic simulation, fault plans, checkers, the store conformance suite
+that every :class:`~fasm.persistence.Store`, ours or a user's, runs, and the key-value
+conformance suite every :class:`~fasm.persistence.Database` runs."""
 
 from __future__ import annotations
 
 from ._checks import SuspendedError as SuspendedError
+from ._kv_suite import KV_CHECKS as KV_CHECKS
+from ._kv_suite import KVConformance as KVConformance
+from ._kv_suite import check_kv as check_kv
 from ._sim import InputSource as InputSource
 from ._sim import Simulation as Simulation
 from ._sim import simulate as simulate
@@ -28,6 +32,10 @@ __all__ = (
     "STORE_CHECKS",
     "StoreConformance",
     "check_store",
+    # the key-value layer of transactional state
+    "KV_CHECKS",
+    "KVConformance",
+    "check_kv",
     # simulation
     "CRASH_POINTS",
     "Checks",
