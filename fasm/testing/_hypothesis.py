@@ -90,7 +90,9 @@ class _IntegerRandom(random.Random):
 _ONE = float(1 << 24)
 
 
-def hypothesis_test(sim: Simulation[Any, Any], *, steps: int, settings: Any) -> Callable[[], None]:
+def hypothesis_test(sim: Simulation[Any, Any], *, steps: int, settings: Any,
+                    replay: str = "run the hypothesis test again (it replays the failure it "
+                                  "saved in its example database)") -> Callable[[], None]:
     """A hypothesis test that runs ``sim`` with hypothesis-drawn choices (see the module
     docstring), ``steps`` inputs at most per example.
 
@@ -113,8 +115,7 @@ def hypothesis_test(sim: Simulation[Any, Any], *, steps: int, settings: Any) -> 
             def draw_input(state: Any) -> Any:
                 return source(rng, state)
         result = sim.execute((rng, rng, rng), draw_input, steps * 4, seed=None, trace_limit=None,
-                             keep_trace=False, skip=_SKIP, max_arrivals=steps,
-                             replay="rerun the hypothesis test (it replays from its database)")
+                             keep_trace=False, skip=_SKIP, max_arrivals=steps, replay=replay)
         if result.failure is not None:
             raise SimulationFailed(
                 result.failure,
@@ -137,7 +138,9 @@ def shrink(sim: Simulation[Any, Any], *, steps: int, max_examples: int,
     """
     from hypothesis import HealthCheck, Verbosity, settings
 
-    test = hypothesis_test(sim, steps=steps, settings=settings(
+    replay = (f"sim.shrink(steps={steps}, max_examples={max_examples}) (derandomized: the same "
+              "search finds the same run)" if derandomize else "not replayable (random search)")
+    test = hypothesis_test(sim, steps=steps, replay=replay, settings=settings(
         max_examples=max_examples, derandomize=derandomize, database=None, deadline=None,
         verbosity=Verbosity.quiet, print_blob=False,
         suppress_health_check=list(HealthCheck)))

@@ -22,7 +22,8 @@ from ..runtime._engine import Rollback
 from ._checks import Violation
 from ._sim_config import Checks, ExecutorSpec, FaultPlan, executor_table
 from ._sim_report import Failure, Progress, SeedResult, SimReport, format_trace
-from ._sim_world import Run, Setup
+from ._sim_setup import Setup
+from ._sim_world import Run
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -36,7 +37,10 @@ InputSource: TypeAlias = Callable[[random.Random, S], "I | None"]
 """``fn(rng, state) -> input`` (or None for "nothing this time"): the next input, chosen with
 ``rng`` (and only ``rng``) from the current state, which it must not change."""
 
-_FAILURE_TRACE = 40  # events shown before a failure in multi-seed runs
+_FAILURE_TRACE = 30  # events shown before a failure in multi-seed runs
+# The production journal, but checkpointing from 1 KiB of journal on (not 64 KiB), so that a run
+# of a few hundred steps recovers through checkpoints and journal replays both.
+_DURABILITY = Journal(min_checkpoint_bytes=1024)
 _PROGRESS_EVERY = 2.0  # seconds between progress reports
 
 
@@ -56,8 +60,9 @@ class Simulation(Generic[S, I]):
         faults: what goes wrong (default :class:`FaultPlan()`: crashes at every boundary, store
             failures, executor failures and timeouts).
         checks: which checks run (default: all of them).
-        durability: how commits are written (default: a journal with a checkpoint every 16
-            transitions, so both recovery paths are exercised).
+        durability: how commits are written (default: the production journal, checkpointed
+            from 1 KiB of journal on, so short runs recover through checkpoints and journal
+            replays both).
         rollback: the engine's rollback policy, as in production (default ``"reload"``).
         steps: transitions per seed when ``run`` is not told otherwise.
         key: the machine key in the simulated store.
@@ -108,7 +113,7 @@ class Simulation(Generic[S, I]):
             invariants=tuple(invariants),
             plan=self.faults,
             checks=self.checks,
-            durability=durability if durability is not None else Journal(min_checkpoint_bytes=0),
+            durability=durability if durability is not None else _DURABILITY,
             rollback=rollback,
             key=key,
             idempotency_window=idempotency_window,

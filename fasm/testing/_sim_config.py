@@ -79,6 +79,8 @@ class FaultPlan:
         restart_delay: (low, high) simulated seconds a crashed process takes to come back.
         hang: how long a timed-out attempt hangs when its executor has no timeout.
         max_batch: most queued inputs the simulated runtime takes in one group commit.
+        busy: chance that, with inputs queued, the simulated runtime lets one more event happen
+            before it takes them, so that several share one commit (group commit) as under load.
     """
 
     crash: float = 0.02
@@ -95,10 +97,11 @@ class FaultPlan:
     restart_delay: tuple[float, float] = (0.0, 5.0)
     hang: float = 30.0
     max_batch: int = 4
+    busy: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("crash", "store_failure", "fail", "timeout", "duplicate", "late", "keyed",
-                     "resubmit"):
+                     "resubmit", "busy"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise DefinitionError(f"FaultPlan.{name} is a probability, got {p!r}")
@@ -115,7 +118,7 @@ class FaultPlan:
         """No faults at all: no crashes, no failures, no timeouts, one input per commit. Time
         still passes and executors still finish in a seed-chosen order."""
         return cls(crash=0.0, store_failure=0.0, fail=0.0, timeout=0.0, keyed=0.0,
-                   resubmit=0.0, max_batch=1)
+                   resubmit=0.0, max_batch=1, busy=0.0)
 
     @classmethod
     def at_least_once(cls) -> FaultPlan:
@@ -130,7 +133,7 @@ class FaultPlan:
                          timeout=0.0, duplicate=0.0, late=0.0, keyed=0.0, resubmit=0.0,
                          latency=self.latency, input_interval=self.input_interval,
                          restart_delay=self.restart_delay, hang=self.hang,
-                         max_batch=self.max_batch)
+                         max_batch=self.max_batch, busy=self.busy)
 
 
 @dataclass(frozen=True, slots=True)

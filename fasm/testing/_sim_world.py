@@ -23,14 +23,13 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
-from .._actions import ActionList, Tracked
+from .._actions import Tracked
 from .._inputs import Input, Normal, TrackedActionCompleted
-from .._machine import StateMachine, type_members
 from .._timer import Timer, TimerFired
 from ..errors import (
     InvalidInput,
@@ -39,13 +38,10 @@ from ..errors import (
     RestoreFailed,
     StoreUnavailable,
 )
-from ..persistence._codec import Codec
-from ..persistence._durability import Durability, Writer, decode_records
+from ..persistence._durability import Writer, decode_records
 from ..persistence._memory import MemoryStore
-from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release, Rollback
+from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release
 from ._checks import (
-    Invariant,
-    StateTools,
     Violation,
     check_invariants,
     diff,
@@ -53,55 +49,15 @@ from ._checks import (
     run_sync,
     short,
 )
-from ._sim_config import Checks, CrashPoint, FaultPlan, SimExecutor, lookup
+from ._sim_config import CrashPoint, SimExecutor, lookup
+from ._sim_setup import Setup
+from ._sim_verify import Verifier
 
 __all__ = ("Run", "Setup")
 
 # Event kinds on the virtual-time heap.
 _ARRIVE, _ATTEMPT_END, _RETRY, _DELIVER, _TIMER = range(5)
 _EXHAUSTED = 1000  # this many None inputs in a row end the input phase
-
-
-@dataclass(eq=False)
-class Setup:
-    """Everything about a simulation that does not change between seeds (built once)."""
-
-    machine: StateMachine[Any, Any, Any, Any, Any, Any]
-    initial: Callable[[], Any]
-    executors: dict[type[Any], SimExecutor[Any, Any]]
-    invariants: tuple[Invariant, ...]
-    plan: FaultPlan
-    checks: Checks
-    durability: Durability
-    rollback: Rollback
-    key: str
-    idempotency_window: int
-    codec: Codec = field(init=False)
-    tools: StateTools = field(init=False)
-    validator: Engine = field(init=False)
-    results: pydantic.TypeAdapter[Any] | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        types = type(self.machine).machine_types()
-        self.codec = Codec(type(self.machine))
-        self.tools = StateTools(self.codec, types.state)
-        # One engine kept for Engine.validate, so the input validator is built once per
-        # simulation and not once per simulated restart.
-        self.validator = Engine(self.machine, state=None)
-        self.results = _strict_adapter(types.tracked_result) if _declares(types.tracked_result) \
-            else None
-
-
-def _declares(tp: Any) -> bool:
-    return bool(type_members(tp))
-
-
-def _strict_adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
-    # As the Runtime checks executor results: dataclass instances are revalidated too.
-    try:
-        return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(revalidate_instances="always"))
-    except pydantic.PydanticUserError:
-        return pydantic.TypeAdapter(tp)
 
 
 @dataclass(slots=True, eq=False)
@@ -114,7 +70,7 @@ class _Item:
     tag: str = ""
 
 
-class Run:
+class Run(Verifier):
     """One seed's run. Call :meth:`run`; read ``counts``, ``trace`` and ``faults`` after.
 
     Args:
@@ -190,6 +146,12 @@ class Run:
         # Written so that a shrinking RNG (hypothesis: random() -> 0.0) means "no fault".
         return p > 0.0 and self.rng.random() >= 1.0 - p
 
+    def busy(self) -> bool:
+        """Whether the simulated driver is still busy, so that another event happens before it
+        takes the queue (several inputs then share one commit, as under load)."""
+        return (len(self.queue) < self.plan.max_batch and bool(self.heap)
+                and self.chance(self.plan.busy))
+
     def push(self, t: float, kind: int, payload: Any = None) -> None:
         self.counter += 1
         heapq.heappush(self.heap, (t, self.counter, kind, payload))
@@ -205,7 +167,7 @@ class Run:
         self.start()
         self.push(self.now + self.rng_inputs.uniform(*self.plan.input_interval), _ARRIVE)
         while self.step < self.steps and not (self.exhausted and not self.queue):
-            if self.queue:
+            if self.queue and not self.busy():
                 self.batch()
             elif not self.advance():
                 break
@@ -343,10 +305,12 @@ class Run:
         self.push(self.now + delay, _RETRY, (self.inc, action_id, action, attempt + 1))
 
     def check_result(self, action: Any, result: Any) -> None:
-        if self.s.results is None:
+        s = self.s
+        if s.results is None or s.result_known_valid(result):
             return
         try:
-            self.s.results.validate_python(result, strict=True)
+            s.results.validate_python(result, strict=True)
+            s.remember_valid_result(result)
         except pydantic.ValidationError as e:
             raise Violation("executor", f"the simulated executor for {short(action)} returned "
                                         f"{short(result)}, not the machine's tracked result "
@@ -432,29 +396,6 @@ class Run:
                     self.push(max(t, self.now), _DELIVER, (payload[1], payload[5], "late"))
         self.start()
 
-    def compare_restore(self, emitted: list[Tracked[Any, Any]], when: str) -> None:
-        seen: dict[Any, Any] = {}
-        twice = []
-        for a in emitted:
-            if a.id in seen:
-                twice.append(a.id)
-            seen[a.id] = a.action
-        lost = [i for i in self.durable if i not in seen]
-        invented = [i for i in seen if i not in self.durable]
-        if not (lost or invented or twice):
-            return
-        lines = [f"restore {when} did not re-emit exactly the pending tracked actions"]
-        for i in lost:
-            lines.append(f"lost: {i!r} ({short(self.durable[i])}) was emitted and committed, and "
-                         "no result was committed for it; restore forgot it, so it never "
-                         "completes")
-        for i in invented:
-            lines.append(f"invented: {i!r} ({short(seen[i])}) is not pending (never emitted, "
-                         "or its result was already committed)")
-        for i in twice:
-            lines.append(f"emitted twice: {i!r}")
-        raise Violation("restore", "\n".join(lines))
-
     # -- a batch (Runtime._process and _flush) ----------------------------------------------------
 
     def batch(self) -> None:
@@ -494,11 +435,12 @@ class Run:
             # copy do so too, before every step.
             self.shadow = perturb_sets(self.shadow)
         self.step += 1
-        self.count("steps")
-        self.note("input", inp, item)
+        counts = self.counts
+        counts["steps"] = counts.get("steps", 0) + 1
+        self.trace.append((self.step, self.now, "input", inp, item))
         step = run_sync(engine.step(inp, item.key), "stf")
         if isinstance(step, Accepted):
-            self.note("accepted", step.seq, step.actions)
+            self.trace.append((self.step, self.now, "accepted", step.seq, step.actions))
             post = self.rerun(inp, step) if self.shadow is not None else None
             if pre is not None:
                 post = post if post is not None else tools.plain(engine.state)
@@ -597,11 +539,12 @@ class Run:
         """One store write for the accepted steps, then release. True when the process
         crashed on the way."""
         plan = self.plan
-        has_result = any(isinstance(s.input, TrackedActionCompleted) for _, s in accepted)
-        point: CrashPoint = "result-uncommitted" if has_result else "before-commit"
-        if point in plan.crash_points and self.chance(plan.crash):
-            self.crash(point)
-            return True
+        if plan.crash:
+            has_result = any(isinstance(s.input, TrackedActionCompleted) for _, s in accepted)
+            point: CrashPoint = "result-uncommitted" if has_result else "before-commit"
+            if point in plan.crash_points and self.chance(plan.crash):
+                self.crash(point)
+                return True
         engine, writer = self.engine, self.writer
         steps = [s for _, s in accepted]
         # As Runtime._flush: encode the entries, add a checkpoint when due, plan one write.
@@ -625,8 +568,9 @@ class Run:
         writer.written(write)
         if write.checkpoint is not None:
             self.needs_checkpoint = False
-        self.count("commits")
-        self.count("transitions", len(steps))
+        counts = self.counts
+        counts["commits"] = counts.get("commits", 0) + 1
+        counts["transitions"] = counts.get("transitions", 0) + len(steps)
         self.note("commit", (write.expected_seq, write.seq), write.checkpoint is not None)
         for step in steps:
             if isinstance(step.input, TrackedActionCompleted):
@@ -646,85 +590,6 @@ class Run:
             self.probe_restore()
         return False
 
-    # -- checks -----------------------------------------------------------------------------------
-
-    def rerun(self, inp: Input[Any, Any, Any], step: Accepted) -> Any:
-        """Determinism: the same input on the replica must give the same actions and state.
-        Returns the plain post-state (reused by later checks)."""
-        actions: ActionList[Any, Any, Any] = ActionList()
-        what = f"re-running {short(inp)} on a copy of the state before it"
-        try:
-            run_sync(self.s.machine.stf(self.shadow, inp, actions), "stf (re-run)")
-        except Exception as e:
-            raise Violation("determinism", f"{what} raised {e!r}; the first run "
-                                           "returned") from e
-        again = tuple(actions)
-        if again != step.actions:
-            raise Violation("determinism", f"{what} emitted different actions:\n"
-                            f"first:  {short(list(step.actions), 300)}\n"
-                            f"re-run: {short(list(again), 300)}\n(ids from randomness or the "
-                            "clock, or iteration over a set, differ between runs)")
-        tools = self.s.tools
-        now, then = tools.plain(self.engine.state), tools.plain(self.shadow)
-        if now != then:
-            raise Violation("determinism", f"{what} left a different state: "
-                            f"{'; '.join(diff(now, then))}")
-        return now
-
-    def rerun_failed(self, inp: Input[Any, Any, Any], step: Failed, *, checked: bool) -> None:
-        first = step.error if isinstance(step.error, Rejected) else step.error.__cause__
-        error: Exception | None = None
-        try:
-            run_sync(self.s.machine.stf(self.shadow, inp, ActionList()), "stf (re-run)")
-        except Exception as e:
-            error = e
-        if error is None or type(error) is not type(first):
-            raise Violation("determinism", f"re-running {short(inp)} on a copy of the state "
-                            f"before it gave {error!r}; the first run raised {first!r}")
-        tools = self.s.tools
-        now = self.snap if self.snap is not None else tools.plain(self.engine.state)
-        self.snap = now
-        if tools.plain(self.shadow) != now:
-            if checked:
-                # The first run was atomic (checked above), so the re-run changing its copy
-                # before raising is a different behaviour on equal state.
-                raise Violation("determinism", f"re-running {short(inp)} on a copy of the state "
-                                "before it changed the copy before raising; the first run did "
-                                "not change state")
-            self.shadow = tools.loaded(tools.encode(self.engine.state))
-
-    def check_result_step(self, inp: Any, pending: bool, pre: Any, post: Any,
-                          error: BaseException | None = None) -> None:
-        checks = self.checks
-        if pending and checks.absorbed:
-            if post is None:
-                raise Violation("absorbed", f"stf refused {short(inp)}, the result of a pending "
-                                f"tracked action, with {error!r}: the Runtime drops it, and the "
-                                "action stays pending until a restart")
-            if post == pre:
-                raise Violation("absorbed", f"{short(inp)} completed a pending tracked action "
-                                "but changed nothing in state: state still says it is pending, "
-                                "so restore would re-emit it after every restart")
-        elif not pending and checks.duplicates and post is not None and post != pre:
-            raise Violation("duplicates", f"{short(inp)} is not pending (a duplicated or "
-                            f"late delivery) and changed state: {'; '.join(diff(pre, post))}. A "
-                            "result delivered twice must be refused or change nothing")
-
-    def probe_restore(self) -> None:
-        actions: ActionList[Any, Any, Any] = ActionList()
-        try:
-            run_sync(self.s.machine.restore(self.engine.state, actions), "restore")
-        except Exception as e:
-            raise Violation("restore", f"restore raised {e!r} on the committed state") from e
-        emitted = []
-        for a in actions:
-            if not isinstance(a, Tracked):
-                raise Violation("restore", f"restore emitted {short(a)}: it may only re-emit "
-                                           "pending tracked actions")
-            emitted.append(a)
-        self.compare_restore(emitted, f"run on the state committed at seq "
-                                      f"{self.engine.committed_seq}")
-
     # -- the end: liveness ------------------------------------------------------------------------
 
     def drain(self) -> None:
@@ -737,7 +602,7 @@ class Run:
         waiting = dict(self.durable)
         limit = self.step + 1000 + 20 * len(waiting)
         while waiting and self.step < limit and (self.queue or self.heap):
-            if self.queue:
+            if self.queue and not self.busy():
                 self.batch()
             else:
                 self.advance()
