@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ._sim_report import Failure, SimulationFailed
 
 if TYPE_CHECKING:
+    import hypothesis
+
     from ._sim import Simulation
 
 __all__ = ("hypothesis_test", "shrink", "strategy_sampler")
@@ -90,7 +92,8 @@ class _IntegerRandom(random.Random):
 _ONE = float(1 << 24)
 
 
-def hypothesis_test(sim: Simulation[Any, Any], *, steps: int, settings: Any,
+def hypothesis_test(sim: Simulation[Any, Any], *, steps: int,
+                    settings: hypothesis.settings | None,
                     replay: str = "run the hypothesis test again (it replays the failure it "
                                   "saved in its example database)") -> Callable[[], None]:
     """A hypothesis test that runs ``sim`` with hypothesis-drawn choices (see the module
@@ -125,7 +128,7 @@ def hypothesis_test(sim: Simulation[Any, Any], *, steps: int, settings: Any,
     test.__name__ = f"test_{sim.name}_hypothesis"
     test.__qualname__ = test.__name__
     if settings is not None:
-        return settings(test)  # type: ignore[no-any-return]
+        return settings(test)
     return test
 
 

@@ -26,6 +26,7 @@ from ._sim_setup import Setup
 from ._sim_world import Run
 
 if TYPE_CHECKING:
+    import hypothesis
     from hypothesis.strategies import SearchStrategy
 
 __all__ = ("InputSource", "Simulation", "simulate")
@@ -202,7 +203,9 @@ class Simulation(Generic[S, I]):
             raise
         elapsed = time.perf_counter() - started
         trace = tuple(format_trace(run.trace)) if keep_trace else ()
-        return SeedResult(seed, run.step, dict(run.counts), elapsed, failure, trace)
+        engine = getattr(run, "engine", None)  # None when the first start itself failed
+        return SeedResult(seed, run.step, dict(run.counts), elapsed, failure, trace,
+                          engine.state if engine is not None else None)
 
     # -- many seeds -------------------------------------------------------------------------------
 
@@ -297,12 +300,15 @@ class Simulation(Generic[S, I]):
 
     # -- hypothesis -------------------------------------------------------------------------------
 
-    def hypothesis_test(self, *, steps: int = 30, settings: Any = None) -> Callable[[], None]:
+    def hypothesis_test(
+        self, *, steps: int = 30, settings: hypothesis.settings | None = None
+    ) -> Callable[[], None]:
         """A hypothesis test of this simulation: every random choice (inputs, faults, timing)
         is drawn by hypothesis, so a failure shrinks to a short run, reported as a script.
 
-        Use it as a test: ``test_shrunk = sim.hypothesis_test()``. See :mod:`fasm.testing`'s
-        docs for the settings worth passing.
+        Use it as a test: ``test_shrunk = sim.hypothesis_test()``. ``settings`` are hypothesis's
+        (``max_examples``, ``derandomize``, ``database`` ...); ``steps`` bounds the inputs per
+        example (short runs shrink fast).
 
         Raises:
             SimulationFailed: (when the test runs) the shrunk failure.

@@ -156,6 +156,9 @@ class SeedResult:
         elapsed: real seconds it took.
         failure: the failed check, or None.
         trace: the run's events, formatted (the last ``trace_limit`` of them).
+        state: the machine's state when the run ended (after the liveness phase, or at the
+            failure), for domain counts and assertions of your own; read it, do not keep
+            simulating with it.
     """
 
     seed: int | None
@@ -164,6 +167,7 @@ class SeedResult:
     elapsed: float
     failure: Failure | None
     trace: tuple[str, ...]
+    state: Any = None
 
     @property
     def ok(self) -> bool:
