@@ -140,6 +140,23 @@ class DatabaseHost:
         await db.acquire(self.key)
         async with db.lock():
             seq, keys = await db._in_thread(self._load_sync)
+        return self._engine(seq, keys)
+
+    def open_sync(self) -> Engine:
+        """:meth:`open`, on the calling thread (for a synchronous driver: the simulator).
+        Every later call on this host must come from the same thread, one at a time."""
+        self.database._driver.open()
+        self.database._driver.acquire(self.key)
+        return self._engine(*self._load_sync())
+
+    def close_sync(self) -> None:
+        """:meth:`close`, on the calling thread."""
+        try:
+            self.database._driver.release(self.key)
+        finally:
+            self.database._driver.close()
+
+    def _engine(self, seq: int, keys: list[tuple[str, int]]) -> Engine:
         return Engine(self.machine, state=None, seq=seq, idempotency=keys, rollback="trust",
                       idempotency_window=self._idempotency_window, finish=_finish)
 
@@ -161,9 +178,10 @@ class DatabaseHost:
             StoreUnavailable: the database could not be read.
         """
         async with self.database.lock():
-            return await self.database._in_thread(self._restore_sync, engine)
+            return await self.database._in_thread(self.restore_sync, engine)
 
-    def _restore_sync(self, engine: Engine) -> Release:
+    def restore_sync(self, engine: Engine) -> Release:
+        """:meth:`restore`, on the calling thread (for a synchronous driver: the simulator)."""
         db = self.database
         for attempt in self._attempts():
             session = self._session(write=False, fence=None)
@@ -186,9 +204,11 @@ class DatabaseHost:
                 be known. Nothing of the group is acknowledged.
         """
         async with self.database.lock():
-            return await self.database._in_thread(self._group_sync, engine, inputs)
+            return await self.database._in_thread(self.run_sync, engine, inputs)
 
-    def _group_sync(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
+    def run_sync(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
+        """:meth:`run`, on the calling thread (for a synchronous driver: the simulator, which
+        can stop between the commit this makes and the dispatch the caller does next)."""
         db = self.database
         keyed = any(k is not None for _, k in inputs)
         committed_keys = list(engine.idempotency.items()) if keyed else None

@@ -139,8 +139,9 @@ class LedgerMachine(StateMachine[Transaction, LedgerInput, int, Payout, Paid, No
                                  (amount, name))
                 raise RuntimeError("a bug after a write")
             case Normal(Overdraw(name=name, amount=amount)):
-                await db.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?",
-                                 (amount, name))
+                if await db.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?",
+                                    (amount, name)) == 0:
+                    raise UnknownAccount(name)
             case Normal(Swallow(name=name)):
                 try:
                     await db.execute("INSERT INTO accounts (name, balance) VALUES (?, 0)", (name,))

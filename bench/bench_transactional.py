@@ -1,0 +1,263 @@
+"""Durable transitions per second with transactional state, beside raw commits on the same database.
+
+    python bench/bench_transactional.py [--quick] [--seconds S] [--rounds N] [--dir DIR]
+                                        [--postgres DSN | --no-postgres]
+
+For each database (SQLite on the disk holding DIR, default ./bench-data; PostgreSQL at
+FASM_PG_DSN or 127.0.0.1:5432/test when reachable), in the same run and interleaved round by round
+(the disk's fsync rate drifts; medians of the rounds are printed):
+
+* raw: single-statement commits, ``UPDATE counters SET n = n + 1 WHERE id = ?`` in autocommit,
+  from plain Python; sequential (one connection) and 64 concurrent (64 threads, one connection
+  each). This is the database's own limit for a durable one-row write.
+* fasm SQL: a Runtime on a ``database=`` whose stf does one read and one write
+  (``SELECT n ...`` then ``UPDATE counters SET n = ? ...``); one submitter awaiting each submit,
+  and 64 concurrent submitters (group commit: one transaction, one fsync, per group).
+* fasm KV: the same transition through the key-value layer (``kv.get`` then ``kv.set``).
+
+Both SQLite and PostgreSQL run with full durability (synchronous=FULL; synchronous_commit as the
+server is configured). The target of issue 5 is fasm >= 70% of the raw rate; printed, never
+asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Never
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fasm import ActionsContainer, Input, Normal, StateMachine
+from fasm.persistence import Database, Keyspace, SQLiteDatabase, Transaction
+from fasm.runtime import Runtime
+
+ROWS = 1_000
+COUNTS: Keyspace[int] = Keyspace("bench-counters", int)
+
+
+class SqlCounter(StateMachine[Transaction, int]):
+    """One read, one write, through SQL."""
+
+    machine_name = "bench.sql-counter"
+
+    async def stf(self, db: Transaction, input: Input[int, Never, Never],
+                  actions: ActionsContainer[Never, Never, Never]) -> None:
+        assert isinstance(input, Normal)
+        n = await db.fetchval("SELECT n FROM counters WHERE id = ?", (input.value,))
+        await db.execute("UPDATE counters SET n = ? WHERE id = ?", (n + 1, input.value))
+
+    async def restore(self, db: Transaction,
+                      actions: ActionsContainer[Never, Never, Never]) -> None:
+        return None
+
+
+class KvCounter(SqlCounter):
+    """One read, one write, through the key-value layer."""
+
+    machine_name = "bench.kv-counter"
+
+    async def stf(self, db: Transaction, input: Input[int, Never, Never],
+                  actions: ActionsContainer[Never, Never, Never]) -> None:
+        assert isinstance(input, Normal)
+        key = f"c/{input.value:04d}"
+        await db.kv.set(COUNTS, key, await db.kv.get(COUNTS, key, 0) + 1)
+
+
+# -- the databases --------------------------------------------------------------------------------
+
+
+class Backend:
+    """How to reach one database: raw connections and fasm Database objects on one location."""
+
+    name = ""
+
+    def raw(self) -> Any:
+        raise NotImplementedError
+
+    def database(self) -> Database:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        conn = self.raw()
+        conn.execute("DROP TABLE IF EXISTS counters")
+        conn.execute("CREATE TABLE counters (id INTEGER PRIMARY KEY, n BIGINT NOT NULL)")
+        for i in range(ROWS):
+            conn.execute(f"INSERT INTO counters VALUES ({i}, 0)")
+        conn.close()
+
+
+class SQLite(Backend):
+    name = "sqlite"
+
+    def __init__(self, where: Path) -> None:
+        self.path = where / "bench.db"
+
+    def raw(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def database(self) -> Database:
+        return SQLiteDatabase(self.path, busy_timeout=30)
+
+
+class Postgres(Backend):
+    name = "postgres"
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg.conninfo
+
+        self.schema = f"fasm_bench_{os.getpid()}"
+        self.dsn = psycopg.conninfo.make_conninfo(dsn, options=f"-c search_path={self.schema}")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+        self.admin = dsn
+
+    def raw(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def database(self) -> Database:
+        from fasm.persistence import PostgresDatabase
+
+        return PostgresDatabase(self.dsn, schema=self.schema)
+
+    def drop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def raw_rate(backend: Backend, writers: int, seconds: float) -> float:
+    """Single-statement autocommit updates per second, from ``writers`` threads."""
+    done = [0] * writers
+    deadline = time.perf_counter() + seconds
+    sql = "UPDATE counters SET n = n + 1 WHERE id = " + ("?" if backend.name == "sqlite"
+                                                         else "%s")
+
+    def writer(w: int) -> None:
+        conn = backend.raw()
+        i = w
+        while time.perf_counter() < deadline:
+            conn.execute(sql, (i % ROWS,))
+            done[w] += 1
+            i += writers
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+async def fasm_rate(backend: Backend, machine: SqlCounter, submitters: int,
+                    seconds: float) -> float:
+    """Durable transitions per second with ``submitters`` concurrent submitters."""
+    done = [0] * submitters
+    async with Runtime(machine, database=backend.database(), key=machine.machine_name) as rt:
+        await rt.submit(0)  # warm up: connection, prepared statements
+        deadline = time.perf_counter() + seconds
+        start = time.perf_counter()
+
+        async def submitter(s: int) -> None:
+            i = s
+            while time.perf_counter() < deadline:
+                await rt.submit(i % ROWS)
+                done[s] += 1
+                i += submitters
+
+        async with anyio.create_task_group() as tg:
+            for s in range(submitters):
+                tg.start_soon(submitter, s)
+        return sum(done) / (time.perf_counter() - start)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def measure(backend: Backend, rounds: int, seconds: float) -> dict[tuple[str, int], float]:
+    backend.prepare()
+    results: dict[tuple[str, int], list[float]] = {}
+    for r in range(rounds):
+        for submitters in (1, 64):
+            runs: list[tuple[str, Callable[[], float]]] = [
+                ("raw", lambda s=submitters: raw_rate(backend, s, seconds)),
+                ("sql", lambda s=submitters: anyio.run(fasm_rate, backend, SqlCounter(), s,
+                                                       seconds)),
+                ("kv", lambda s=submitters: anyio.run(fasm_rate, backend, KvCounter(), s,
+                                                      seconds)),
+            ]
+            if r % 2:
+                runs.reverse()  # neither side always runs on the warmer disk
+            for what, fn in runs:
+                results.setdefault((what, submitters), []).append(fn())
+        print(f"   {backend.name}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return {k: statistics.median(v) for k, v in results.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one short round (CI smoke)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap.add_argument("--postgres", default=os.environ.get(
+        "FASM_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    ap.add_argument("--no-postgres", action="store_true")
+    args = ap.parse_args()
+    rounds, seconds = (1, 0.5) if args.quick else (args.rounds, args.seconds)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(dir=args.dir))
+    backends: list[Backend] = [SQLite(where)]
+    if not args.no_postgres:
+        try:
+            backends.append(Postgres(args.postgres))
+        except Exception as e:
+            print(f"PostgreSQL skipped: {e}", file=sys.stderr)
+    table: list[tuple[str, int, dict[tuple[str, int], float]]] = []
+    try:
+        for backend in backends:
+            medians = measure(backend, rounds, seconds)
+            for submitters in (1, 64):
+                table.append((backend.name, submitters, medians))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+        for backend in backends:
+            if isinstance(backend, Postgres):
+                backend.drop()
+    print(f"\ndurable transitions/s: one read + one write per transition; medians of {rounds} "
+          f"round(s) of {seconds:g} s, raw and fasm interleaved in the same run\n")
+    print(f"{'database':<9} {'submitters':>10} {'raw commits/s':>14} {'fasm SQL/s':>11} "
+          f"{'SQL/raw':>8} {'fasm KV/s':>10} {'KV/raw':>7}")
+    for name, submitters, m in table:
+        raw, sql, kv = m[("raw", submitters)], m[("sql", submitters)], m[("kv", submitters)]
+        print(f"{name:<9} {submitters:>10} {raw:>14,.0f} {sql:>11,.0f} {sql / raw:>8.2f} "
+              f"{kv:>10,.0f} {kv / raw:>7.2f}")
+    print("\ntarget (issue 5): fasm >= 0.70 x raw; printed, not asserted")
+
+
+if __name__ == "__main__":
+    main()
