@@ -46,10 +46,16 @@ def test_demo_killed_mid_flight_recovers_pending_charges(tmp_path: Path) -> None
         proc = subprocess.Popen([sys.executable, str(SERVICE), "--data", str(tmp_path),
                                  "--quiet", "--forever"], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
-        time.sleep(1.5)
+        assert proc.stdout is not None
+        seen = ""
+        while "committed seq" not in seen:  # kill it mid-flight, however slow the start was
+            line = proc.stdout.readline()
+            assert line, f"the service exited before committing anything: {seen}"
+            seen += line
+        time.sleep(0.5)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
-        assert "committed seq" in out, out
+        assert "committed seq" in seen + out
         again = run_service(tmp_path, "--payments", "0")
         assert again.returncode == 0, again.stdout + again.stderr
         assert "CONSISTENT" in again.stdout
