@@ -12,7 +12,7 @@ import itertools
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from .._machine import StateMachine
@@ -252,8 +252,9 @@ class Simulation(Generic[S, I]):
             else:
                 seed_iter, total = itertools.count(base_seed), None
         else:
-            seed_iter = list(seeds)
-            total = len(seed_iter)
+            # Any iterable, even an endless one (with a budget): counted only when it can be.
+            seed_iter = seeds
+            total = len(seeds) if isinstance(seeds, Sized) else None
         report_to = _progress_printer if progress is True else progress or None
         started = time.perf_counter()
         next_report = started + _PROGRESS_EVERY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from typing import Any
 
@@ -131,6 +132,8 @@ def test_budget_stops_starting_seeds() -> None:
     assert report.stopped == "budget"
     assert 1 <= len(report.seeds) < 1000
     assert report.seeds == tuple(range(len(report.seeds)))
+    endless = desk_sim().run(seeds=itertools.count(50), budget=0.05, steps=20)
+    assert endless.seeds[:2] == (50, 51) and endless.stopped == "budget"
 
 
 def test_progress_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
