@@ -6,15 +6,19 @@ For each machine, three ways of running the same input source and the same invar
 
 * ``plain loop``: the seed README's loop, by hand: draw an input (or complete a random pending
   tracked action), call ``stf``, call the invariants. No engine, no store, no faults, no checks.
+* ``engine + codec + store, by hand``: the same loop through what the simulation cannot skip
+  (input validation, the engine, a journal entry through the codec, a MemoryStore write): the
+  floor under the simulation, measured to show which part of the cost is the simulation's own.
 * ``sim, invariants only``: ``Simulation(checks=Checks.invariants_only())`` with the default
   fault plan: the real engine, journal writes through the codec into a MemoryStore, crashes and
   restarts with replay and restore, executor failures and retries, the invariants after every step.
 * ``sim, all checks``: the same with every check (atomicity, determinism by re-execution, restore
   completeness after every commit, results absorbed, liveness ...).
 
-Two more rows show where the time goes: ``trust`` runs the engine with ``rollback="trust"`` (no
-store reload and replay after each refused input, which the default ``"reload"`` pays, as in
-production), and ``no faults`` runs ``FaultPlan.none()`` (no crashes, restarts or retries).
+Two more rows show where the time goes: ``reload`` runs the engine with ``rollback="reload"``,
+the Runtime's default (a store reload and replay after each refused input; the simulation's
+default is ``"trust"``), and ``no faults`` runs ``FaultPlan.none()`` (no crashes, restarts or
+retries).
 
 Machines: the seed README's PaymentMachine (a tiny stf and a one-line invariant), the coffee shop
 (when examples/coffee_shop.py is there) and a clinic booking machine defined below (a larger state,
@@ -46,7 +50,11 @@ from fasm import (
     Tracked,
     TrackedActionCompleted,
 )
+from fasm.persistence import Journal, MemoryStore
+from fasm.persistence._codec import Codec
+from fasm.persistence._durability import Writer
 from fasm.runtime import Rollback
+from fasm.runtime._engine import Accepted, Engine
 from fasm.testing import Checks, FaultPlan, Simulation, Weighted
 
 # -- a larger machine: clinic bookings ------------------------------------------------------------
@@ -294,11 +302,15 @@ class Case:
 
 
 def _run(coro: Any) -> None:
+    _result(coro)
+
+
+def _result(coro: Any) -> Any:
     try:
         coro.send(None)
-    except StopIteration:
-        return
-    raise RuntimeError("stf suspended")
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("a coroutine suspended")
 
 
 def plain_loop(case: Case, seeds: int, steps: int) -> tuple[int, float]:
@@ -331,8 +343,52 @@ def plain_loop(case: Case, seeds: int, steps: int) -> tuple[int, float]:
     return done, time.perf_counter() - start
 
 
+def production_path(case: Case, seeds: int, steps: int) -> tuple[int, float]:
+    """The plain loop plus what the simulation cannot skip: input validation, the engine, a
+    journal entry through the codec, a MemoryStore write, the engine's commit bookkeeping (no
+    faults, no events, no checks). The floor under the simulation's own cost."""
+    codec = Codec(type(case.machine))
+    validator = Engine(case.machine, state=None)
+    validator.validate(case.inputs(random.Random(0), case.initial()))  # build the validator
+    done = 0
+    start = time.perf_counter()
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        engine = Engine(case.machine, state=case.initial(), rollback="trust")
+        writer = Writer(codec, Journal(min_checkpoint_bytes=1024))
+        store = MemoryStore()
+        _run(store.open())
+        _run(store.acquire("bench"))
+        pending: list[Tracked[Any, Any]] = []
+        for i in range(steps):
+            if pending and rng.random() < 0.5:
+                tracked = pending.pop(rng.randrange(len(pending)))
+                spec = next(w for t, w in case.executors.items()
+                            if isinstance(tracked.action, t))
+                inp: Any = TrackedActionCompleted(tracked.id, spec.sample(rng))
+            else:
+                inp = Normal(validator.validate(case.inputs(rng, engine.state)))
+            step = _result(engine.step(inp))
+            done += 1
+            if not isinstance(step, Accepted):
+                continue
+            for invariant in case.invariants:
+                verdict = invariant(engine.state)
+                if verdict is not None and verdict is not True:
+                    raise AssertionError(verdict)
+            encoded = writer.encode([(step.seq, step.input, None)])
+            checkpoint = (codec.encode_checkpoint(step.seq, engine.state, {})
+                          if i == 0 or writer.checkpoint_due(encoded) else None)
+            plan = writer.plan(engine.committed_seq, step.seq, encoded, checkpoint)
+            _run(store.commit("bench", expected_seq=plan.expected_seq, seq=plan.seq,
+                              entries=plan.entries, checkpoint=plan.checkpoint))
+            writer.written(plan)
+            pending.extend(engine.committed([step]).tracked)
+    return done, time.perf_counter() - start
+
+
 def simulated(case: Case, seeds: int, steps: int, checks: Checks, faults: FaultPlan,
-              rollback: Rollback = "reload") -> tuple[int, float]:
+              rollback: Rollback = "trust") -> tuple[int, float]:
     sim = Simulation(case.machine, initial_state=case.initial, inputs=case.inputs,
                      executors=case.executors, invariants=case.invariants, checks=checks,
                      faults=faults, rollback=rollback)
@@ -358,12 +414,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds, steps, reps = (3, 300, 1) if args.quick else (10, 500, 3)
     cases = [c for c in (payment_case(), coffee_case(), clinic_case()) if c is not None]
     only, every = Checks.invariants_only(), Checks()
-    modes: list[tuple[str, Checks | None, FaultPlan, Rollback]] = [
-        ("plain loop", None, FaultPlan(), "reload"),
-        ("sim, invariants only", only, FaultPlan(), "reload"),
-        ("sim, invariants only, trust", only, FaultPlan(), "trust"),
-        ("sim, invariants only, no faults", only, FaultPlan.none(), "reload"),
-        ("sim, all checks", every, FaultPlan(), "reload"),
+    modes: list[tuple[str, Checks | str | None, FaultPlan, Rollback]] = [
+        ("plain loop", None, FaultPlan(), "trust"),
+        ("engine + codec + store, by hand", "bare", FaultPlan(), "trust"),
+        ("sim, invariants only", only, FaultPlan(), "trust"),
+        ("sim, invariants only, reload", only, FaultPlan(), "reload"),
+        ("sim, invariants only, no faults", only, FaultPlan.none(), "trust"),
+        ("sim, all checks", every, FaultPlan(), "trust"),
     ]
     print(f"{seeds} seeds x {steps} steps per row, best of {reps}; Python "
           f"{sys.version.split()[0]}")
@@ -372,11 +429,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     for case in cases:
         base = 0.0
         for mode, checks, faults, rollback in modes:
-            def measure(case: Case = case, checks: Checks | None = checks,
+            def measure(case: Case = case, checks: Checks | str | None = checks,
                         faults: FaultPlan = faults, rollback: Rollback = rollback
                         ) -> tuple[int, float]:
                 if checks is None:
                     return plain_loop(case, seeds, steps)
+                if isinstance(checks, str):
+                    return production_path(case, seeds, steps)
                 return simulated(case, seeds, steps, checks, faults, rollback)
 
             n, seconds = best_of(reps, measure)

@@ -64,7 +64,11 @@ class Simulation(Generic[S, I]):
         durability: how commits are written (default: the production journal, checkpointed
             from 1 KiB of journal on, so short runs recover through checkpoints and journal
             replays both).
-        rollback: the engine's rollback policy, as in production (default ``"reload"``).
+        rollback: the engine's rollback policy (default ``"trust"``). The atomicity check runs
+            under every policy, and a machine that passes it behaves the same under all of them;
+            ``"trust"`` skips the store reload and replay that ``"reload"`` (the Runtime's
+            default) pays after every refused input. Pass your production policy to run its
+            exact code path.
         steps: transitions per seed when ``run`` is not told otherwise.
         key: the machine key in the simulated store.
         idempotency_window: as the Runtime's.
@@ -86,7 +90,7 @@ class Simulation(Generic[S, I]):
         faults: FaultPlan | None = None,
         checks: Checks | None = None,
         durability: Durability | None = None,
-        rollback: Rollback = "reload",
+        rollback: Rollback = "trust",
         steps: int = 200,
         key: str = "sim",
         idempotency_window: int = 1000,

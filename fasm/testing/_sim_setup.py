@@ -14,7 +14,7 @@ from ..persistence._codec import Codec
 from ..persistence._durability import Durability
 from ..runtime._engine import Engine, Rollback
 from ._checks import Invariant, StateTools
-from ._sim_config import Checks, FaultPlan, SimExecutor
+from ._sim_config import Checks, FaultPlan, SimExecutor, lookup
 
 __all__ = ("Setup",)
 
@@ -52,6 +52,14 @@ class Setup:
         # Results already validated, by identity (the object is kept, so its id stays its
         # own): a Weighted distribution hands out the same few objects again and again.
         self._valid_results: dict[int, Any] = {}
+        self._executor_cache: dict[type[Any], SimExecutor[Any, Any]] = {}
+
+    def executor_for(self, action_type: type[Any]) -> SimExecutor[Any, Any]:
+        """The simulated executor of an action class (its own, or its nearest base's)."""
+        spec = self._executor_cache.get(action_type)
+        if spec is None:
+            spec = self._executor_cache[action_type] = lookup(self.executors, action_type)
+        return spec
 
     def result_known_valid(self, result: Any) -> bool:
         return self._valid_results.get(id(result)) is result

@@ -49,7 +49,7 @@ from ._checks import (
     run_sync,
     short,
 )
-from ._sim_config import CrashPoint, SimExecutor, lookup
+from ._sim_config import CrashPoint
 from ._sim_setup import Setup
 from ._sim_verify import Verifier
 
@@ -242,8 +242,9 @@ class Run(Verifier):
     # -- executors --------------------------------------------------------------------------------
 
     def dispatch(self, release: Release) -> None:
+        if release.tracked:
+            self.count("dispatched", len(release.tracked))
         for tracked in release.tracked:
-            self.count("dispatched")
             action = tracked.action
             if isinstance(action, Timer):
                 self.push(max(self.now, action.at), _TIMER, (self.inc, tracked.id, action))
@@ -253,7 +254,7 @@ class Run(Verifier):
             self.count("untracked", len(release.untracked))
 
     def attempt(self, action_id: Any, action: Any, attempt: int) -> None:
-        spec: SimExecutor[Any, Any] = lookup(self.s.executors, type(action))
+        spec = self.s.executor_for(type(action))
         rng = self.rng_exec
         low, high = spec.latency or self.plan.latency
         limit = spec.retry.timeout
@@ -289,7 +290,7 @@ class Run(Verifier):
         self.count(f"results:{outcome}")
         kind = type(action).__qualname__
         self.fault(f"{kind} {action_id!r} attempt {attempt}: {outcome}")
-        spec: SimExecutor[Any, Any] = lookup(self.s.executors, type(action))
+        spec = self.s.executor_for(type(action))
         policy = spec.retry
         if policy.max_attempts is not None and attempt >= policy.max_attempts:
             assert spec.on_exhausted is not None

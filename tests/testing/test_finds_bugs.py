@@ -17,6 +17,7 @@ from examples.seed_readme import (
     Success,
 )
 from fasm import StateMachine
+from fasm.runtime import Rollback
 from fasm.testing import Checks, FaultPlan, Simulation, Weighted
 from tests.testing.machines import (
     CallsInSetOrder,
@@ -105,21 +106,28 @@ def test_every_crash_point_is_exercised_and_survived() -> None:
 def test_invariants_only_misses_what_the_framework_checks_catch() -> None:
     # The Runtime's rollback hides a non-atomic stf; only the atomicity check reports it.
     report = desk_sim(MutatesThenRaises(), invariants=[stock_is_conserved],
-                      checks=Checks.invariants_only()).run(seeds=5)
+                      checks=Checks.invariants_only(), rollback="reload").run(seeds=5)
     assert report.ok, str(report)
     assert report.checks == "invariants"
 
 
-def test_atomicity_is_checked_under_every_rollback_that_keeps_the_damage() -> None:
-    report = desk_sim(MutatesThenRaises(), rollback="trust").run()
+@pytest.mark.parametrize("rollback", ["trust", "reload"])
+@pytest.mark.parametrize("determinism", [True, False])
+def test_atomicity_is_checked_under_rollback(rollback: Rollback, determinism: bool) -> None:
+    # Without the determinism check there is no cached pre-state: "trust" rebuilds the last
+    # accepted state from the store to compare, "reload" compares with what the reload gave.
+    report = desk_sim(MutatesThenRaises(), rollback=rollback,
+                      checks=Checks(determinism=determinism)).run()
     assert report.failures[0].check == "atomicity"
-    # Without the determinism check there is no cached pre-state: the trust path rebuilds the
-    # last accepted state from the store to compare.
-    report = desk_sim(MutatesThenRaises(), rollback="trust",
-                      checks=Checks(determinism=False)).run()
-    assert report.failures[0].check == "atomicity"
-    report = desk_sim(MutatesThenRaises(), checks=Checks(determinism=False)).run()
-    assert report.failures[0].check == "atomicity"
+    assert report.counts.get("reloads", 0) == (1 if rollback == "reload" else 0)
+
+
+@pytest.mark.parametrize("rollback", ["reload", "copy"])
+def test_correct_desk_passes_under_the_other_rollbacks(rollback: Rollback) -> None:
+    report = desk_sim(invariants=[stock_is_conserved], rollback=rollback).run(seeds=4)
+    assert report.ok, str(report)
+    if rollback == "reload":
+        assert report.counts["reloads"] == report.counts["rejections"] > 0
 
 
 def test_refused_result_is_a_liveness_failure_when_absorbed_is_off() -> None:

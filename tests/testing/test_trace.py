@@ -80,7 +80,7 @@ def test_the_simulation_drives_the_production_engine(monkeypatch: pytest.MonkeyP
             return _original(self, *args, **kwargs)  # type: ignore[operator]
 
         monkeypatch.setattr(Engine, name, counting)
-    report = desk_sim(faults=FaultPlan(crash=0.1)).run(seeds=3)
+    report = desk_sim(faults=FaultPlan(crash=0.1), rollback="reload").run(seeds=3)
     assert report.ok, str(report)
     assert calls["step"] == report.counts["steps"]
     assert calls["restore"] == report.counts["starts"]
