@@ -3,8 +3,13 @@
 Tables::
 
     fasm_meta(name PRIMARY KEY, value)             the format version
-    fasm_keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc)
+    fasm_keys(key PRIMARY KEY, seq, checkpoint_seq)
+    fasm_checkpoints(key PRIMARY KEY, data, crc)
     fasm_journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
+
+The checkpoint has a table of its own: every append updates the key's seq, and a row that also
+held the checkpoint blob would make SQLite rewrite checkpoint pages on every append, turning the
+journal's O(input) commit into O(state).
 
 A commit is one ``BEGIN IMMEDIATE`` transaction: read the key's seq, refuse a stale writer, then
 append entries (or replace the checkpoint and delete the entries it covers) and ``COMMIT``.
@@ -33,13 +38,15 @@ from ._store import StoredRecords, check_commit_args
 
 __all__ = ("SQLiteStore", "records_from_rows")
 
-_FORMAT = "1"
+_FORMAT = "2"  # 2: checkpoints moved out of fasm_keys
 _T = TypeVar("_T")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fasm_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS fasm_keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
-    "checkpoint_seq INTEGER NOT NULL, checkpoint BLOB, checkpoint_crc INTEGER)",
+    "checkpoint_seq INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS fasm_checkpoints (key TEXT PRIMARY KEY, data BLOB NOT NULL, "
+    "crc INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS fasm_journal (key TEXT NOT NULL, seq INTEGER NOT NULL, "
     "entry BLOB NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID",
 )
@@ -292,8 +299,9 @@ class SQLiteStore:
             conn.execute("BEGIN")  # one read snapshot for both tables
             try:
                 row = conn.execute(
-                    "SELECT seq, checkpoint_seq, checkpoint, checkpoint_crc FROM fasm_keys "
-                    "WHERE key = ?", (key,)).fetchone()
+                    "SELECT k.seq, k.checkpoint_seq, c.data, c.crc FROM fasm_keys k "
+                    "LEFT JOIN fasm_checkpoints c ON c.key = k.key WHERE k.key = ?",
+                    (key,)).fetchone()
                 rows = [] if row is None else conn.execute(
                     "SELECT seq, entry, crc FROM fasm_journal WHERE key = ? AND seq > ? "
                     "ORDER BY seq", (key, row[1])).fetchall()
@@ -340,11 +348,13 @@ class SQLiteStore:
                                         key=key, seq=seq)
                 if checkpoint is not None:
                     conn.execute(
-                        "INSERT INTO fasm_keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
-                        "SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq, "
-                        "checkpoint = excluded.checkpoint, "
-                        "checkpoint_crc = excluded.checkpoint_crc",
-                        (key, seq, seq, checkpoint, _crc(checkpoint)))
+                        "INSERT INTO fasm_keys VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                        "SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq",
+                        (key, seq, seq))
+                    conn.execute(
+                        "INSERT INTO fasm_checkpoints VALUES (?, ?, ?) ON CONFLICT (key) "
+                        "DO UPDATE SET data = excluded.data, crc = excluded.crc",
+                        (key, checkpoint, _crc(checkpoint)))
                     conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?",
                                  (key, seq))
                 else:

@@ -3,6 +3,7 @@ dead processes, and the synchronous modes."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -71,7 +72,7 @@ async def test_damaged_rows_are_corruption(tmp_path: Path, damage: str) -> None:
     await store.commit(KEY, expected_seq=1, seq=4, entries=[b"two", b"three", b"four"])
     with db(path) as other:
         if damage == "checkpoint":
-            other.execute("UPDATE fasm_keys SET checkpoint = ?", (flip_byte(b"state", 0),))
+            other.execute("UPDATE fasm_checkpoints SET data = ?", (flip_byte(b"state", 0),))
         elif damage == "entry":
             other.execute("UPDATE fasm_journal SET entry = ? WHERE seq = 3",
                           (flip_byte(b"three", 2),))
@@ -165,3 +166,27 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(StoreUnavailable, match="not open"):
         await store.commit(KEY, expected_seq=0, seq=1, entries=[b"x"])
+
+
+@pytest.mark.anyio
+async def test_append_cost_does_not_grow_with_the_checkpoint(tmp_path: Path) -> None:
+    """An append must not rewrite the checkpoint: WAL bytes per append are the same next to a
+    1 MB checkpoint as next to a tiny one (measured in bytes, not time)."""
+
+    async def wal_growth(name: str, checkpoint_size: int) -> int:
+        path = tmp_path / f"{name}.db"
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            await store.commit("k", expected_seq=0, seq=1, checkpoint=b"c" * checkpoint_size)
+            wal = Path(f"{path}-wal")
+            before = os.path.getsize(wal)  # noqa: ASYNC240 (a stat in a test)
+            for seq in range(2, 22):
+                await store.commit("k", expected_seq=seq - 1, seq=seq, entries=[b"e" * 100])
+            return os.path.getsize(wal) - before  # noqa: ASYNC240
+        finally:
+            await store.close()
+
+    small = await wal_growth("small", 100)
+    big = await wal_growth("big", 1024 * 1024)
+    assert big < 2 * small + 8192, f"{big} WAL bytes next to 1 MB vs {small} next to 100 B"
