@@ -2,9 +2,10 @@
 reported with the command that replays it, and the domain counts the suite prints.
 
 Why not ``fasm_sim.check``: a suite reports what happened in the domain (bookings, conflicts,
-payment failures), which needs each seed's final state and its trace, and
-:class:`~fasm.testing.SimReport` keeps neither. So the suite runs its seeds one at a time with
-``Simulation.run_seed`` and reads the same ``--fasm-*`` options the plugin defines:
+payment failures), which needs each seed's final state and, for refusals (which are not state),
+its trace; :class:`~fasm.testing.SimReport` adds up the toolkit's counts only. So the suite runs
+its seeds one at a time with ``Simulation.run_seed`` (whose :class:`~fasm.testing.SeedResult`
+has both) and reads the same ``--fasm-*`` options the plugin defines:
 
     pytest tests/examples/test_dentist_simulation.py                      # short budgets (CI)
     pytest tests/examples/test_dentist_simulation.py --fasm-budget 600 -s # ten minutes a suite
@@ -18,28 +19,13 @@ import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from fasm.testing import SeedResult, Simulation
 
 S = TypeVar("S")
-
-
-class FinalState(Generic[S]):
-    """An "invariant" that always holds and remembers the state it was last shown.
-
-    The simulation runs its invariants after every accepted transition and every restart, the
-    liveness phase included, so once a seed has run, ``last`` is its final state. Give it to the
-    simulation as the last invariant; the suite resets it before each seed.
-    """
-
-    def __init__(self) -> None:
-        self.last: S | None = None
-
-    def __call__(self, state: S) -> None:
-        self.last = state
 
 
 @dataclass
@@ -71,7 +57,6 @@ def count_lines(result: SeedResult, *needles: str) -> int:
 def run_suite(
     request: pytest.FixtureRequest,
     sim: Simulation[S, Any],
-    final: FinalState[S],
     tally: Callable[[S, SeedResult], Mapping[str, int]],
     *,
     name: str,
@@ -115,7 +100,6 @@ def run_suite(
     for seed in chosen:
         if limit is not None and done and time.perf_counter() - started >= limit:
             break
-        final.last = None
         result = sim.run_seed(seed, steps=steps, trace_limit=None if keep_trace else 0)
         if result.failure is not None:
             # Run it again with a short trace: the failure then shows the last events only.
@@ -128,8 +112,7 @@ def run_suite(
         done.append(seed)
         for key, n in result.counts.items():
             counts[key] = counts.get(key, 0) + n
-        assert final.last is not None, "FinalState must be one of the simulation's invariants"
-        for key, n in tally(final.last, result).items():
+        for key, n in tally(result.state, result).items():
             domain[key] = domain.get(key, 0) + n
     full = len(done) >= seeds and steps >= default_steps
     return SuiteReport(name, done, steps, full, counts, domain, time.perf_counter() - started)
