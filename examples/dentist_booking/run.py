@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `examples.dentist_booking
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "examples.dentist_booking"
 
-from fasm.persistence import SQLiteStore, Store
+from fasm.persistence import Journal, SQLiteStore, Store
 from fasm.runtime import Clock, Listener, ManualClock, Runtime, RuntimeEvent, TransitionCommitted
 
 from .machine import (
@@ -63,6 +63,9 @@ def clinic_runtime(store: Store, processor: CardProcessor, inboxes: Inboxes, clo
     """The clinic's runtime: payments through the processor, notifications to the inboxes.
     ``Timer`` needs no executor: the runtime fires it from ``clock``."""
     return Runtime(DentistMachine(), initial_state=Clinic, key="clinic", store=store,
+                   # The default, named: each commit appends the input (O(input)) and a
+                   # checkpoint comes now and then; Snapshot() would rewrite the calendar.
+                   durability=Journal(),
                    executors={PreAuthorize: preauthorize_executor(processor)},
                    handlers=inboxes.handlers(processor), clock=clock, listeners=listeners,
                    # The stf validates before it mutates, and the simulation's atomicity

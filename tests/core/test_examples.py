@@ -10,7 +10,6 @@ the example files they say they come from.
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -331,49 +330,3 @@ def test_example_runs_as_a_script(script: str, line: str) -> None:
     assert done.returncode == 0, done.stderr
     assert line in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
-
-
-# -- the docs quote the examples ------------------------------------------------------------------
-
-_BLOCK = re.compile(r"<!-- (from (?P<file>\S+)|counterexample) -->\n```python\n(?P<code>.*?)```",
-                    re.DOTALL)
-
-
-def _blocks(doc: str) -> list[re.Match[str]]:
-    text = (ROOT / "docs" / doc).read_text()
-    found = _BLOCK.findall(text)
-    untagged = text.count("```python") - len(found)
-    assert untagged == 0, f"{doc}: {untagged} python block(s) without a 'from' or " \
-                          "'counterexample' tag"
-    return list(_BLOCK.finditer(text))
-
-
-@pytest.mark.parametrize("doc", ["01_core_concepts.md", "02_invariants.md"])
-def test_doc_code_blocks_are_taken_from_the_examples(doc: str) -> None:
-    quoted = 0
-    for block in _blocks(doc):
-        if block["file"] is None:
-            continue
-        source = (ROOT / block["file"]).read_text()
-        # Each run of lines between "..." elisions appears verbatim, dedented, in the file.
-        for chunk in re.split(r"\n\s*\.\.\.\n", block["code"]):
-            chunk_lines = [ln for ln in chunk.splitlines() if ln.strip()]
-            assert chunk_lines, f"{doc}: an empty quote from {block['file']}"
-            assert _contains_dedented(source, chunk_lines), (
-                f"{doc}: a block says it is from {block['file']} but is not:\n{chunk}")
-        quoted += 1
-    assert quoted >= 3, f"{doc} quotes too little from the examples"
-
-
-def _contains_dedented(source: str, chunk: list[str]) -> bool:
-    """True when ``chunk`` (each line possibly with less indentation) is a run of ``source``."""
-    src = source.splitlines()
-    first = chunk[0].strip()
-    for i, line in enumerate(src):
-        if line.strip() != first:
-            continue
-        shift = len(line) - len(line.lstrip()) - (len(chunk[0]) - len(chunk[0].lstrip()))
-        window = [s for s in src[i:] if s.strip()][: len(chunk)]
-        if shift >= 0 and [s[shift:] for s in window] == chunk:
-            return True
-    return False

@@ -231,7 +231,7 @@ async def test_auto_selection_honours_preferences(taken: list[BookingInput], ask
     await stf(state, ask)
     request = state.requests[state.next_request_id - 1]
     assert (request.slot, request.prefs, request.asked) == (given, ask.prefs, None)
-    assert request.prefs.admits(given, DURATION[ask.apt_type])
+    assert ask.prefs.admits(given, DURATION[ask.apt_type])
     check_invariants(state)
 
 
@@ -469,7 +469,8 @@ async def test_auto_selection_under_concurrency_gives_distinct_preferred_slots()
 async def test_invariants_hold_after_a_random_sequence_and_the_store_agrees() -> None:
     """Three hundred random requests, cancellations and changes of hours, with declined cards
     and the clock moving on (payments expire, timers fire), through the Runtime."""
-    world = World()
+    store = MemoryStore()
+    world = World(store)
     world.processor.declined.update({"p03", "p07"})
     world.processor.silent.add("p05")  # never answers: its holds expire
     rng = random.Random(6)
@@ -495,7 +496,7 @@ async def test_invariants_hold_after_a_random_sequence_and_the_store_agrees() ->
         totals = final.totals
     assert refused and totals.confirmed and totals.cancelled and totals.payment_failures
     assert totals.expired  # p05's holds
-    async with world.runtime(MemoryStore(data=world.store.data)) as rt:  # what a restart loads
+    async with world.runtime(MemoryStore(data=store.data)) as rt:  # what a restart loads
         assert (rt.state, rt.seq) == (final, seq)
 
 
