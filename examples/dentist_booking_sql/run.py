@@ -112,7 +112,7 @@ async def main(make_db: Callable[[], Database], *, postgres: bool,
             await book(rt, request)
         await rt.wait_idle()  # dee's decline frees 08:00 ...
         await book(rt, RequestBooking("eve", "dr_bob", DAY, "08:00"))  # ... for eve
-        # Two patients race for one slot: both run in one transaction, the database lets one in.
+        # Two patients race for one slot (often in one transaction): the database lets one in.
         async with anyio.create_task_group() as tg:
             tg.start_soon(book, rt, RequestBooking("gia", "dr_ada", DAY, "11:00"))
             tg.start_soon(book, rt, RequestBooking("hal", "dr_ada", DAY, "11:00"))

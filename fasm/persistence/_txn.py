@@ -87,7 +87,8 @@ class Stmt:
         sql: the statement.
         params: its parameters, or for ``many`` a sequence of parameter sets.
         many: run once per parameter set (``executemany``).
-        check: called with the statement's first row (or None) once it ran, to check it.
+        check: called with the statement's cursor once it ran (its ``fetchone()`` and
+            ``rowcount``), to check the result.
     """
 
     sql: str
@@ -125,9 +126,14 @@ class Driver(Protocol):
     """One backend's connection, used from one thread at a time. Every method blocks."""
 
     description: str
-    lock_suffix: str
-    """Appended to the fence's SELECT to lock the machine's row (``" FOR UPDATE"``), or empty
-    where the transaction's own write lock already serializes writers."""
+    fence_at_begin: bool
+    """Whether the transaction's first statement checks the machine's sequence number and locks
+    its row (``SELECT ... FOR UPDATE``): needed where COMMIT goes out in one pipeline with the
+    bookkeeping, so that the check is known before. Without it the bookkeeping's own conditional
+    update is the fence, checked before COMMIT."""
+    commit_token: bool
+    """Whether commits record a token in the machine's row, for :meth:`commit` to find out after
+    a lost connection whether a COMMIT in flight happened."""
 
     def table(self, name: str) -> str:
         """The quoted, qualified name of an internal table: ``machines``, ``idempotency`` or
@@ -226,7 +232,7 @@ class Session:
         self._queued: list[Stmt] = []
         self._open = False          # BEGIN queued or sent
         self._begun = False         # BEGIN sent
-        self._fence_ok = fence is None
+        self._fence_ok = fence is None or not self._driver.fence_at_begin
         self._sp: int | None = None  # index of this input's queued SAVEPOINT; -1 once sent
         self._input_error: Exception | None = None
         self.aborted: Abort | None = None
@@ -258,12 +264,9 @@ class Session:
             Abort: (runtime) the transaction is lost. StoreError: (otherwise) the same.
         """
         self.usable()
-        if _first(sql) in _OWNED:
-            raise ValueError(f"{_first(sql)} is not allowed here: the runtime begins, commits and "
-                             "rolls back the transaction, and manages its savepoints")
         self._flush_writes()
         try:
-            result = self._send(Stmt(self._driver.translate(sql), params, many), fetch)
+            result = self._send(Stmt(self._db._user_sql(sql), params, many), fetch)
         finally:
             self._cache.clear()
         return result
@@ -288,11 +291,12 @@ class Session:
             raise self._failed(e) from e
         self._open = True
         self._begun = False
-        if self._fence is not None:
+        if self._fence is not None and self._driver.fence_at_begin:
             key, expected = self._fence
             self._fence_ok = False
 
-            def check(row: Any) -> None:
+            def check(cursor: Any) -> None:
+                row = cursor.fetchone()
                 current = None if row is None else row[0]
                 if current != expected:
                     raise StoreConflict("stale writer: the machine's stored seq is "
@@ -301,9 +305,7 @@ class Session:
                                         key=key, seq=expected)
                 self._fence_ok = True
 
-            self._queued.append(Stmt(self._driver.translate(
-                f"SELECT seq FROM {self._driver.table('machines')} WHERE key = ?"
-                f"{self._driver.lock_suffix}"), (key,), check=check))
+            self._queued.append(Stmt(self._db._sql("machine_fence"), (key,), check=check))
 
     def _failed(self, e: Exception) -> BaseException:
         """Record what a failed statement means and return the exception to raise."""
@@ -372,7 +374,7 @@ class Session:
             # needs the database begins a new one.
             self._queued = [Stmt("ROLLBACK")] if self._begun else []
             self._open = self._begun = False
-            self._fence_ok = self._fence is None
+            self._fence_ok = self._fence is None or not self._driver.fence_at_begin
 
     def keep(self) -> None:
         """The input was accepted: its savepoint is released and its key-value writes queued."""
@@ -578,15 +580,19 @@ class Database:
     ``<prefix>kv``: the key-value layer), all written in the same transactions as your data.
     """
 
-    def __init__(self, driver: Driver, *, max_attempts: int) -> None:
+    def __init__(self, driver: Driver, *, max_attempts: int, inline: bool = False) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self._driver = driver
         self.max_attempts = max_attempts
         """How many times a group of inputs is run before contention is reported."""
+        self.inline = inline
+        """Whether the runtime runs each group on the event loop's thread rather than on a
+        worker thread (see :class:`~fasm.persistence.SQLiteDatabase`)."""
         self._limiter: anyio.CapacityLimiter | None = None
         self._lock: anyio.Lock | None = None
         self._sql_cache: dict[str, str] = {}
+        self._user_cache: dict[str, str] = {}
 
     @property
     def description(self) -> str:
@@ -607,6 +613,8 @@ class Database:
     async def close(self) -> None:
         """Release held keys and disconnect. Safe to call twice."""
         await self._in_thread(self._driver.close)
+        # Made again on the next open: the object may next be used under another event loop.
+        self._lock = self._limiter = None
 
     async def __aenter__(self) -> Database:
         await self.open()
@@ -663,6 +671,13 @@ class Database:
             self._lock = anyio.Lock()
         return self._lock
 
+    async def _blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a blocking call of the runtime's (a whole group, a restore): on the event loop's
+        thread when the database is ``inline``, else on the worker thread."""
+        if self.inline:
+            return fn(*args)
+        return await self._in_thread(fn, *args)
+
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
@@ -683,7 +698,9 @@ class Database:
                 "machine_create": f"INSERT INTO {m} (key, seq) VALUES (?, 0) "
                                   "ON CONFLICT (key) DO NOTHING",
                 "machine_seq": f"SELECT seq FROM {m} WHERE key = ?",
-                "machine_bump": f"UPDATE {m} SET seq = ?, last_commit = ? WHERE key = ?",
+                "machine_fence": f"SELECT seq FROM {m} WHERE key = ? FOR UPDATE",
+                "machine_bump": f"UPDATE {m} SET seq = ?, last_commit = ? "
+                                "WHERE key = ? AND seq = ?",
                 "keys_load": f"SELECT idempotency_key, seq FROM {i} WHERE key = ? ORDER BY seq",
                 "key_put": f"INSERT INTO {i} (key, idempotency_key, seq) VALUES (?, ?, ?) "
                            "ON CONFLICT (key, idempotency_key) DO UPDATE SET seq = excluded.seq",
@@ -719,6 +736,24 @@ class Database:
         where, params = self._bounds(space, start, end)
         return self._translated(f"DELETE FROM {self._driver.table('kv')} WHERE {where}"), params
 
+    def _user_sql(self, sql: str) -> str:
+        """A user's statement in the driver's placeholder style (cached).
+
+        Raises:
+            ValueError: it would begin, end or nest the transaction, which the runtime owns, or
+                it mixes placeholder styles.
+        """
+        found = self._user_cache.get(sql)
+        if found is None:
+            word = _first(sql)
+            if word in _OWNED:
+                raise ValueError(f"{word} is not allowed here: the runtime begins, commits and "
+                                 "rolls back the transaction, and manages its savepoints")
+            if len(self._user_cache) > 4096:
+                self._user_cache.clear()
+            found = self._user_cache[sql] = self._driver.translate(sql)
+        return found
+
     def _translated(self, sql: str) -> str:
         found = self._sql_cache.get(sql)
         if found is None:
@@ -739,14 +774,24 @@ class Database:
                 session.end()
         return int(row[0]), [(str(k), int(s)) for k, s in rows]
 
-    def _bookkeeping(self, key: str, seq: int, new_keys: Sequence[tuple[str, int]],
-                     oldest_kept: int | None) -> tuple[list[Stmt], tuple[str, str]]:
-        """The statements recording a committed group, and its commit token."""
-        token = uuid.uuid4().hex
-        stmts = [Stmt(self._sql("machine_bump"), (seq, token, key))]
+    def _bookkeeping(self, key: str, expected: int, seq: int,
+                     new_keys: Sequence[tuple[str, int]],
+                     oldest_kept: int | None) -> tuple[list[Stmt], tuple[str, str] | None]:
+        """The statements recording a committed group (the sequence number moves from
+        ``expected`` to ``seq``, or the commit is refused as a stale writer's), and its commit
+        token when the driver uses one."""
+        token = uuid.uuid4().hex if self._driver.commit_token else None
+
+        def fenced(cursor: Any) -> None:
+            if cursor.rowcount != 1:
+                raise StoreConflict(f"stale writer: the machine's stored seq is not {expected}; "
+                                    "another process wrote it", store=self.description, key=key,
+                                    seq=seq)
+
+        stmts = [Stmt(self._sql("machine_bump"), (seq, token, key, expected), check=fenced)]
         if new_keys:
             stmts.append(Stmt(self._sql("key_put"), [(key, k, s) for k, s in new_keys],
                               many=True))
             if oldest_kept is not None:
                 stmts.append(Stmt(self._sql("keys_prune"), (key, oldest_kept)))
-        return stmts, (key, token)
+        return stmts, None if token is None else (key, token)

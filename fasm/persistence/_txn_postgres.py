@@ -132,7 +132,10 @@ def _word(c: str) -> bool:
 
 
 class _PgDriver:
-    lock_suffix = " FOR UPDATE"
+    # COMMIT goes out in one pipeline with the bookkeeping, so the fence is checked first, and
+    # a COMMIT whose answer was lost is looked up by its token.
+    fence_at_begin = True
+    commit_token = True
 
     def __init__(self, dsn: str, schema: str, prefix: str, isolation: str,
                  lock_timeout: float | None, connect_timeout: float) -> None:
@@ -345,7 +348,7 @@ class _PgDriver:
             cur = None if last is None else self._exec(conn, last)
         for stmt, c in sent:
             if stmt.check is not None:
-                stmt.check(c.fetchone())
+                stmt.check(c)
         return self._result(cur, fetch)
 
     def _live(self) -> psycopg.Connection[Any]:

@@ -291,7 +291,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """The live state (the last accepted transition's). Read it; never mutate it.
 
         Read it again after every await rather than keeping a reference: a rollback with
-        ``rollback="reload"`` replaces the state object with the reloaded one."""
+        ``rollback="reload"`` replaces the state object with the reloaded one. With
+        ``database=`` it is the transaction of the last group, already ended: read the database
+        through ``database.transaction(readonly=True)`` instead."""
         return cast(S, self._require_engine().state)
 
     @property

@@ -139,7 +139,7 @@ class DatabaseHost:
         await db.open()
         await db.acquire(self.key)
         async with db.lock():
-            seq, keys = await db._in_thread(self._load_sync)
+            seq, keys = await db._blocking(self._load_sync)
         return self._engine(seq, keys)
 
     def open_sync(self) -> Engine:
@@ -178,7 +178,7 @@ class DatabaseHost:
             StoreUnavailable: the database could not be read.
         """
         async with self.database.lock():
-            return await self.database._in_thread(self.restore_sync, engine)
+            return await self.database._blocking(self.restore_sync, engine)
 
     def restore_sync(self, engine: Engine) -> Release:
         """:meth:`restore`, on the calling thread (for a synchronous driver: the simulator)."""
@@ -204,7 +204,7 @@ class DatabaseHost:
                 be known. Nothing of the group is acknowledged.
         """
         async with self.database.lock():
-            return await self.database._in_thread(self.run_sync, engine, inputs)
+            return await self.database._blocking(self.run_sync, engine, inputs)
 
     def run_sync(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
         """:meth:`run`, on the calling thread (for a synchronous driver: the simulator, which
@@ -224,7 +224,8 @@ class DatabaseHost:
                     new_keys = [(s.idempotency_key, s.seq) for s in accepted
                                 if s.idempotency_key is not None]
                     oldest = next(iter(engine.idempotency.values()), None)
-                    extra, token = db._bookkeeping(self.key, accepted[-1].seq, new_keys, oldest)
+                    extra, token = db._bookkeeping(self.key, engine.committed_seq,
+                                                   accepted[-1].seq, new_keys, oldest)
                     session.commit(extra, token)
                 return GroupResult(list(steps), retries)
             except Abort as abort:

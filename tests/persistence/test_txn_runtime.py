@@ -404,3 +404,54 @@ def test_a_runtime_takes_a_state_object_or_a_database_not_both(tmp_path: Path) -
 
     with pytest.raises(DefinitionError, match="declare StateMachine\\[Transaction"):
         _Runtime(NotATransaction(), database=db)
+
+
+async def test_a_result_that_meets_endless_contention_is_queued_again(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    await create_schema(SQLiteDatabase(path))
+    holder = sqlite3.connect(path, isolation_level=None)
+    answer = anyio.Event()
+    contended = anyio.Event()
+    events: list[RuntimeEvent] = []
+
+    def count(event: RuntimeEvent) -> None:
+        events.append(event)
+        if sum(isinstance(e, TransactionRetried) for e in events) >= 4:
+            contended.set()
+
+    async def pay_when_told(action: Payout, ctx: ActionContext) -> Paid:
+        await answer.wait()
+        return Paid("late")
+
+    async with runtime(SQLiteDatabase(path, busy_timeout=0.005, max_attempts=2),
+                       pay_when_told, listeners=[count]) as rt:
+        await rt.submit(Open("ada", 10))
+        await rt.submit(Withdraw("ada", 3))
+        holder.execute("BEGIN IMMEDIATE")
+        answer.set()  # the result arrives while the database stays locked
+        await contended.wait()  # two groups gave up; the result went back in the queue
+        holder.execute("ROLLBACK")
+        await rt.wait_idle()
+        assert rt.in_flight == {}
+    holder.close()
+    assert await payouts(SQLiteDatabase(path)) == [(1, "ada", 3, "paid", "late")]
+
+
+async def test_inline_sqlite_runs_the_same_machine(tmp_path: Path) -> None:
+    """SQLiteDatabase(inline=True): the groups run on the event loop's thread; same outcomes."""
+    path = tmp_path / "inline.db"
+    await create_schema(SQLiteDatabase(path))
+    async with runtime(SQLiteDatabase(path, inline=True)) as rt:
+        await rt.submit(Open("ada", 10))
+        with pytest.raises(TransitionFailed):
+            await rt.submit(Careless("ada", 5))
+        with pytest.raises(ConstraintViolation):
+            await rt.submit(Overdraw("ada", 11))
+        await rt.submit(Withdraw("ada", 4))
+        await rt.submit(Note("ada", "inline"))
+        await rt.wait_idle()
+        assert rt.seq == 4
+    assert await balances(SQLiteDatabase(path)) == {"ada": 6}
+    assert await payouts(SQLiteDatabase(path)) == [(1, "ada", 4, "paid", "ref-1")]
+    async with runtime(SQLiteDatabase(path, inline=True)) as rt:
+        assert rt.seq == 4
