@@ -46,3 +46,14 @@ def test_shrunk_output_is_what_a_search_finds() -> None:
 def test_bench_output_is_from_the_benchmark() -> None:
     shown = {m["name"]: m["text"] for m in _OUTPUT.finditer(DOC)}["bench/bench_simulation.py"]
     assert "plain loop" in shown and "sim, invariants only" in shown and "vs plain" in shown
+
+
+def test_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import bench_simulation
+
+    bench_simulation.main(["--quick"])
+    out = capsys.readouterr().out
+    for row in ("plain loop", "engine + codec + store, by hand", "sim, invariants only",
+                "sim, all checks"):
+        assert row in out
+    assert "clinic bookings (larger)" in out and "seed PaymentMachine" in out
