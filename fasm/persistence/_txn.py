@@ -372,7 +372,8 @@ class Session:
         elif self._open:
             # The input was the first to touch this transaction: end it; the next input that
             # needs the database begins a new one.
-            self._queued = [Stmt("ROLLBACK")] if self._begun else []
+            pending_rollback = any(stmt.sql == "ROLLBACK" for stmt in self._queued)
+            self._queued = [Stmt("ROLLBACK")] if self._begun or pending_rollback else []
             self._open = self._begun = False
             self._fence_ok = self._fence is None or not self._driver.fence_at_begin
 
@@ -410,7 +411,12 @@ class Session:
         try:
             self._driver.commit(queued, token)
         except Exception as e:
-            raise self._failed(e) from e
+            error = self._failed(e)
+            try:
+                self._driver.rollback()  # a COMMIT that failed may leave the transaction open
+            except Exception:
+                pass  # a broken connection has none left
+            raise error from e
 
     def end(self) -> None:
         """End without committing (rolls back whatever is open). Never raises."""

@@ -455,3 +455,92 @@ async def test_inline_sqlite_runs_the_same_machine(tmp_path: Path) -> None:
     assert await payouts(SQLiteDatabase(path)) == [(1, "ada", 4, "paid", "ref-1")]
     async with runtime(SQLiteDatabase(path, inline=True)) as rt:
         assert rt.seq == 4
+
+
+def _model(values: list[Any]) -> tuple[list[str], dict[str, int], list[tuple[int, str, int]],
+                                      dict[str, str]]:
+    """What the ledger must do with ``values``, in order, computed in plain Python."""
+    balances: dict[str, int] = {}
+    payouts: list[tuple[int, str, int]] = []
+    notes: dict[str, str] = {}
+    kinds: list[str] = []
+    for v in values:
+        kind = "Committed"
+        match v:
+            case Open(name=name, balance=balance):
+                kind = "ConstraintViolation" if name in balances else kind
+                balances.setdefault(name, balance)
+            case Deposit(name=name, amount=amount):
+                if name not in balances:
+                    kind = "UnknownAccount"
+                else:
+                    balances[name] += amount
+            case Withdraw(name=name, amount=amount):
+                if name not in balances:
+                    kind = "UnknownAccount"
+                elif balances[name] < amount:
+                    kind = "InsufficientFunds"
+                else:
+                    balances[name] -= amount
+                    payouts.append((len(payouts) + 1, name, amount))
+            case Careless(name=name, amount=amount):  # writes first: the CHECK may refuse it
+                kind = ("ConstraintViolation" if balances.get(name, amount) < amount
+                        else "TransitionFailed")
+            case Overdraw(name=name, amount=amount):
+                if name not in balances:
+                    kind = "UnknownAccount"
+                elif balances[name] < amount:
+                    kind = "ConstraintViolation"
+                else:
+                    balances[name] -= amount
+            case Swallow(name=name):
+                if name in balances:
+                    kind = "ConstraintViolation"
+                else:
+                    balances[name] = 0
+            case Note(name=name, text=text, fail=fail):
+                if fail:
+                    kind = "UnknownAccount"
+                else:
+                    notes[name] = text
+        kinds.append(kind)
+    return kinds, balances, payouts, notes
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_groups_agree_with_a_model(schema: DatabaseFactory, seed: int) -> None:
+    """Random inputs, failing ones among them, queued so that they share transactions: the
+    database ends as a plain-Python model of the same inputs says, input by input."""
+    import random
+
+    rng = random.Random(seed)
+    names = ["ana", "ben", "cy"]
+    makers = [lambda n: Open(n, rng.randint(0, 30)), lambda n: Deposit(n, rng.randint(1, 9)),
+              lambda n: Withdraw(n, rng.randint(1, 20)), lambda n: Careless(n, 3),
+              lambda n: Overdraw(n, rng.randint(1, 40)), Swallow,
+              lambda n: Note(n, f"note {rng.randint(0, 99)}", fail=rng.random() < 0.3)]
+    values = [rng.choice(makers)(rng.choice(names)) for _ in range(60)]
+    outcomes: dict[int, str] = {}
+    db = schema()
+
+    async def one(i: int, value: Any) -> None:
+        try:
+            await rt.submit(value)
+            outcomes[i] = "Committed"
+        except Exception as e:
+            outcomes[i] = type(e).__name__
+
+    async with runtime(db, max_group=8) as rt:
+        # While the lock is held the submits queue up in order; once it is released (before the
+        # task group waits for them) the driver runs them, up to 8 inputs per transaction.
+        async with anyio.create_task_group() as tg, db.lock():
+            for i, value in enumerate(values):
+                tg.start_soon(one, i, value)
+                await anyio.wait_all_tasks_blocked()
+        await rt.wait_idle()
+    kinds, balances_, payouts_, notes = _model(values)
+    assert [outcomes[i] for i in range(len(values))] == kinds
+    assert await balances(schema()) == balances_
+    assert [p[:3] for p in await payouts(schema())] == payouts_
+    async with schema() as again, again.transaction(readonly=True) as tx:
+        assert dict(await tx.kv.range(NOTES)) == notes
