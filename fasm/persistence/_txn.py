@@ -7,14 +7,15 @@ group of inputs, and only then dispatches actions and answers submitters.
 What is shared here, and what each backend owns
 ================================================
 
-This module holds everything that does not depend on the database: the :class:`Transaction` users
-see, the :class:`Session` that keeps one database transaction's bookkeeping (lazy ``BEGIN``,
-a savepoint per input, the key-value cache and write buffer, the fence on the machine's sequence
-number, the classification of failures) and the :class:`Database` base class. A backend supplies a
-:class:`Driver`: a synchronous object that runs statements in order on its one connection and says
-what a driver error means. The SQLite driver runs each statement as it comes; the PostgreSQL driver
-sends queued statements in one pipeline with the next statement that needs an answer, so that a
-savepoint, its release, the key-value writes and the bookkeeping cost no round trips of their own.
+This module and :mod:`~fasm.persistence._session` hold everything that does not depend on the
+database: the :class:`Transaction` users see, the :class:`Session` that keeps one database
+transaction's bookkeeping (lazy ``BEGIN``, a savepoint per input, the key-value cache and write
+buffer, the fence on the machine's sequence number, the classification of failures) and the
+:class:`Database` base class. A backend supplies a :class:`Driver`: a synchronous object that runs
+statements in order on its one connection and says what a driver error means. The SQLite driver
+runs each statement as it comes; the PostgreSQL driver sends queued statements in one pipeline with
+the next statement that needs an answer, so that a savepoint, its release, the key-value writes
+and the bookkeeping cost no round trips of their own.
 
 Threads
 =======
@@ -22,7 +23,8 @@ Threads
 Drivers block. The runtime runs a whole group of inputs (its stf calls included: they never
 suspend, because a :class:`Transaction` method called on the thread driving its session runs the
 statement inline) in one worker thread, so the event loop never waits on the database and a group
-costs one thread hop, not one per statement. A :class:`Transaction` used from the event loop (from
+costs one thread hop, not one per statement (or none: ``SQLiteDatabase(inline=True)`` runs groups
+on the event loop's thread). A :class:`Transaction` used from the event loop (from
 :meth:`Database.transaction`, in tests or set-up code) sends each call to a worker thread instead.
 
 Placeholders
@@ -37,22 +39,22 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ..errors import (
-    ConstraintViolation,
-    StoreConflict,
-    StoreError,
-    StoreUnavailable,
-    TransactionConflict,
-)
+from ..errors import StoreConflict
 from ._kv import KV
+from ._session import Abort as Abort
+from ._session import Driver as Driver
+from ._session import Failure as Failure
+from ._session import Fetch as Fetch
+from ._session import Params as Params
+from ._session import Session as Session
+from ._session import Stmt as Stmt
 
 __all__ = (
     "Abort",
@@ -67,134 +69,7 @@ __all__ = (
 )
 
 _T = TypeVar("_T")
-
-Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
-"""Statement parameters: a sequence for ``?`` placeholders, a mapping for ``:name``."""
-
-Fetch: TypeAlias = Literal["rowcount", "one", "all"]
-
-_SAVEPOINT: Final = "fasm_input"
-_MISSING: Final = object()
-_PRESENT: Final = object()  # the key exists; its value was not read
 _OWNED = ("BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "START", "ABORT")
-
-
-@dataclass(frozen=True, slots=True)
-class Stmt:
-    """One statement for a driver, already in the driver's placeholder style.
-
-    Attributes:
-        sql: the statement.
-        params: its parameters, or for ``many`` a sequence of parameter sets.
-        many: run once per parameter set (``executemany``).
-        check: called with the statement's cursor once it ran (its ``fetchone()`` and
-            ``rowcount``), to check the result.
-    """
-
-    sql: str
-    params: Any = ()
-    many: bool = False
-    check: Callable[[Any], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """What a driver error means.
-
-    ``constraint``: a constraint refused a write (the input is rejected). ``contention``: the
-    database aborted the transaction to keep it serializable, or a lock did not come in time (run
-    the group again). ``lost``: the connection broke (reconnect, run the group again).
-    ``unavailable``: the database cannot go on (disk full, damaged file): stop.
-    """
-
-    kind: Literal["constraint", "contention", "lost", "unavailable"]
-    constraint: str | None = None
-
-
-class Abort(BaseException):
-    """Internal: the whole transaction is lost. Raised out of an stf through the engine (a
-    BaseException, so that an stf's ``except Exception`` cannot swallow it) to the runtime, which
-    runs the group again when ``retry`` is true and stops otherwise."""
-
-    def __init__(self, error: StoreError, *, retry: bool) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.retry = retry
-
-
-class Driver(Protocol):
-    """One backend's connection, used from one thread at a time. Every method blocks."""
-
-    description: str
-    fence_at_begin: bool
-    """Whether the transaction's first statement checks the machine's sequence number and locks
-    its row (``SELECT ... FOR UPDATE``): needed where COMMIT goes out in one pipeline with the
-    bookkeeping, so that the check is known before. Without it the bookkeeping's own conditional
-    update is the fence, checked before COMMIT."""
-    commit_token: bool
-    """Whether commits record a token in the machine's row, for :meth:`commit` to find out after
-    a lost connection whether a COMMIT in flight happened."""
-
-    def table(self, name: str) -> str:
-        """The quoted, qualified name of an internal table: ``machines``, ``idempotency`` or
-        ``kv``."""
-        ...
-
-    def translate(self, sql: str) -> str:
-        """``sql`` with ``?`` / ``:name`` placeholders in the driver's own style.
-
-        Raises:
-            ValueError: the statement mixes both styles.
-        """
-        ...
-
-    def open(self) -> None:
-        """Connect and create the internal tables when missing."""
-        ...
-
-    def close(self) -> None:
-        """Release every key and disconnect. Safe to call twice."""
-        ...
-
-    def acquire(self, key: str) -> None:
-        """Take exclusive use of a machine key (StoreConflict when another process has it)."""
-        ...
-
-    def release(self, key: str) -> None:
-        """Give up a machine key."""
-        ...
-
-    def begin(self, write: bool) -> list[Stmt]:
-        """The statements opening a transaction, after (re)connecting when needed."""
-        ...
-
-    def run(self, queued: Sequence[Stmt], last: Stmt | None, fetch: Fetch) -> Any:
-        """Run ``queued`` then ``last`` in order, and return ``last``'s rowcount, first row or
-        rows. Raises the driver's own errors (classified by :meth:`classify`)."""
-        ...
-
-    def commit(self, queued: Sequence[Stmt], token: tuple[str, str] | None) -> None:
-        """Run ``queued`` and commit. ``token`` is ``(machine key, commit token)`` when the
-        statements set the machine row's ``last_commit`` to it: if the connection breaks while
-        COMMIT is in flight, the driver looks for it after reconnecting, returns if it committed,
-        and raises a ``lost`` error if it did not.
-
-        Raises:
-            StoreUnavailable: the outcome cannot be known (the database cannot be reached).
-        """
-        ...
-
-    def rollback(self) -> None:
-        """End whatever transaction is open; does nothing on a broken connection."""
-        ...
-
-    def in_transaction(self) -> bool:
-        """Whether the connection has a transaction open on the database's side."""
-        ...
-
-    def classify(self, error: Exception) -> Failure | None:
-        """What a driver error means, or None for a mistake in the statement itself."""
-        ...
 
 
 def _first(sql: str) -> str:
@@ -202,307 +77,6 @@ def _first(sql: str) -> str:
     return word[0].upper().rstrip(";") if word else ""
 
 
-class Session:
-    """The bookkeeping of one database transaction, shared by every backend.
-
-    Statements queue until one needs an answer, then go to the driver together. The transaction
-    begins lazily (an input that only validates costs nothing), each input after the first that
-    touched the database runs inside a savepoint (the first is undone by rolling back the whole
-    transaction, so it needs none), and key-value writes are buffered per input and queued when
-    the input is accepted.
-
-    Args:
-        database: the database whose driver runs the statements.
-        write: a read-write transaction (a read-only one refuses key-value writes, and the
-            database refuses SQL writes).
-        fence: ``(machine key, expected seq)``: the transaction checks, when it begins, that the
-            machine's stored sequence number is the expected one (and locks its row), so a stale
-            writer never commits.
-        runtime: failures of the whole transaction raise :class:`Abort` (the runtime's signal)
-            instead of the public store error.
-    """
-
-    def __init__(self, database: Database, *, write: bool, fence: tuple[str, int] | None = None,
-                 runtime: bool = False) -> None:
-        self._db = database
-        self._driver = database._driver
-        self.write = write
-        self._fence = fence
-        self._runtime = runtime
-        self._queued: list[Stmt] = []
-        self._open = False          # BEGIN queued or sent
-        self._begun = False         # BEGIN sent
-        self._fence_ok = fence is None or not self._driver.fence_at_begin
-        self._sp: int | None = None  # index of this input's queued SAVEPOINT; -1 once sent
-        self._input_error: Exception | None = None
-        self.aborted: Abort | None = None
-        self.closed = False
-        self.thread: int | None = None  # the thread that drives the session inline
-        self._cache: dict[tuple[str, bytes], Any] = {}
-        self._writes: dict[tuple[str, bytes], bytes | None] = {}
-
-    # -- statements -------------------------------------------------------------------------
-
-    def usable(self) -> None:
-        """Raise when the transaction cannot take a statement now."""
-        if self.closed:
-            raise RuntimeError("this transaction has ended: use the state only while the stf, "
-                               "restore or transaction block it was given to is running")
-        if self.aborted is not None:
-            raise self.aborted if self._runtime else self.aborted.error
-        if self._input_error is not None:
-            raise self._input_error
-
-    def statement(self, sql: str, params: Params, fetch: Fetch, many: bool = False) -> Any:
-        """Run one of the user's statements: the key-value writes of this input go first, and
-        the key-value cache is dropped, since the statement may touch its table.
-
-        Raises:
-            ConstraintViolation: a constraint refused the write.
-            ValueError: the statement would end or nest the transaction, which the runtime owns,
-                or mixes placeholder styles.
-            Abort: (runtime) the transaction is lost. StoreError: (otherwise) the same.
-        """
-        self.usable()
-        self._flush_writes()
-        try:
-            result = self._send(Stmt(self._db._user_sql(sql), params, many), fetch)
-        finally:
-            self._cache.clear()
-        return result
-
-    def _send(self, last: Stmt | None, fetch: Fetch) -> Any:
-        self._ensure_open()
-        queued, self._queued = self._queued, []
-        if self._sp is not None:
-            self._sp = -1
-        self._begun = True
-        try:
-            return self._driver.run(queued, last, fetch)
-        except Exception as e:
-            raise self._failed(e) from e
-
-    def _ensure_open(self) -> None:
-        if self._open:
-            return
-        try:
-            self._queued += self._driver.begin(self.write)
-        except Exception as e:
-            raise self._failed(e) from e
-        self._open = True
-        self._begun = False
-        if self._fence is not None and self._driver.fence_at_begin:
-            key, expected = self._fence
-            self._fence_ok = False
-
-            def check(cursor: Any) -> None:
-                row = cursor.fetchone()
-                current = None if row is None else row[0]
-                if current != expected:
-                    raise StoreConflict("stale writer: the machine's stored seq is "
-                                        f"{current}, this runtime expected {expected}; another "
-                                        "process wrote it", store=self._driver.description,
-                                        key=key, seq=expected)
-                self._fence_ok = True
-
-            self._queued.append(Stmt(self._db._sql("machine_fence"), (key,), check=check))
-
-    def _failed(self, e: Exception) -> BaseException:
-        """Record what a failed statement means and return the exception to raise."""
-        was_open = self._begun
-        if isinstance(e, StoreError):
-            return self._abort(e, retry=False)
-        failure = self._driver.classify(e)
-        if failure is not None and failure.kind in ("contention", "lost"):
-            return self._abort(self._store_error(e, failure), retry=True)
-        if failure is not None and failure.kind == "unavailable":
-            return self._abort(StoreUnavailable(f"the database failed: {e}",
-                                                store=self._driver.description), retry=False)
-        if was_open and not self._driver.in_transaction():
-            # The database ended the whole transaction (SQLite does on some errors): the work
-            # of the inputs before this one went with it, so the group must run again.
-            return self._abort(TransactionConflict(
-                f"the database rolled the whole transaction back after {e!r}",
-                store=self._driver.description), retry=True)
-        if failure is not None and failure.kind == "constraint":
-            error: Exception = ConstraintViolation(
-                f"the database refused the write: {e}", constraint=failure.constraint)
-            error.__cause__ = e
-        else:
-            error = e
-        self._input_error = error
-        return error
-
-    def _store_error(self, e: Exception, failure: Failure) -> StoreError:
-        if failure.kind == "lost":
-            error: StoreError = StoreUnavailable(f"connection to the database lost: {e}",
-                                                 store=self._driver.description)
-        else:
-            error = TransactionConflict(f"the database aborted the transaction: {e}",
-                                        store=self._driver.description)
-        error.__cause__ = e
-        return error
-
-    def _abort(self, error: StoreError, *, retry: bool) -> BaseException:
-        self.aborted = Abort(error, retry=retry)
-        return self.aborted if self._runtime else error
-
-    # -- inputs: a savepoint each -----------------------------------------------------------
-
-    def mark(self) -> None:
-        """An input starts: what it does from here can be undone alone."""
-        self._input_error = None
-        if self._open:
-            self._queued.append(Stmt(f"SAVEPOINT {_SAVEPOINT}"))
-            self._sp = len(self._queued) - 1
-        else:
-            self._sp = None
-
-    def undo(self) -> None:
-        """The input failed: undo what it did, in the database and in the cache."""
-        self._writes.clear()
-        self._cache.clear()
-        self._input_error = None
-        sp, self._sp = self._sp, None
-        if sp is not None and sp >= 0:
-            del self._queued[sp:]  # nothing of the input was sent
-        elif sp is not None:
-            self._queued += [Stmt(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}"),
-                             Stmt(f"RELEASE SAVEPOINT {_SAVEPOINT}")]
-        elif self._open:
-            # The input was the first to touch this transaction: end it; the next input that
-            # needs the database begins a new one.
-            pending_rollback = any(stmt.sql == "ROLLBACK" for stmt in self._queued)
-            self._queued = [Stmt("ROLLBACK")] if self._begun or pending_rollback else []
-            self._open = self._begun = False
-            self._fence_ok = self._fence is None or not self._driver.fence_at_begin
-
-    def keep(self) -> None:
-        """The input was accepted: its savepoint is released and its key-value writes queued."""
-        sp, self._sp = self._sp, None
-        if sp is not None and sp >= 0:
-            del self._queued[sp]  # it sent nothing: the savepoint was never needed
-        elif sp is not None:
-            self._queued.append(Stmt(f"RELEASE SAVEPOINT {_SAVEPOINT}"))
-        self._flush_writes()
-
-    def finish(self) -> None:
-        """The stf returned: fail it anyway if it swallowed a database error (engine rule 8)."""
-        if self.aborted is not None:
-            raise self.aborted if self._runtime else self.aborted.error
-        if self._input_error is not None:
-            raise self._input_error
-
-    # -- end --------------------------------------------------------------------------------
-
-    def commit(self, extra: Sequence[Stmt] = (), token: tuple[str, str] | None = None) -> None:
-        """Queue ``extra`` (the runtime's bookkeeping) and commit everything.
-
-        Raises:
-            Abort: (runtime) the transaction is lost. StoreError: (otherwise) the same.
-        """
-        self.usable()
-        self._flush_writes()
-        self._ensure_open()
-        if not self._fence_ok:
-            self._send(None, "rowcount")  # the fence must hold before COMMIT goes out
-        queued, self._queued = [*self._queued, *extra], []
-        self.closed = True
-        try:
-            self._driver.commit(queued, token)
-        except Exception as e:
-            error = self._failed(e)
-            try:
-                self._driver.rollback()  # a COMMIT that failed may leave the transaction open
-            except Exception:
-                pass  # a broken connection has none left
-            raise error from e
-
-    def end(self) -> None:
-        """End without committing (rolls back whatever is open). Never raises."""
-        self.closed = True
-        self._queued.clear()
-        self._writes.clear()
-        self._cache.clear()
-        try:
-            self._driver.rollback()
-        except Exception:
-            pass  # a broken connection has no transaction left to end
-
-    # -- the key-value layer ----------------------------------------------------------------
-
-    def kv_get(self, space: str, key: bytes) -> bytes | None:
-        """The value of ``key`` (this transaction's writes included), or None."""
-        self.usable()
-        k = (space, key)
-        if k in self._writes:
-            return self._writes[k]
-        hit = self._cache.get(k, _MISSING)
-        if hit is not _MISSING and hit is not _PRESENT:
-            return hit  # type: ignore[no-any-return]
-        row = self._send(Stmt(self._db._sql("kv_get"), (space, key)), "one")
-        value = None if row is None else bytes(row[0])
-        self._cache[k] = value
-        return value
-
-    def kv_exists(self, space: str, key: bytes) -> bool:
-        """Whether ``key`` is present (this transaction's writes included)."""
-        self.usable()
-        k = (space, key)
-        if k in self._writes:
-            return self._writes[k] is not None
-        hit = self._cache.get(k, _MISSING)
-        if hit is not _MISSING:
-            return hit is not None
-        row = self._send(Stmt(self._db._sql("kv_exists"), (space, key)), "one")
-        self._cache[k] = None if row is None else _PRESENT
-        return row is not None
-
-    def kv_set(self, space: str, key: bytes, value: bytes | None) -> None:
-        """Buffer a write (None deletes); it reaches the database with the next statement that
-        needs an answer, or when the input is accepted."""
-        self.usable()
-        if not self.write:
-            raise RuntimeError("this transaction is read-only (restore may not write)")
-        self._writes[(space, key)] = value
-        self._cache[(space, key)] = value
-
-    def kv_range(self, space: str, start: bytes | None, end: bytes | None, reverse: bool,
-                 limit: int | None) -> list[tuple[bytes, bytes]]:
-        """Pairs with ``start <= key < end`` (None: unbounded), in key order."""
-        self.usable()
-        self._flush_writes()
-        sql, params = self._db._range_sql(space, start, end, reverse, limit)
-        rows = self._send(Stmt(sql, params), "all")
-        out = [(bytes(k), bytes(v)) for k, v in rows]
-        for k, v in out:
-            self._cache[(space, k)] = v
-        return out
-
-    def kv_delete_range(self, space: str, start: bytes | None, end: bytes | None) -> int:
-        """Delete the keys with ``start <= key < end``; returns how many there were."""
-        self.usable()
-        if not self.write:
-            raise RuntimeError("this transaction is read-only (restore may not write)")
-        self._flush_writes()
-        sql, params = self._db._delete_range_sql(space, start, end)
-        try:
-            count: int = self._send(Stmt(sql, params), "rowcount")
-        finally:
-            self._cache.clear()
-        return count
-
-    def _flush_writes(self) -> None:
-        if not self._writes:
-            return
-        self._ensure_open()
-        puts = [(s, k, v) for (s, k), v in self._writes.items() if v is not None]
-        deletes = [(s, k) for (s, k), v in self._writes.items() if v is None]
-        self._writes.clear()
-        if puts:
-            self._queued.append(Stmt(self._db._sql("kv_put"), puts, many=True))
-        if deletes:
-            self._queued.append(Stmt(self._db._sql("kv_delete"), deletes, many=True))
 
 
 class Transaction:
