@@ -1,7 +1,8 @@
 """One simulated run: the real engine, a simulated store, clock, executors and crashes.
 
 The run performs, against simulated parts, exactly the engine calls the production
-:class:`~fasm.runtime.Runtime` makes (its ``_recover``, ``_process``, ``_reload`` and ``_flush``):
+the Runtime's state-object host makes (``ObjectHost._recover``, ``run``, ``_reload`` and
+``_flush`` in fasm/runtime/_state_object.py):
 
 * start: load the store, decode the records, ``Engine.replay`` the journal tail, ``Engine.restore``,
   dispatch what restore released;
@@ -317,14 +318,14 @@ class Run(Verifier):
                                         f"{short(result)}, not the machine's tracked result "
                                         f"type: {e.errors()[0]['msg']}") from e
 
-    # -- start and crash (Runtime._recover, then restore) -----------------------------------------
+    # -- start and crash (ObjectHost._recover, then restore) --------------------------------------
 
     def new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
         return Engine(self.s.machine, state=state, seq=seq, idempotency=keys,
                       rollback=self.s.rollback, idempotency_window=self.s.idempotency_window)
 
     def recovered_engine(self) -> tuple[Engine, tuple[int, int, int], bool]:
-        """A new engine at the store's committed seq (what ``Runtime._recover`` builds).
+        """A new engine at the store's committed seq (what ``ObjectHost._recover`` builds).
 
         Returns the engine, what ``Writer.recovered`` is told (journal entries, journal bytes,
         checkpoint bytes), and whether the next write must carry a checkpoint.
@@ -397,7 +398,7 @@ class Run(Verifier):
                     self.push(max(t, self.now), _DELIVER, (payload[1], payload[5], "late"))
         self.start()
 
-    # -- a batch (Runtime._process and _flush) ----------------------------------------------------
+    # -- a batch (ObjectHost.run and _flush) ------------------------------------------------------
 
     def batch(self) -> None:
         queue = self.queue
@@ -512,7 +513,7 @@ class Run(Verifier):
                             "not a refusal (subclass Rejected for expected refusals)")
 
     def reload(self) -> None:
-        """Runtime._reload: back to the last committed state, then re-apply the accepted steps
+        """ObjectHost._reload: back to the last committed state, then re-apply the accepted steps
         not yet committed (``Engine.reset``)."""
         engine = self.engine
         keys: tuple[tuple[str, int], ...] = ()
@@ -548,7 +549,7 @@ class Run(Verifier):
                 return True
         engine, writer = self.engine, self.writer
         steps = [s for _, s in accepted]
-        # As Runtime._flush: encode the entries, add a checkpoint when due, plan one write.
+        # As ObjectHost._flush: encode the entries, add a checkpoint when due, plan one write.
         encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
         checkpoint = None
         if self.needs_checkpoint or writer.checkpoint_due(encoded):
