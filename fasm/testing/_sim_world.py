@@ -1,7 +1,7 @@
 """One simulated run: the real engine, a simulated store, clock, executors and crashes.
 
-The run performs, against simulated parts, exactly the engine calls the production
-the Runtime's state-object host makes (``ObjectHost._recover``, ``run``, ``_reload`` and
+The run performs, against simulated parts, exactly the engine calls that the
+production Runtime's state-object host makes (``ObjectHost._recover``, ``run``, ``_reload`` and
 ``_flush`` in fasm/runtime/_state_object.py):
 
 * start: load the store, decode the records, ``Engine.replay`` the journal tail, ``Engine.restore``,
