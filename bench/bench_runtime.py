@@ -113,7 +113,7 @@ def main() -> None:
             print(f"{accounts:>8,} {label:<34} {rate:>14,.0f} {us:>14.2f} "
                   f"{rate / plain:>14.2f}")
     print("\n* snapshot writes the whole state per group commit (O(state)); journal appends the"
-          "\n  input (O(input)) and checkpoints every 10,000 transitions."
+          "\n  input (O(input)) and checkpoints when the journal outgrows the last checkpoint."
           "\n  'tracked' adds a charge per input: an executor call and a second transition for its"
           "\n  result (counted once per input).")
     print("target (issue 2): runtime with 64 submitters >= 0.25 of the plain loop, at both sizes")
