@@ -36,7 +36,7 @@ from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._file import key_file_name, try_flock, unflock
 from ._store import StoredRecords, check_commit_args
 
-__all__ = ("SQLiteStore", "records_from_rows")
+__all__ = ("SQLiteStore", "connect", "records_from_rows")
 
 _FORMAT = "2"  # 2: checkpoints moved out of fasm_keys
 _T = TypeVar("_T")
@@ -50,6 +50,18 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fasm_journal (key TEXT NOT NULL, seq INTEGER NOT NULL, "
     "entry BLOB NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID",
 )
+
+
+def connect(path: str | os.PathLike[str], busy_timeout: float,
+            synchronous: str) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), usable from any one thread
+    at a time, in WAL mode with the given busy timeout and ``synchronous`` level."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
 
 
 def _crc(data: bytes) -> int:
@@ -189,11 +201,7 @@ class SQLiteStore:
             return
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn = connect(self._path, self._busy_timeout, self._synchronous)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _SCHEMA:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
 from ._file import key_file_name, try_flock, unflock
+from ._sqlite import connect
 from ._txn import Database, Failure, Fetch, Stmt
 
 __all__ = ("SQLiteDatabase",)
@@ -57,11 +58,7 @@ class _SQLiteDriver:
             return
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn = connect(self._path, self._busy_timeout, self._synchronous)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in self._schema():

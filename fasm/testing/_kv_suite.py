@@ -35,6 +35,7 @@ import pydantic
 from ..errors import StoreCorrupt
 from ..persistence._kv import Keyspace
 from ..persistence._txn import Database, Transaction
+from ._store_suite import _anyio_marks
 
 __all__ = ("KV_CHECKS", "KVConformance", "check_kv")
 
@@ -399,14 +400,6 @@ async def check_kv(make_database: Callable[[], Awaitable[Database]], *,
             await _run(suite, name)
         except _Skip:
             continue
-
-
-def _anyio_marks() -> list[Any]:
-    try:
-        import pytest
-    except ImportError:  # pragma: no cover
-        return []
-    return [pytest.mark.anyio]
 
 
 class KVConformance:
