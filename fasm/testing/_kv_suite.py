@@ -35,7 +35,7 @@ import pydantic
 from ..errors import StoreCorrupt
 from ..persistence._kv import Keyspace
 from ..persistence._txn import Database, Transaction
-from ._store_suite import _anyio_marks
+from ._suite_runner import Skip, anyio_marks, run_all, run_as_test
 
 __all__ = ("KV_CHECKS", "KVConformance", "check_kv")
 
@@ -64,10 +64,6 @@ class _Model(pydantic.BaseModel):
 
 class _Rollback(Exception):
     """Raised inside a transaction to roll it back."""
-
-
-class _Skip(Exception):
-    """A check that does not apply (not durable)."""
 
 
 @dataclass
@@ -346,7 +342,7 @@ async def check_undecodable_values(suite: _Suite) -> None:
 async def check_durable_reopen(suite: _Suite) -> None:
     """What was committed is there for a new database object after close."""
     if not suite.durable:
-        raise _Skip("the database is not durable (durable=False)")
+        raise Skip("the database is not durable (durable=False)")
     s = suite.space("durable", _Point)
     async with suite.opened() as db, db.transaction() as tx:
         await tx.kv.set(s, "p", _Point(1, 2))
@@ -371,17 +367,6 @@ KV_CHECKS: tuple[str, ...] = tuple(_CHECKS)
 """The names of the checks, in the order :func:`check_kv` runs them."""
 
 
-async def _run(suite: _Suite, name: str) -> None:
-    try:
-        await _CHECKS[name](suite)
-    except _Skip:
-        raise
-    except AssertionError as e:
-        raise AssertionError(f"kv check {name!r} failed: {e}") from e
-    except Exception as e:
-        raise AssertionError(f"kv check {name!r} failed: unexpected {type(e).__name__}: {e}") from e
-
-
 async def check_kv(make_database: Callable[[], Awaitable[Database]], *,
                    durable: bool = True) -> None:
     """Run every key-value conformance check against a database.
@@ -395,11 +380,7 @@ async def check_kv(make_database: Callable[[], Awaitable[Database]], *,
         AssertionError: a check failed; the message names it and what went wrong.
     """
     suite = _Suite(make_database, durable)
-    for name in KV_CHECKS:
-        try:
-            await _run(suite, name)
-        except _Skip:
-            continue
+    await run_all(_CHECKS, "kv", suite)
 
 
 class KVConformance:
@@ -411,7 +392,7 @@ class KVConformance:
     anyio and run on every backend of the ``anyio_backend`` fixture.
     """
 
-    pytestmark: ClassVar[list[Any]] = _anyio_marks()
+    pytestmark: ClassVar[list[Any]] = anyio_marks()
     durable: ClassVar[bool] = True
 
     async def make_database(self) -> Database:
@@ -419,12 +400,7 @@ class KVConformance:
         raise NotImplementedError(f"{type(self).__qualname__} must define make_database")
 
     async def _run_check(self, name: str) -> None:
-        try:
-            await _run(_Suite(self.make_database, self.durable), name)
-        except _Skip as e:
-            import pytest
-
-            pytest.skip(str(e))
+        await run_as_test(_CHECKS, "kv", _Suite(self.make_database, self.durable), name)
 
     async def test_round_trip(self) -> None:
         await self._run_check("round_trip")

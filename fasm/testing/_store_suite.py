@@ -41,6 +41,7 @@ from .._machine import StateMachine
 from ..errors import StoreConflict, StoreCorrupt
 from ..persistence._codec import Codec
 from ..persistence._store import Store, StoredRecords
+from ._suite_runner import Skip, anyio_marks, run_all, run_as_test
 
 __all__ = ("STORE_CHECKS", "StoreConformance", "check_store")
 
@@ -59,10 +60,6 @@ class _Probe(StateMachine[dict[str, int], str]):
     async def restore(self, state: dict[str, int],
                       actions: ActionsContainer[Never, Never, Never]) -> None:
         return None
-
-
-class _Skip(Exception):
-    """A check that does not apply to this store (no corrupt hook, not durable)."""
 
 
 @dataclass
@@ -254,7 +251,7 @@ async def check_journal(suite: _Suite) -> None:
 async def check_durable_reopen(suite: _Suite) -> None:
     """What was committed is there for a new store object after close."""
     if not suite.durable:
-        raise _Skip("the store is not durable (durable=False)")
+        raise Skip("the store is not durable (durable=False)")
     k = suite.key("durable")
     async with suite.opened() as store:
         await store.acquire(k)
@@ -291,7 +288,7 @@ async def check_acquire(suite: _Suite) -> None:
 async def check_corruption(suite: _Suite) -> None:
     """A record damaged behind the store's back is never loaded as valid data."""
     if suite.corrupt is None:
-        raise _Skip("no corrupt hook given")
+        raise Skip("no corrupt hook given")
     codec = Codec(_Probe)
     k = suite.key("corruption")
     checkpoint = codec.encode_checkpoint(1, {"n": 1}, {})
@@ -450,18 +447,6 @@ STORE_CHECKS: tuple[str, ...] = tuple(_CHECKS)
 """The names of the checks, in the order :func:`check_store` runs them."""
 
 
-async def _run(suite: _Suite, name: str) -> None:
-    try:
-        await _CHECKS[name](suite)
-    except _Skip:
-        raise
-    except AssertionError as e:
-        raise AssertionError(f"store check {name!r} failed: {e}") from e
-    except Exception as e:
-        raise AssertionError(
-            f"store check {name!r} failed: unexpected {type(e).__name__}: {e}") from e
-
-
 async def check_store(
     make_store: Callable[[], Awaitable[Store]],
     *,
@@ -482,20 +467,7 @@ async def check_store(
         AssertionError: a check failed; the message names it and what went wrong.
     """
     suite = _Suite(make_store, durable, corrupt, big_state_bytes)
-    for name in STORE_CHECKS:
-        try:
-            await _run(suite, name)
-        except _Skip:
-            continue
-
-
-def _anyio_marks() -> list[Any]:
-    # pytest is only needed by those who use the class: importing fasm.testing must not need it.
-    try:
-        import pytest
-    except ImportError:  # pragma: no cover
-        return []
-    return [pytest.mark.anyio]
+    await run_all(_CHECKS, "store", suite)
 
 
 class StoreConformance:
@@ -509,7 +481,7 @@ class StoreConformance:
     run on every backend of the ``anyio_backend`` fixture.
     """
 
-    pytestmark: ClassVar[list[Any]] = _anyio_marks()
+    pytestmark: ClassVar[list[Any]] = anyio_marks()
     durable: ClassVar[bool] = True
     big_state_bytes: ClassVar[int] = 50 * MiB
     corrupt: Callable[[str], Awaitable[None]] | None = None
@@ -520,12 +492,7 @@ class StoreConformance:
 
     async def _run_check(self, name: str) -> None:
         suite = _Suite(self.make_store, self.durable, self.corrupt, self.big_state_bytes)
-        try:
-            await _run(suite, name)
-        except _Skip as e:
-            import pytest
-
-            pytest.skip(str(e))
+        await run_as_test(_CHECKS, "store", suite, name)
 
     async def test_round_trip(self) -> None:
         await self._run_check("round_trip")
