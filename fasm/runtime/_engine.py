@@ -387,7 +387,7 @@ class Engine:
             self._keys.popitem(last=False)
 
 
-def _kind(input: Input[Any, Any, Any]) -> str:
+def input_kind(input: Input[Any, Any, Any]) -> str:
     """The input's class name, or ``TrackedActionCompleted`` (for events and metrics labels)."""
     if isinstance(input, Normal):
         return type(input.value).__qualname__
@@ -419,5 +419,3 @@ def _strict_adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__qualname__", None) or repr(tp)
 
-
-input_kind = _kind

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fasm import InvalidInput, Timer, TimerFired, Tracked, TransitionFailed, Untracked
+from fasm import InvalidInput, Tracked, TransitionFailed, Untracked
 from fasm.errors import DefinitionError, RuntimeClosed, StoreUnavailable
 from fasm.persistence import Journal, MemoryStore, Snapshot
 from fasm.runtime import (
@@ -597,10 +597,6 @@ async def test_untracked_actions_reach_handlers_in_order() -> None:
         await anyio.wait_all_tasks_blocked()
     assert got == ["one", "two", "three"]
 
-
-async def test_timer_result_type_is_built_in() -> None:
-    assert TimerFired(at=1.0, now=2.0).now == 2.0
-    assert Timer(at=3.0).at == 3.0
 
 
 async def test_real_store_locked_mid_run_stops_without_acknowledging(tmp_path: Any) -> None:
