@@ -14,8 +14,8 @@ committed: the store never acknowledges a commit that did not commit, and does n
 failed one that did whenever the database can be asked.
 
 psycopg is imported only here. Its async connection needs an asyncio event loop, so the store
-drives a synchronous ``psycopg.Connection`` from worker threads, one call at a time: it works on
-asyncio and trio alike.
+drives a synchronous ``psycopg.Connection`` from its own worker thread, one call at a time: it
+works on asyncio and trio alike.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
 import psycopg
 import psycopg.conninfo
 from psycopg import sql
@@ -36,6 +34,7 @@ from psycopg import sql
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._sqlite import records_from_rows
 from ._store import StoredRecords, check_commit_args
+from ._worker import Worker
 
 __all__ = ("PostgresStore",)
 
@@ -118,7 +117,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid: int | None = None
         self._opened = False
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._worker = Worker(f"fasm-postgres-store-{self._app}")
         self._held: set[str] = set()
         self._lost: set[str] = set()
         self._guard = threading.Lock()
@@ -141,9 +140,7 @@ class PostgresStore:
         return self._ns, int.from_bytes(_hash(key)[:4], "big", signed=True)
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._worker.run(fn, *args)
 
     def _translate(self, e: psycopg.Error, doing: str, key: str | None = None,
                    seq: int | None = None) -> StoreError:
@@ -257,7 +254,10 @@ class PostgresStore:
 
     async def close(self) -> None:
         """Release every held key and disconnect. Safe to call twice."""
-        await self._run(self._close_sync)
+        try:
+            await self._run(self._close_sync)
+        finally:
+            self._worker.stop()
 
     def _close_sync(self) -> None:
         self._opened = False

@@ -44,7 +44,6 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
-import anyio.to_thread
 
 from ..errors import StoreConflict
 from ._kv import KV
@@ -55,6 +54,7 @@ from ._session import Fetch as Fetch
 from ._session import Params as Params
 from ._session import Session as Session
 from ._session import Stmt as Stmt
+from ._worker import Worker
 
 __all__ = (
     "Abort",
@@ -169,7 +169,7 @@ class Database:
         self.inline = inline
         """Whether the runtime runs each group on the event loop's thread rather than on a
         worker thread (see :class:`~fasm.persistence.SQLiteDatabase`)."""
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._worker = Worker(f"fasm-{driver.description}")
         self._lock: anyio.Lock | None = None
         self._sql_cache: dict[str, str] = {}
         self._user_cache: dict[str, str] = {}
@@ -192,9 +192,12 @@ class Database:
 
     async def close(self) -> None:
         """Release held keys and disconnect. Safe to call twice."""
-        await self._in_thread(self._driver.close)
+        try:
+            await self._in_thread(self._driver.close)
+        finally:
+            self._worker.stop()
         # Made again on the next open: the object may next be used under another event loop.
-        self._lock = self._limiter = None
+        self._lock = None
 
     async def __aenter__(self) -> Database:
         await self.open()
@@ -259,9 +262,7 @@ class Database:
         return await self._in_thread(fn, *args)
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._worker.run(fn, *args)
 
     def _sql(self, name: str) -> str:
         """An internal statement, translated for the driver once."""

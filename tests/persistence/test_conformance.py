@@ -47,6 +47,13 @@ class TestFileStore(StoreConformance):
         flip_file_byte(checkpoint, checkpoint.stat().st_size - 3)
 
 
+class TestFileStoreInline(TestFileStore):
+    """The same store with every call on the event loop's thread."""
+
+    async def make_store(self) -> Store:
+        return FileStore(self.dir, inline=True)
+
+
 class TestSQLiteStore(StoreConformance):
     @pytest.fixture(autouse=True)
     def _path(self, tmp_path: Path) -> None:
@@ -62,6 +69,13 @@ class TestSQLiteStore(StoreConformance):
             db.execute("UPDATE fasm_journal SET entry = ? WHERE key = ? AND seq = 3",
                        (flip_byte(entry, 5), key))
         db.close()
+
+
+class TestSQLiteStoreInline(TestSQLiteStore):
+    """The same store with every call on the event loop's thread."""
+
+    async def make_store(self) -> Store:
+        return SQLiteStore(self.path, inline=True)
 
 
 @pytest.mark.postgres

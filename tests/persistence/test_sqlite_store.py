@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,83 @@ async def test_append_cost_does_not_grow_with_the_checkpoint(tmp_path: Path) -> 
     small = await wal_growth("small", 100)
     big = await wal_growth("big", 1024 * 1024)
     assert big < 2 * small + 8192, f"{big} WAL bytes next to 1 MB vs {small} next to 100 B"
+
+
+async def test_an_append_writes_one_page(tmp_path: Path) -> None:
+    """A journal append is one B-tree page in the WAL, as a plain single-row insert: the key's
+    seq is read from the journal, not rewritten beside it (format 2 wrote two pages)."""
+    path = tmp_path / "s.db"
+    store = await opened(path)
+    await store.commit(KEY, expected_seq=0, seq=1, checkpoint=b"state")
+    await store.commit(KEY, expected_seq=1, seq=2, entries=[b"e" * 100])
+    wal = Path(f"{path}-wal")
+    before = os.path.getsize(wal)  # noqa: ASYNC240 (a stat in a test)
+    for seq in range(3, 23):
+        await store.commit(KEY, expected_seq=seq - 1, seq=seq, entries=[b"e" * 100])
+    frame = 4096 + 24  # the default page size plus a WAL frame header
+    assert os.path.getsize(wal) - before == 20 * frame  # noqa: ASYNC240
+    got = await store.load(KEY)
+    assert got is not None and got.seq == 22 and len(got.journal) == 21
+    await store.close()
+
+
+async def test_a_format_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Format 2 kept each key's seq in fasm_keys on every append; that data is valid format 3
+    data, so open only renumbers the format, and what was there loads and goes on."""
+    path = tmp_path / "s.db"
+    with db(path) as old:
+        old.executescript("""
+            CREATE TABLE fasm_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE fasm_keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL,
+                                    checkpoint_seq INTEGER NOT NULL);
+            CREATE TABLE fasm_checkpoints (key TEXT PRIMARY KEY, data BLOB NOT NULL,
+                                           crc INTEGER NOT NULL);
+            CREATE TABLE fasm_journal (key TEXT NOT NULL, seq INTEGER NOT NULL,
+                entry BLOB NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID;
+            INSERT INTO fasm_meta VALUES ('format', '2');
+        """)
+        old.execute("INSERT INTO fasm_keys VALUES (?, 3, 1)", (KEY,))
+        old.execute("INSERT INTO fasm_checkpoints VALUES (?, ?, ?)",
+                    (KEY, b"state", _crc(b"state")))
+        for seq, entry in ((2, b"two"), (3, b"three")):
+            old.execute("INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
+                        (KEY, seq, entry, _crc(entry)))
+    old.close()
+    store = await opened(path)
+    got = await store.load(KEY)
+    assert got is not None
+    assert (got.seq, got.checkpoint, got.checkpoint_seq) == (3, b"state", 1)
+    assert got.journal == ((2, b"two"), (3, b"three"))
+    await store.commit(KEY, expected_seq=3, seq=4, entries=[b"four"])
+    await store.close()
+    with db(path) as after:
+        assert after.execute("SELECT value FROM fasm_meta").fetchone() == ("3",)
+    after.close()
+    again = await opened(path)
+    got = await again.load(KEY)
+    assert got is not None and got.seq == 4 and got.journal[-1] == (4, b"four")
+    await again.close()
+
+
+async def test_inline_calls_run_on_the_callers_thread(tmp_path: Path) -> None:
+    threads: dict[str, set[int]] = {}
+    for inline in (False, True):
+        store = SQLiteStore(tmp_path / f"{inline}.db", inline=inline)
+        seen = threads.setdefault(str(inline), set())
+        commit = store._commit_sync
+
+        def spy(*args: object, commit: object = commit, seen: set[int] = seen) -> None:
+            seen.add(threading.get_ident())
+            commit(*args)  # type: ignore[operator]
+
+        store._commit_sync = spy  # type: ignore[method-assign]
+        await store.open()
+        for seq in (1, 2):
+            await store.commit(KEY, expected_seq=seq - 1, seq=seq, entries=[b"x"])
+        await store.close()
+    assert threads["True"] == {threading.get_ident()}
+    assert len(threads["False"]) == 1 and threading.get_ident() not in threads["False"]
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
