@@ -143,6 +143,11 @@ class Driver(Protocol):
         """Whether the connection has a transaction open on the database's side."""
         ...
 
+    def transaction_aborted(self) -> bool:
+        """Whether the open transaction refuses every statement until it is rolled back (to a
+        savepoint or wholly), as PostgreSQL's does after an error."""
+        ...
+
     def classify(self, error: Exception) -> Failure | None:
         """What a driver error means, or None for a mistake in the statement itself."""
         ...
@@ -152,10 +157,15 @@ class Session:
     """The bookkeeping of one database transaction, shared by every backend.
 
     Statements queue until one needs an answer, then go to the driver together. The transaction
-    begins lazily (an input that only validates costs nothing), each input after the first that
-    touched the database runs inside a savepoint (the first is undone by rolling back the whole
-    transaction, so it needs none), and key-value writes are buffered per input and queued when
-    the input is accepted.
+    begins lazily (an input that only validates costs nothing). An input that may write (SQL, a
+    range delete) while the transaction holds earlier inputs' work takes a savepoint first, so
+    it can be undone alone; the first input to touch the transaction is undone by rolling all of
+    it back, and an input that only reads the key-value layer needs no savepoint at all, since
+    its writes are still in memory. Key-value writes are buffered: per input until it is
+    accepted, then in one buffer for the transaction (a later write of a key replaces an earlier
+    one) that goes to the database with the commit, or before a statement that could see the
+    table (SQL, range scans). A group of inputs that read and write keys thus costs one round
+    trip per read that misses the cache, and the writes ride with the commit.
 
     Args:
         database: the database whose driver runs the statements.
@@ -181,12 +191,14 @@ class Session:
         self._begun = False         # BEGIN sent
         self._fence_ok = fence is None or not self._driver.fence_at_begin
         self._sp: int | None = None  # index of this input's queued SAVEPOINT; -1 once sent
+        self._shared = False  # the transaction holds work of inputs before this one
         self._input_error: Exception | None = None
         self.aborted: Abort | None = None
         self.closed = False
         self.thread: int | None = None  # the thread that drives the session inline
         self._cache: dict[tuple[str, bytes], Any] = {}
-        self._writes: dict[tuple[str, bytes], bytes | None] = {}
+        self._writes: dict[tuple[str, bytes], bytes | None] = {}  # this input's
+        self._pending: dict[tuple[str, bytes], bytes | None] = {}  # accepted inputs', unsent
 
     # -- statements -------------------------------------------------------------------------
 
@@ -211,7 +223,7 @@ class Session:
             Abort: (runtime) the transaction is lost. StoreError: (otherwise) the same.
         """
         self.usable()
-        self._flush_writes()
+        self._flush_all()
         try:
             result = self._send(Stmt(self._db._user_sql(sql), params, many), fetch)
         finally:
@@ -271,6 +283,13 @@ class Session:
             return self._abort(TransactionConflict(
                 f"the database rolled the whole transaction back after {e!r}",
                 store=self._driver.description), retry=True)
+        if self._shared and self._sp is None and self._driver.transaction_aborted():
+            # A statement failed outside any savepoint of this input (a read), and the
+            # database now refuses the transaction, which holds earlier inputs' work: it cannot
+            # be kept, so the group must run again.
+            return self._abort(TransactionConflict(
+                f"a read failed and the database aborted the whole transaction: {e!r}",
+                store=self._driver.description), retry=True)
         if failure is not None and failure.kind == "constraint":
             error: Exception = ConstraintViolation(
                 f"the database refused the write: {e}", constraint=failure.constraint)
@@ -297,13 +316,11 @@ class Session:
     # -- inputs: a savepoint each -----------------------------------------------------------
 
     def mark(self) -> None:
-        """An input starts: what it does from here can be undone alone."""
+        """An input starts: what it does from here can be undone alone (its savepoint, when it
+        needs one, is taken before its first write)."""
         self._input_error = None
-        if self._open:
-            self._queued.append(Stmt(f"SAVEPOINT {_SAVEPOINT}"))
-            self._sp = len(self._queued) - 1
-        else:
-            self._sp = None
+        self._sp = None
+        self._shared = self._open
 
     def undo(self) -> None:
         """The input failed: undo what it did, in the database and in the cache."""
@@ -316,22 +333,25 @@ class Session:
         elif sp is not None:
             self._queued += [Stmt(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}"),
                              Stmt(f"RELEASE SAVEPOINT {_SAVEPOINT}")]
-        elif self._open:
+        elif self._open and not self._shared:
             # The input was the first to touch this transaction: end it; the next input that
-            # needs the database begins a new one.
+            # needs the database begins a new one. (An input that shared the transaction and
+            # took no savepoint only read: there is nothing to undo.)
             pending_rollback = any(stmt.sql == "ROLLBACK" for stmt in self._queued)
             self._queued = [Stmt("ROLLBACK")] if self._begun or pending_rollback else []
             self._open = self._begun = False
             self._fence_ok = self._fence is None or not self._driver.fence_at_begin
 
     def keep(self) -> None:
-        """The input was accepted: its savepoint is released and its key-value writes queued."""
+        """The input was accepted: its savepoint is released and its key-value writes join the
+        transaction's buffer."""
         sp, self._sp = self._sp, None
         if sp is not None and sp >= 0:
             del self._queued[sp]  # it sent nothing: the savepoint was never needed
         elif sp is not None:
             self._queued.append(Stmt(f"RELEASE SAVEPOINT {_SAVEPOINT}"))
-        self._flush_writes()
+        self._pending.update(self._writes)
+        self._writes.clear()
 
     def finish(self) -> None:
         """The stf returned: fail it anyway if it swallowed a database error (engine rule 8)."""
@@ -349,7 +369,9 @@ class Session:
             Abort: (runtime) the transaction is lost. StoreError: (otherwise) the same.
         """
         self.usable()
-        self._flush_writes()
+        self._pending.update(self._writes)  # a transaction block's own writes (no inputs)
+        self._writes.clear()
+        self._flush_pending()
         self._ensure_open()
         if not self._fence_ok:
             self._send(None, "rowcount")  # the fence must hold before COMMIT goes out
@@ -370,6 +392,7 @@ class Session:
         self.closed = True
         self._queued.clear()
         self._writes.clear()
+        self._pending.clear()
         self._cache.clear()
         try:
             self._driver.rollback()
@@ -384,6 +407,8 @@ class Session:
         k = (space, key)
         if k in self._writes:
             return self._writes[k]
+        if k in self._pending:
+            return self._pending[k]
         hit = self._cache.get(k, _MISSING)
         if hit is not _MISSING and hit is not _PRESENT:
             return hit  # type: ignore[no-any-return]
@@ -398,6 +423,8 @@ class Session:
         k = (space, key)
         if k in self._writes:
             return self._writes[k] is not None
+        if k in self._pending:
+            return self._pending[k] is not None
         hit = self._cache.get(k, _MISSING)
         if hit is not _MISSING:
             return hit is not None
@@ -418,7 +445,7 @@ class Session:
                  limit: int | None) -> list[tuple[bytes, bytes]]:
         """Pairs with ``start <= key < end`` (None: unbounded), in key order."""
         self.usable()
-        self._flush_writes()
+        self._flush_all()
         sql, params = self._db._range_sql(space, start, end, reverse, limit)
         rows = self._send(Stmt(sql, params), "all")
         out = [(bytes(k), bytes(v)) for k, v in rows]
@@ -431,7 +458,7 @@ class Session:
         self.usable()
         if not self.write:
             raise RuntimeError("this transaction is read-only (restore may not write)")
-        self._flush_writes()
+        self._flush_all()
         sql, params = self._db._delete_range_sql(space, start, end)
         try:
             count: int = self._send(Stmt(sql, params), "rowcount")
@@ -439,13 +466,29 @@ class Session:
             self._cache.clear()
         return count
 
-    def _flush_writes(self) -> None:
-        if not self._writes:
+    def _flush_all(self) -> None:
+        """Get ready for a statement that may write or must see every write (SQL, a range scan
+        or delete): queue the accepted inputs' buffered writes, outside this input's savepoint
+        (they are not this input's to undo); take the savepoint when the transaction holds
+        earlier inputs' work; then queue this input's own writes, inside it."""
+        if self._pending:
+            self._flush_pending()
+            self._shared = True
+        if self._sp is None and self._shared:
+            self._queued.append(Stmt(f"SAVEPOINT {_SAVEPOINT}"))
+            self._sp = len(self._queued) - 1
+        self._queue_writes(self._writes)
+
+    def _flush_pending(self) -> None:
+        self._queue_writes(self._pending)
+
+    def _queue_writes(self, writes: dict[tuple[str, bytes], bytes | None]) -> None:
+        if not writes:
             return
         self._ensure_open()
-        puts = [(s, k, v) for (s, k), v in self._writes.items() if v is not None]
-        deletes = [(s, k) for (s, k), v in self._writes.items() if v is None]
-        self._writes.clear()
+        puts = [(s, k, v) for (s, k), v in writes.items() if v is not None]
+        deletes = [(s, k) for (s, k), v in writes.items() if v is None]
+        writes.clear()
         if puts:
             self._queued.append(Stmt(self._db._sql("kv_put"), puts, many=True))
         if deletes:

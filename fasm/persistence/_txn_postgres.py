@@ -408,6 +408,11 @@ class _PgDriver:
         return (conn is not None and not conn.closed and not conn.broken
                 and conn.info.transaction_status in _OPEN)
 
+    def transaction_aborted(self) -> bool:
+        conn = self._conn
+        return (conn is not None and not conn.closed and not conn.broken
+                and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR)
+
     def classify(self, error: Exception) -> Failure | None:
         if not isinstance(error, psycopg.Error):
             return None

@@ -191,6 +191,9 @@ class _SQLiteDriver:
     def in_transaction(self) -> bool:
         return self._conn is not None and self._conn.in_transaction
 
+    def transaction_aborted(self) -> bool:
+        return False  # after an error SQLite either goes on or has ended the transaction
+
     def classify(self, error: Exception) -> Failure | None:
         if not isinstance(error, sqlite3.Error):
             return None

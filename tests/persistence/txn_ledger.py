@@ -78,7 +78,17 @@ class Note:
     fail: bool = False
 
 
-LedgerInput = Open | Deposit | Withdraw | Careless | Overdraw | Swallow | Note
+@dataclass(frozen=True)
+class Stamp:
+    """Reads the note (the key-value layer), adds 1 to the balance in SQL and a "!" to the note;
+    ``fail`` raises after both writes. Run in a group after a ``Note``, it reads a write that is
+    still buffered, and its SQL makes the buffer go out ahead of its own savepoint."""
+
+    name: str
+    fail: bool = False
+
+
+LedgerInput = Open | Deposit | Withdraw | Careless | Overdraw | Swallow | Note | Stamp
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,16 @@ class LedgerMachine(StateMachine[Transaction, LedgerInput, int, Payout, Paid, No
                 await db.kv.set(NOTES, name, text)
                 if fail:
                     raise UnknownAccount(f"after writing a note for {name}")
+            case Normal(Stamp(name=name, fail=fail)):
+                note = await db.kv.get(NOTES, name)
+                if note is None:
+                    raise UnknownAccount(f"no note for {name}")
+                if await db.execute("UPDATE accounts SET balance = balance + 1 WHERE name = ?",
+                                    (name,)) == 0:
+                    raise UnknownAccount(name)
+                await db.kv.set(NOTES, name, note + "!")
+                if fail:
+                    raise UnknownAccount(f"after stamping {name}")
             case Done(id=payout, result=Paid(ref=ref)):
                 if await db.execute("UPDATE payouts SET status = 'paid', ref = ? "
                                     "WHERE id = ? AND status = 'pending'", (ref, payout)) == 0:
