@@ -152,6 +152,12 @@ class Driver(Protocol):
         """What a driver error means, or None for a mistake in the statement itself."""
         ...
 
+    def many(self, name: str, sql: str, rows: list[tuple[Any, ...]]) -> Stmt:
+        """One statement that runs the internal statement ``name`` (``sql``, translated) once
+        per row: ``executemany`` where that is cheap, a set-based form where the driver has one
+        (PostgreSQL pays a message exchange per row of ``executemany`` in a pipeline)."""
+        ...
+
 
 class Session:
     """The bookkeeping of one database transaction, shared by every backend.
@@ -490,6 +496,6 @@ class Session:
         deletes = [(s, k) for (s, k), v in writes.items() if v is None]
         writes.clear()
         if puts:
-            self._queued.append(Stmt(self._db._sql("kv_put"), puts, many=True))
+            self._queued.append(self._db._many("kv_put", puts))
         if deletes:
-            self._queued.append(Stmt(self._db._sql("kv_delete"), deletes, many=True))
+            self._queued.append(self._db._many("kv_delete", deletes))

@@ -290,6 +290,10 @@ class Database:
             found = self._sql_cache[name] = d.translate(text)
         return found
 
+    def _many(self, name: str, rows: list[tuple[Any, ...]]) -> Stmt:
+        """The internal statement ``name`` for every row, in the driver's cheapest form."""
+        return self._driver.many(name, self._sql(name), rows)
+
     def _bounds(self, space: str, start: bytes | None,
                 end: bytes | None) -> tuple[str, list[Any]]:
         where = "space = ?"
@@ -371,8 +375,7 @@ class Database:
 
         stmts = [Stmt(self._sql("machine_bump"), (seq, token, key, expected), check=fenced)]
         if new_keys:
-            stmts.append(Stmt(self._sql("key_put"), [(key, k, s) for k, s in new_keys],
-                              many=True))
+            stmts.append(self._many("key_put", [(key, k, s) for k, s in new_keys]))
             if oldest_kept is not None:
                 stmts.append(Stmt(self._sql("keys_prune"), (key, oldest_kept)))
         return stmts, None if token is None else (key, token)

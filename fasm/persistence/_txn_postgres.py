@@ -408,6 +408,33 @@ class _PgDriver:
         return (conn is not None and not conn.closed and not conn.broken
                 and conn.info.transaction_status in _OPEN)
 
+    def many(self, name: str, sql: str, rows: list[tuple[Any, ...]]) -> Stmt:
+        if len(rows) == 1:
+            return Stmt(sql, rows[0])
+        # psycopg's executemany in a pipeline exchanges messages with the server row by row;
+        # unnest() over one array per column is one statement however many rows there are.
+        # (Rows never repeat a key: the buffers they come from are keyed, so ON CONFLICT never
+        # meets the same row twice in one statement.)
+        form = self._set_based(name)
+        return Stmt(form, tuple(list(column) for column in zip(*rows, strict=True)))
+
+    def _set_based(self, name: str) -> str:
+        found = self._translated.get(f"many:{name}")
+        if found is None:
+            kv, keys = self.table("kv"), self.table("idempotency")
+            found = {
+                "kv_put": f"INSERT INTO {kv} (space, key, value) SELECT * FROM "
+                          "unnest(%s::text[], %s::bytea[], %s::bytea[]) "
+                          "ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
+                "kv_delete": f"DELETE FROM {kv} WHERE (space, key) IN "
+                             "(SELECT * FROM unnest(%s::text[], %s::bytea[]))",
+                "key_put": f"INSERT INTO {keys} (key, idempotency_key, seq) SELECT * FROM "
+                           "unnest(%s::text[], %s::text[], %s::bigint[]) ON CONFLICT "
+                           "(key, idempotency_key) DO UPDATE SET seq = excluded.seq",
+            }[name]
+            self._translated[f"many:{name}"] = found
+        return found
+
     def transaction_aborted(self) -> bool:
         conn = self._conn
         return (conn is not None and not conn.closed and not conn.broken

@@ -191,6 +191,9 @@ class _SQLiteDriver:
     def in_transaction(self) -> bool:
         return self._conn is not None and self._conn.in_transaction
 
+    def many(self, name: str, sql: str, rows: list[tuple[Any, ...]]) -> Stmt:
+        return Stmt(sql, rows, many=True)  # a loop in C over one prepared statement
+
     def transaction_aborted(self) -> bool:
         return False  # after an error SQLite either goes on or has ended the transaction
 

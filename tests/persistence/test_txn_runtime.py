@@ -269,6 +269,28 @@ async def test_idempotency_keys_are_kept_in_the_database(schema: DatabaseFactory
     assert await balances(schema()) == {"ada": 3}
 
 
+async def test_a_group_commits_all_its_idempotency_keys_at_once(schema: DatabaseFactory) -> None:
+    """Keys of inputs that share a transaction are written by one statement (set-based on
+    PostgreSQL); a later runtime knows every one of them."""
+    db = schema()
+    seqs: dict[str, int] = {}
+
+    async def one(key: str, value: Any) -> None:
+        seqs[key] = (await rt.submit(value, idempotency_key=key)).seq
+
+    async with runtime(db) as rt:
+        async with anyio.create_task_group() as tg, db.lock():  # queue them into one group
+            tg.start_soon(one, "open", Open("ada", 1))
+            for n in range(4):
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(one, f"d{n}", Deposit("ada", 1))
+    async with runtime(schema()) as rt:
+        for key, value in (("open", Open("ada", 1)), ("d2", Deposit("ada", 1))):
+            again = await rt.submit(value, idempotency_key=key)
+            assert again == Committed(seqs[key], (), True)
+    assert await balances(schema()) == {"ada": 5}
+
+
 async def test_the_stf_reads_its_own_key_value_writes(schema: DatabaseFactory) -> None:
     async with runtime(schema()) as rt:
         await rt.submit(Note("ada", "first"))
