@@ -18,10 +18,9 @@ from examples.dentist_booking_sql.machine import (
     start_minute,
 )
 from fasm import ActionList, ConstraintViolation, Tracked
-from tests.persistence.conftest import pg_dsn, pg_schema
 from tests.persistence.txn_ledger import DatabaseFactory, make_db
 
-__all__ = ("make_db", "pg_dsn", "pg_schema")  # fixtures, imported so that pytest finds them
+__all__ = ("make_db",)  # the fixture, imported so that pytest finds it here
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "dentist_booking_sql" / "run.py"

@@ -278,12 +278,12 @@ async def test_a_group_commits_all_its_idempotency_keys_at_once(schema: Database
     async def one(key: str, value: Any) -> None:
         seqs[key] = (await rt.submit(value, idempotency_key=key)).seq
 
-    async with runtime(db) as rt:
-        async with anyio.create_task_group() as tg, db.lock():  # queue them into one group
-            tg.start_soon(one, "open", Open("ada", 1))
-            for n in range(4):
-                await anyio.wait_all_tasks_blocked()
-                tg.start_soon(one, f"d{n}", Deposit("ada", 1))
+    # While the lock is held the submits queue up; released, the last four share a group.
+    async with runtime(db) as rt, anyio.create_task_group() as tg, db.lock():
+        tg.start_soon(one, "open", Open("ada", 1))
+        for n in range(4):
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(one, f"d{n}", Deposit("ada", 1))
     async with runtime(schema()) as rt:
         for key, value in (("open", Open("ada", 1)), ("d2", Deposit("ada", 1))):
             again = await rt.submit(value, idempotency_key=key)
