@@ -1,22 +1,24 @@
-"""Seeded crash runs of a machine whose state is a real SQLite database, driven synchronously
-through the runtime's own database host, as the simulator drives the engine: no event loop, every
-choice from one seeded RNG, crashes right after a commit (before anything is dispatched) and with
-actions in flight. After every group the tables must balance, every paid payout must match the
-provider's ledger, and at the end every payout must be paid; the same seed must give the same
-trace and the same tables."""
+"""Seeded crash runs of a machine whose state is a real database (SQLite, and PostgreSQL where it
+runs), driven synchronously through the runtime's own database host, as the simulator drives the
+engine: no event loop, every choice from one seeded RNG, crashes right after a commit (before
+anything is dispatched) and with actions in flight. After every group the tables must balance,
+every paid payout must match the provider's ledger, and at the end every payout must be paid; the
+same seed must give the same trace and the same tables."""
 
 from __future__ import annotations
 
 import random
 import sqlite3
+import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fasm import Normal, TrackedActionCompleted
-from fasm.persistence import SQLiteDatabase
+from fasm.persistence import Database, SQLiteDatabase
 from fasm.runtime._engine import Accepted, Duplicate, Failed, Release
 from fasm.runtime._state_database import DatabaseHost
 from tests.persistence.txn_ledger import (
@@ -34,9 +36,76 @@ from tests.persistence.txn_ledger import (
 NAMES = ("ana", "ben", "cy", "dee")
 
 
-class World:
-    def __init__(self, path: Path, seed: int) -> None:
+class Place:
+    """Where one run keeps its tables, reached both through fasm and directly (to check them)."""
+
+    def database(self) -> Database:
+        raise NotImplementedError
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+
+class SQLitePlace(Place):
+    def __init__(self, path: Path) -> None:
         self.path = path
+
+    def database(self) -> Database:
+        return SQLiteDatabase(self.path, synchronous="OFF")  # crashes here are simulated
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            return conn.execute(statement).fetchall()
+        finally:
+            conn.close()
+
+
+class PostgresPlace(Place):
+    def __init__(self, dsn: str, schema: str) -> None:
+        import psycopg.conninfo
+
+        self.schema = schema
+        self.dsn = psycopg.conninfo.make_conninfo(dsn, options=f"-c search_path={schema}")
+        self.sql(f'CREATE SCHEMA "{schema}"')
+
+    def database(self) -> Database:
+        from fasm.persistence import PostgresDatabase
+
+        return PostgresDatabase(self.dsn, schema=self.schema)
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(statement)
+            return [tuple(row) for row in cur.fetchall()] if cur.description else []
+
+
+PlaceFactory = Callable[[], Place]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def places(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PlaceFactory]:
+    """Makes a fresh place per call: a SQLite file, or a PostgreSQL schema (dropped after)."""
+    made: list[PostgresPlace] = []
+    if request.param == "sqlite":
+        yield lambda: SQLitePlace(tmp_path / f"run-{uuid.uuid4().hex[:8]}.db")
+        return
+    dsn: str = request.getfixturevalue("pg_dsn")
+
+    def postgres() -> Place:
+        made.append(PostgresPlace(dsn, f"fasm_crash_{uuid.uuid4().hex[:12]}"))
+        return made[-1]
+
+    yield postgres
+    for place in made:
+        place.sql(f'DROP SCHEMA IF EXISTS "{place.schema}" CASCADE')
+
+
+class World:
+    def __init__(self, place: Place, seed: int) -> None:
+        self.place = place
         self.rng = random.Random(seed)
         self.provider: dict[int, str] = {}  # payout id -> reference: the provider's ledger
         self.in_flight: dict[int, Payout] = {}
@@ -44,16 +113,14 @@ class World:
         self.trace: list[Any] = []
         self.paid_in = 0  # money opened and deposited by committed transitions
         self.crashes = 0
-        conn = sqlite3.connect(path, isolation_level=None)
         for statement in SCHEMA:
-            conn.execute(statement)
-        conn.close()
+            place.sql(statement)
         self.start()
 
     # -- the process ------------------------------------------------------------------------
 
     def start(self) -> None:
-        database = SQLiteDatabase(self.path, synchronous="OFF")  # crashes here are simulated
+        database = self.place.database()
         self.host = DatabaseHost(LedgerMachine(), key="sim", database=database,
                                  idempotency_window=50, seed=0)
         self.engine = self.host.open_sync()
@@ -130,13 +197,8 @@ class World:
     # -- checks -----------------------------------------------------------------------------
 
     def tables(self) -> tuple[list[Any], list[Any]]:
-        conn = sqlite3.connect(self.path)
-        try:
-            accounts = conn.execute("SELECT name, balance FROM accounts ORDER BY name").fetchall()
-            payouts = conn.execute("SELECT id, name, amount, status, ref FROM payouts "
-                                   "ORDER BY id").fetchall()
-        finally:
-            conn.close()
+        accounts = self.place.sql("SELECT name, balance FROM accounts ORDER BY name")
+        payouts = self.place.sql("SELECT id, name, amount, status, ref FROM payouts ORDER BY id")
         return accounts, payouts
 
     def check(self) -> None:
@@ -167,9 +229,8 @@ def _describe(step: Any) -> Any:
     return ("error", type(step).__name__)
 
 
-def run(tmp_path: Path, seed: int, groups: int = 120) -> World:
-    path = tmp_path / f"seed-{seed}-{random.getrandbits(32):08x}.db"
-    world = World(path, seed)
+def run(place: Place, seed: int, groups: int = 120) -> World:
+    world = World(place, seed)
     for _ in range(groups):
         world.execute()
         world.group()
@@ -179,14 +240,15 @@ def run(tmp_path: Path, seed: int, groups: int = 120) -> World:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_crashes_between_commit_and_dispatch_lose_nothing(tmp_path: Path, seed: int) -> None:
-    world = run(tmp_path, seed)
+def test_crashes_between_commit_and_dispatch_lose_nothing(places: PlaceFactory,
+                                                          seed: int) -> None:
+    world = run(places(), seed)
     assert world.crashes > 0
     assert any(t[0] == "restore" for t in world.trace if isinstance(t[0], str))
 
 
-def test_the_same_seed_gives_the_same_trace_and_tables(tmp_path: Path) -> None:
-    first, second = run(tmp_path, 99), run(tmp_path, 99)
+def test_the_same_seed_gives_the_same_trace_and_tables(places: PlaceFactory) -> None:
+    first, second = run(places(), 99), run(places(), 99)
     assert first.trace == second.trace
     assert first.tables() == second.tables()
     assert first.provider == second.provider
