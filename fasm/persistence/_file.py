@@ -171,8 +171,8 @@ class FileStore:
         fsync: fsync files and directories so a commit that returned survives power loss. With
             ``fsync=False`` a commit survives a crash of the process but not of the machine.
         inline: run every call on the event loop's thread instead of the store's worker thread:
-            no hand-off to the thread and back (about half of a fast disk's fsync on a virtual
-            machine), but every other task of the loop waits for each commit's fsync. For a
+            no hand-off to the thread and back (on a virtual machine nearly as long as a fast
+            disk's fsync), but every other task of the loop waits for each commit's fsync. For a
             process that does little else, on a fast local disk.
 
     What a user should know:

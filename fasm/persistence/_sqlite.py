@@ -137,11 +137,12 @@ class SQLiteStore:
             with :class:`StoreUnavailable` ("database is locked").
         inline: run every call (its statements and its commit's fsync) on the event loop's
             thread instead of the store's worker thread. It saves the hand-off to the thread and
-            back, which on a virtual machine costs about half of a fast disk's fsync, so a
-            sequential submitter's throughput rises by about a third; the price is that every
-            other task of the loop waits for each commit, fsync included, and for up to
-            ``busy_timeout`` when another process holds the write lock. For a process that does
-            little else (a batch job, a single-purpose worker), on a fast local disk.
+            back, which on a virtual machine can cost nearly as much as a fast disk's fsync (a
+            sequential submitter's throughput rose by 60% in bench/bench_persistence.py); the
+            price is that every other task of the loop waits for each commit, fsync included,
+            and for up to ``busy_timeout`` when another process holds the write lock. For a
+            process that does little else (a batch job, a single-purpose worker), on a fast
+            local disk.
 
     What a user should know:
 

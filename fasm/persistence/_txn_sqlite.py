@@ -230,12 +230,12 @@ class SQLiteDatabase(Database):
         max_attempts: how many times the runtime runs a group of inputs that keeps meeting a
             locked database before answering :class:`~fasm.errors.TransactionConflict`.
         inline: run each group of inputs (its statements and its commit's fsync) on the event
-            loop's thread instead of a worker thread. It saves the thread hop per group (about
-            as long as a fast fsync: a sequential submitter's throughput roughly doubles on a
-            fast disk), at the price of blocking every other task of the loop for the length of
-            each transaction, commit included, and for up to ``busy_timeout`` when another
-            process holds the write lock. For a process that does little else, on a fast local
-            disk.
+            loop's thread instead of a worker thread. It saves the thread hop per group (on a
+            virtual machine nearly as long as a fast fsync: a sequential submitter's throughput
+            rose by half in bench/bench_transactional.py), at the price of blocking every other
+            task of the loop for the length of each transaction, commit included, and for up to
+            ``busy_timeout`` when another process holds the write lock. For a process that does
+            little else, on a fast local disk.
 
     What a user should know:
 
