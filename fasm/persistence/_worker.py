@@ -1,11 +1,12 @@
 """One thread per store for its blocking calls, with the cheapest hand-off back to the event loop.
 
 Why not ``anyio.to_thread.run_sync``: on this project's machines (virtual, 2 cores) a call through
-it costs 110 to 150 us of hand-off alone, most of a durable commit's budget; a thread of our own fed
+it costs 120 to 200 us of hand-off alone, most of a durable commit's budget; a thread of our own fed
 by a ``SimpleQueue``, which wakes the waiting task with the loop's own thread-safe call, costs
-about 60 to 90 us, nearly all of it the kernel waking the loop's idle CPU. What remains is the
-price of keeping the disk off the event loop; stores offer ``inline=True`` for processes that would
-rather block the loop than pay it.
+about 40 us less, and what remains is nearly all the kernel waking the loop's idle CPU after the
+disk returned (bench/bench_persistence.py measures it beside a raw commit). That is the price of
+keeping the disk off the event loop; stores offer ``inline=True`` for processes that would rather
+block the loop than pay it.
 
 One thread also gives what the stores need from it: their calls run one at a time, in the order
 they were made, on a connection only that thread touches.
