@@ -319,7 +319,7 @@ class Session:
         self.aborted = Abort(error, retry=retry)
         return self.aborted if self._runtime else error
 
-    # -- inputs: a savepoint each -----------------------------------------------------------
+    # -- inputs: a savepoint for each that writes -------------------------------------------
 
     def mark(self) -> None:
         """An input starts: what it does from here can be undone alone (its savepoint, when it

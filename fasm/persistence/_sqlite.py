@@ -410,15 +410,10 @@ class SQLiteStore:
                 else:
                     if row is None:  # the key's first commit; later appends leave this row be
                         conn.execute("INSERT INTO fasm_keys VALUES (?, 0, 0)", (key,))
-                    if len(entries) == 1:
-                        entry = bytes(entries[0])
-                        conn.execute("INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
-                                     (key, seq, entry, _crc(entry)))
-                    else:
-                        conn.executemany(
-                            "INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
-                            ((key, s, bytes(e), _crc(e)) for s, e in
-                             zip(range(expected_seq + 1, seq + 1), entries, strict=True)))
+                    conn.executemany(
+                        "INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
+                        ((key, s, bytes(e), _crc(e))
+                         for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)))
                 conn.execute("COMMIT")
             finally:
                 _rollback(conn)

@@ -9,13 +9,13 @@ What is shared here, and what each backend owns
 
 This module and :mod:`~fasm.persistence._session` hold everything that does not depend on the
 database: the :class:`Transaction` users see, the :class:`Session` that keeps one database
-transaction's bookkeeping (lazy ``BEGIN``, a savepoint per input, the key-value cache and write
-buffer, the fence on the machine's sequence number, the classification of failures) and the
-:class:`Database` base class. A backend supplies a :class:`Driver`: a synchronous object that runs
-statements in order on its one connection and says what a driver error means. The SQLite driver
+transaction's bookkeeping (lazy ``BEGIN``, a savepoint per input that writes, the key-value cache
+and write buffer, the fence on the machine's sequence number, the classification of failures) and
+the :class:`Database` base class. A backend supplies a :class:`Driver`: a synchronous object that
+runs statements in order on its one connection and says what a driver error means. The SQLite driver
 runs each statement as it comes; the PostgreSQL driver sends queued statements in one pipeline with
-the next statement that needs an answer, so that a savepoint, its release, the key-value writes
-and the bookkeeping cost no round trips of their own.
+the next statement that needs an answer, so that a savepoint, its release, the key-value writes and
+the bookkeeping cost no round trips of their own.
 
 Threads
 =======
@@ -81,7 +81,7 @@ def _first(sql: str) -> str:
 
 class Transaction:
     """The state an stf receives when its runtime keeps state in a database: one database
-    transaction, shared by the inputs of a group, with a savepoint around each input.
+    transaction, shared by the inputs of a group, each input undone alone when it fails.
 
     Declare it as the machine's state type: ``class Booking(StateMachine[Transaction, ...])``.
     Read and write through it only while the stf (or restore) runs; the runtime begins, commits

@@ -154,6 +154,17 @@ class _PgDriver:
         self._guard = threading.Lock()
         self._translated: dict[str, str] = {}
         self.description = f"postgres:{safe_dsn(dsn)} {schema}.{prefix}*"
+        kv, keys = self.table("kv"), self.table("idempotency")
+        self._set_based = {  # the internal statements of many(), one array per column
+            "kv_put": f"INSERT INTO {kv} (space, key, value) SELECT * FROM "
+                      "unnest(%s::text[], %s::bytea[], %s::bytea[]) "
+                      "ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
+            "kv_delete": f"DELETE FROM {kv} WHERE (space, key) IN "
+                         "(SELECT * FROM unnest(%s::text[], %s::bytea[]))",
+            "key_put": f"INSERT INTO {keys} (key, idempotency_key, seq) SELECT * FROM "
+                       "unnest(%s::text[], %s::text[], %s::bigint[]) ON CONFLICT "
+                       "(key, idempotency_key) DO UPDATE SET seq = excluded.seq",
+        }
 
     @property
     def backend_pid(self) -> int | None:
@@ -415,25 +426,8 @@ class _PgDriver:
         # unnest() over one array per column is one statement however many rows there are.
         # (Rows never repeat a key: the buffers they come from are keyed, so ON CONFLICT never
         # meets the same row twice in one statement.)
-        form = self._set_based(name)
-        return Stmt(form, tuple(list(column) for column in zip(*rows, strict=True)))
-
-    def _set_based(self, name: str) -> str:
-        found = self._translated.get(f"many:{name}")
-        if found is None:
-            kv, keys = self.table("kv"), self.table("idempotency")
-            found = {
-                "kv_put": f"INSERT INTO {kv} (space, key, value) SELECT * FROM "
-                          "unnest(%s::text[], %s::bytea[], %s::bytea[]) "
-                          "ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
-                "kv_delete": f"DELETE FROM {kv} WHERE (space, key) IN "
-                             "(SELECT * FROM unnest(%s::text[], %s::bytea[]))",
-                "key_put": f"INSERT INTO {keys} (key, idempotency_key, seq) SELECT * FROM "
-                           "unnest(%s::text[], %s::text[], %s::bigint[]) ON CONFLICT "
-                           "(key, idempotency_key) DO UPDATE SET seq = excluded.seq",
-            }[name]
-            self._translated[f"many:{name}"] = found
-        return found
+        return Stmt(self._set_based[name],
+                    tuple(list(column) for column in zip(*rows, strict=True)))
 
     def transaction_aborted(self) -> bool:
         conn = self._conn

@@ -125,9 +125,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     (``initial_state=``, optionally ``store=`` and ``durability=``); or it is a database
     transaction the stf reads and writes through (``database=``, a
     :class:`~fasm.persistence.SQLiteDatabase` or :class:`~fasm.persistence.PostgresDatabase`):
-    each group of inputs is one transaction with a savepoint per input, committed once, and
-    ``restore`` reads in a read-only transaction. Give exactly one of ``initial_state`` and
-    ``database``.
+    each group of inputs is one transaction, each input undone alone when it fails, committed
+    once, and ``restore`` reads in a read-only transaction. Give exactly one of
+    ``initial_state`` and ``database``.
 
     Args:
         machine: the machine instance.

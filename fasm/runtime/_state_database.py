@@ -2,8 +2,10 @@
 
 A group of queued inputs becomes one database transaction, run in one worker thread:
 
-1. each input runs through the engine inside a savepoint (taken lazily; the first input that
-   touches the database needs none, since undoing it is rolling the whole transaction back);
+1. each input runs through the engine, and takes a savepoint before its first statement that
+   may write (the first input that touches the database needs none, since undoing it is rolling
+   the whole transaction back, nor does one that only reads the key-value layer, whose writes
+   are still in memory);
    the stf's statements run inline on that thread, so the coroutine never suspends and is driven
    to its end synchronously, as the simulator drives it;
 2. a failed input is rolled back to its savepoint: the database is the atomicity (the engine's
