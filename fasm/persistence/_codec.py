@@ -28,12 +28,31 @@ from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import MachineTypes, StateMachine, type_members
 from ..errors import DefinitionError, IncompatibleRecord, StoreCorrupt
 
-__all__ = ("FORMAT_VERSION", "Checkpoint", "Codec", "JournalEntry")
+__all__ = ("FORMAT_VERSION", "Checkpoint", "Codec", "JournalEntry", "Unencodable")
 
 FORMAT_VERSION: Final = 1
 KIND_CHECKPOINT: Final = 0
 KIND_ENTRY: Final = 1
 _CRC = 4
+
+
+class Unencodable(ValueError):
+    """A value cannot be written as a record (the codec's own error; callers translate it).
+
+    Attributes:
+        what: which declared part it is (``"state"``, ``"input"``, ``"tracked_result"``,
+            ``"idempotency key"`` ...).
+        path: where inside the value, as a Python-like path (``"pending[3].user"``), or ``""``
+            for the value as a whole.
+        reason: why it cannot be encoded.
+    """
+
+    def __init__(self, what: str, path: str, reason: str) -> None:
+        where = f" at {path}" if path else ""
+        super().__init__(f"{what}{where} cannot be encoded: {reason}")
+        self.what = what
+        self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +102,16 @@ class _Typed:
                         break
                 else:
                     raise TypeError(f"{self.what}: {type(value).__qualname__} is not declared")
-            return [found[0], found[1].dump_python(value, mode="json")]
+            return [found[0], self._dump(found[1], value)]
         if self._whole is None:
             raise TypeError(f"{self.what}: the machine declares none")
-        return self._whole.dump_python(value, mode="json")
+        return self._dump(self._whole, value)
+
+    def _dump(self, adapter: pydantic.TypeAdapter[Any], value: Any) -> Any:
+        try:
+            return adapter.dump_python(value, mode="json")
+        except ValueError as e:  # pydantic_core.PydanticSerializationError is a ValueError
+            raise Unencodable(self.what, "", str(e)) from e
 
     def load(self, data: Any) -> Any:
         if self._tagged:
@@ -122,10 +147,14 @@ class Codec:
     # -- envelope ---------------------------------------------------------------------------
 
     def _seal(self, seq: int, kind: int, body: Any) -> bytes:
-        raw = msgpack.packb(
-            [FORMAT_VERSION, self.machine_name, self.schema_version, seq, kind, body],
-            use_bin_type=True,
-        )
+        try:
+            raw = msgpack.packb(
+                [FORMAT_VERSION, self.machine_name, self.schema_version, seq, kind, body],
+                use_bin_type=True,
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            what = "state" if kind == KIND_CHECKPOINT else "journal entry"
+            raise Unencodable(what, "", f"{type(e).__name__}: {e}") from e
         return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
 
     def _open(self, data: bytes, kind: int, seq: int | None) -> tuple[int, int, Any]:
