@@ -443,6 +443,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             raise error from e
         for attempt, retried in result.retries:
             self._emit(TransactionRetried(self.key, attempt, len(batch), retried))
+        for event in result.events:
+            self._emit(event)
         committed: list[tuple[_Item, Accepted]] = []
         for item, step in zip(batch, result.steps, strict=True):
             if isinstance(step, Accepted):

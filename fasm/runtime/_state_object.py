@@ -5,26 +5,56 @@ through the engine on the event loop (the stf never suspends on an object) and w
 store commit (snapshot or journal, per the durability strategy); a failed input under the
 ``"reload"`` rollback policy reloads the committed state and lets the engine re-apply what the
 group accepted so far.
+
+State that cannot be encoded (a transition put a value in it the codec cannot write) never stops
+the runtime, and never makes the store unreadable:
+
+* under :class:`Journal` the due checkpoint is skipped and the group is committed as journal
+  entries alone (durable, and recovered by replay). The first failure finds the culprit
+  transition (rebuild from the last checkpoint, replay the journal tail encoding the state after
+  each step), reports it once (a :class:`CheckpointFailed` event and an ERROR log), and the next
+  attempt waits another checkpoint interval (:meth:`Writer.postpone`). A later transition that
+  makes the state encodable again lets checkpoints resume.
+* under :class:`Snapshot` the state is encoded every commit, so the input of the group whose
+  transition made it unencodable is refused alone (:class:`TransitionFailed` naming the field;
+  a tracked result is dropped like one the stf refuses), the engine goes back to the committed
+  state and the group's other inputs are run again and committed.
+* an initial state that does not encode is a :class:`DefinitionError` at start.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from ..errors import FasmError, StoreError
-from ..persistence._codec import Codec
-from ..persistence._durability import Durability, Journal, Writer, decode_records
+from ..errors import DefinitionError, FasmError, StoreError, TransitionFailed
+from ..persistence._codec import Codec, Unencodable
+from ..persistence._durability import Durability, Journal, Snapshot, Writer, decode_records
+from ..persistence._locate import unencodable_path
 from ..persistence._memory import MemoryStore
 from ..persistence._store import Store
-from ._engine import Accepted, AnyMachine, Engine, Failed, Release, Rollback, Step
+from ._engine import (
+    Accepted,
+    AnyMachine,
+    Engine,
+    Failed,
+    Release,
+    Rollback,
+    Step,
+    _describe,
+    input_kind,
+)
+from ._events import CheckpointFailed, RuntimeEvent
 from ._host import GroupResult, Submitted
 
 __all__ = ("ObjectHost",)
+
+log = logging.getLogger("fasm.runtime")
 
 
 class ObjectHost:
@@ -55,6 +85,9 @@ class ObjectHost:
         self._writer: Writer | None = None
         self._needs_checkpoint = False
         self._last_checkpoint_size = 0
+        # (culprit seq, path) of the unencodable state last reported; None while checkpoints
+        # succeed.
+        self._unencodable: tuple[int | None, str] | None = None
 
     @property
     def description(self) -> str:
@@ -91,7 +124,9 @@ class ObjectHost:
         records = await self.store.load(self.key)
         if records is None:
             self._needs_checkpoint = True
-            return self._new_engine(self._fresh_initial(), 0, ())
+            initial = self._fresh_initial()
+            self._check_initial(codec, initial)
+            return self._new_engine(initial, 0, ())
         recovered = decode_records(codec, records, store=self.store.description, key=self.key)
         cp = recovered.checkpoint
         if cp is None:
@@ -110,6 +145,20 @@ class ObjectHost:
         return Engine(self.machine, state=state, seq=seq, idempotency=keys,
                       rollback=self._rollback, idempotency_window=self._idempotency_window)
 
+    def _check_initial(self, codec: Codec, state: Any) -> None:
+        """A fresh key's initial state must encode: every commit under Snapshot, and the first
+        checkpoint under Journal, would otherwise fail with no transition to blame. Encoded once,
+        at the start of a key the store has never seen."""
+        try:
+            codec.encode_checkpoint(0, state, {})
+        except Unencodable as e:
+            path = e.path or unencodable_path(state)
+            where = f" at {path}" if path else ""
+            raise DefinitionError(
+                f"initial_state of {type(self.machine).__qualname__} cannot be encoded{where}: "
+                f"{e.reason}; the store could never write it (key {self.key!r}, "
+                f"{self.store.description})") from e
+
     def _fresh_initial(self) -> Any:
         init = self._initial
         return init() if callable(init) else copy.deepcopy(init)
@@ -125,21 +174,40 @@ class ObjectHost:
         """Step each input, reloading after a failure when the policy says so, then write the
         accepted ones in one store commit.
 
+        Under Snapshot, an input whose transition leaves a state that does not encode is refused
+        (a :class:`Failed` step with a :class:`TransitionFailed`) and the group is run again
+        without it, from the committed state; each round refuses one more input, so this ends.
+
         Raises:
             StoreError: the commit failed (the runtime stops; nothing is acknowledged).
         """
-        steps: list[Step | StoreError] = []
-        accepted: list[Accepted] = []
-        for input, key in inputs:
-            step = await engine.step(input, key)
-            if isinstance(step, Accepted):
-                accepted.append(step)
-            elif isinstance(step, Failed) and step.reload:
-                await self._reload(engine)
-            steps.append(step)
-        if accepted:
-            await self._flush(engine, accepted)
-        return GroupResult(steps)
+        refused: dict[int, Failed] = {}
+        events: list[RuntimeEvent] = []
+        while True:
+            steps: list[Step | StoreError] = []
+            accepted: list[Accepted] = []
+            positions: list[int] = []
+            for i, (input, key) in enumerate(inputs):
+                if i in refused:
+                    steps.append(refused[i])
+                    continue
+                step = await engine.step(input, key)
+                if isinstance(step, Accepted):
+                    accepted.append(step)
+                    positions.append(i)
+                elif isinstance(step, Failed) and step.reload:
+                    await self._reload(engine)
+                steps.append(step)
+            if accepted:
+                culprit = await self._flush(engine, accepted, events)
+                if culprit is not None:
+                    index, error = culprit
+                    refused[positions[index]] = self._refuse(accepted[index], error, events)
+                    # Back to the committed state, then the group again without the culprit.
+                    engine.abandon(())
+                    await self._reload(engine)
+                    continue
+            return GroupResult(steps, events=events)
 
     async def _reload(self, engine: Engine) -> None:
         records = await self.store.load(self.key)
@@ -154,13 +222,21 @@ class ObjectHost:
         await fresh.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
         await engine.reset(fresh.state, fresh.seq, fresh.idempotency.items())
 
-    async def _flush(self, engine: Engine, steps: list[Accepted]) -> None:
+    async def _flush(self, engine: Engine, steps: list[Accepted],
+                     events: list[RuntimeEvent]) -> tuple[int, Unencodable] | None:
+        """Write the accepted steps in one commit. Returns None when written, or (Snapshot only,
+        nothing written) the index in ``steps`` of the first one whose state does not encode."""
         writer = self._writer
         assert writer is not None
         encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
         checkpoint = None
         if self._needs_checkpoint or writer.checkpoint_due(encoded):
-            checkpoint = await self._encode_checkpoint(engine, steps[-1].seq)
+            try:
+                checkpoint = await self._encode_checkpoint(engine, steps[-1].seq)
+            except Unencodable as e:
+                if isinstance(self.durability, Snapshot):
+                    return await self._first_unencodable(engine, steps, e)
+                await self._checkpoint_skipped(engine, steps, e, events)
         plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         try:
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
@@ -175,6 +251,112 @@ class ObjectHost:
         writer.written(plan)
         if plan.checkpoint is not None:
             self._needs_checkpoint = False
+            if self._unencodable is not None:
+                self._unencodable = None
+                log.info("state encodes again: checkpoint written at seq %d", plan.seq,
+                         extra={"fasm_key": self.key, "fasm_seq": plan.seq})
+        return None
+
+    # -- state that cannot be encoded (paid only when an encode failed) ------------------------
+
+    async def _checkpoint_skipped(self, engine: Engine, steps: list[Accepted], error: Unencodable,
+                                  events: list[RuntimeEvent]) -> None:
+        """Journal: commit without the checkpoint, postpone the next attempt by a whole interval,
+        and report the culprit once."""
+        assert self._writer is not None
+        self._writer.postpone()
+        # A journal without a checkpoint is recovered from the initial state: still readable.
+        self._needs_checkpoint = False
+        seq = steps[-1].seq
+        path = error.path or unencodable_path(engine.state)
+        known = self._unencodable
+        if known is not None and known[1] == path:
+            log.warning("state still cannot be encoded at %s; checkpoint at seq %d skipped again "
+                        "(the journal keeps growing)", path or "(the whole state)", seq,
+                        extra={"fasm_key": self.key, "fasm_seq": seq, "fasm_path": path})
+            return
+        found = await self._replay_encoding(engine, steps, first=False)
+        culprit_seq, kind = (found[0].seq, input_kind(found[0].input)) if found else (None, "?")
+        if known is not None and known[0] == culprit_seq and culprit_seq is not None:
+            self._unencodable = (culprit_seq, path)
+            return
+        self._unencodable = (culprit_seq, path)
+        events.append(CheckpointFailed(self.key, seq, culprit_seq, kind, path, error))
+        log.error(
+            "state cannot be encoded at %s since seq %s (%s): %s; checkpoint at seq %d skipped. "
+            "Every transition stays committed in the journal (recovered by replay); checkpoints "
+            "resume once a transition makes the state encodable, and the journal grows until "
+            "then", path or "(the whole state)", culprit_seq, kind, error.reason, seq,
+            extra={"fasm_key": self.key, "fasm_seq": seq, "fasm_culprit_seq": culprit_seq,
+                   "fasm_input_kind": kind, "fasm_path": path})
+
+    async def _first_unencodable(self, engine: Engine, steps: list[Accepted],
+                                 error: Unencodable) -> tuple[int, Unencodable]:
+        """Snapshot: which accepted step of the group first left a state that does not encode.
+
+        Raises:
+            StoreError: none does when replayed from the committed state (the live state
+                diverged from what the accepted steps produce); nothing is acknowledged.
+        """
+        found = await self._replay_encoding(engine, steps, first=True)
+        if found is None:
+            raise StoreError(f"state does not encode ({error}), but no transition of the group "
+                             "leaves it so when replayed from the committed state",
+                             store=self.store.description, key=self.key, seq=steps[-1].seq)
+        step, e = found
+        return next(i for i, s in enumerate(steps) if s is step), e
+
+    async def _replay_encoding(self, engine: Engine, steps: list[Accepted], *,
+                               first: bool) -> tuple[Accepted, Unencodable] | None:
+        """Rebuild the state from the last checkpoint, replay the journal tail and ``steps``,
+        encoding the state after each, and return the step (with the codec's error, its path
+        filled in) that began the run of unencodable states reaching the end (``first``: the
+        first step whose state does not encode). None when every state encodes."""
+        codec = self._codec_()
+        records = await self.store.load(self.key)
+        tail: list[Accepted] = []
+        if records is None or engine.committed_seq == 0:
+            fresh = self._new_engine(self._fresh_initial(), 0, ())
+        else:
+            recovered = decode_records(codec, records, store=self.store.description, key=self.key)
+            cp = recovered.checkpoint
+            fresh = self._new_engine(cp.state if cp else self._fresh_initial(),
+                                     cp.seq if cp else 0, cp.idempotency.items() if cp else ())
+            tail = [Accepted(e.seq, e.input, (), e.idempotency_key) for e in recovered.journal]
+        found: tuple[Accepted, Unencodable] | None = None
+        for n, step in enumerate([*tail, *steps]):
+            await fresh.replay([(step.seq, step.input, step.idempotency_key)])
+            if first and n < len(tail):
+                continue  # Snapshot: only the group's own steps can be refused
+            try:
+                codec.encode_checkpoint(step.seq, fresh.state, dict(fresh.idempotency))
+            except Unencodable as e:
+                if found is None:
+                    path = e.path or unencodable_path(fresh.state)
+                    found = (step, Unencodable(e.what, path, e.reason) if path != e.path else e)
+                    if first:
+                        return found
+            else:
+                found = None
+        return found
+
+    def _refuse(self, step: Accepted, error: Unencodable,
+                events: list[RuntimeEvent]) -> Failed:
+        """Snapshot: the step's input is refused, as if its stf had raised."""
+        kind = input_kind(step.input)
+        where = f" at {error.path}" if error.path else ""
+        refusal = TransitionFailed(
+            f"the state after {_describe(step.input)} cannot be encoded{where}: {error.reason}; "
+            "the input is refused and state is unchanged")
+        refusal.__cause__ = error
+        events.append(CheckpointFailed(self.key, step.seq, step.seq, kind, error.path, error,
+                                       refused=True))
+        log.error("state after %s would not encode at %s: %s; that input is refused, the rest "
+                  "of its group is committed", _describe(step.input),
+                  error.path or "(the whole state)", error.reason,
+                  extra={"fasm_key": self.key, "fasm_culprit_seq": step.seq,
+                         "fasm_input_kind": kind, "fasm_path": error.path})
+        return Failed(step.input, refusal, False)
 
     async def _encode_checkpoint(self, engine: Engine, seq: int) -> bytes:
         """Encode the whole state as of ``seq``. A large state is encoded in a worker thread so
@@ -188,3 +370,4 @@ class ObjectHost:
             data = await anyio.to_thread.run_sync(codec.encode_checkpoint, seq, engine.state, keys)
         self._last_checkpoint_size = len(data)
         return data
+
