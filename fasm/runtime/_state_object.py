@@ -35,7 +35,7 @@ import anyio.to_thread
 from ..errors import DefinitionError, FasmError, StoreError, TransitionFailed
 from ..persistence._codec import Codec, Unencodable
 from ..persistence._durability import Durability, Journal, Snapshot, Writer, decode_records
-from ..persistence._locate import unencodable_path
+from ..persistence._locate import locate, unencodable_path
 from ..persistence._memory import MemoryStore
 from ..persistence._store import Store
 from ._engine import (
@@ -230,6 +230,7 @@ class ObjectHost:
         assert writer is not None
         encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
         checkpoint = None
+        skipped = False
         if self._needs_checkpoint or writer.checkpoint_due(encoded):
             try:
                 checkpoint = await self._encode_checkpoint(engine, steps[-1].seq)
@@ -237,6 +238,7 @@ class ObjectHost:
                 if isinstance(self.durability, Snapshot):
                     return await self._first_unencodable(engine, steps, e)
                 await self._checkpoint_skipped(engine, steps, e, events)
+                skipped = True
         plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         try:
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
@@ -249,6 +251,8 @@ class ObjectHost:
                 raise error from e
             raise
         writer.written(plan)
+        if skipped:
+            writer.postpone()  # the next attempt comes a whole interval after this commit
         if plan.checkpoint is not None:
             self._needs_checkpoint = False
             if self._unencodable is not None:
@@ -261,24 +265,24 @@ class ObjectHost:
 
     async def _checkpoint_skipped(self, engine: Engine, steps: list[Accepted], error: Unencodable,
                                   events: list[RuntimeEvent]) -> None:
-        """Journal: commit without the checkpoint, postpone the next attempt by a whole interval,
-        and report the culprit once."""
-        assert self._writer is not None
-        self._writer.postpone()
+        """Journal: the commit goes ahead without the checkpoint (the caller then postpones the
+        next attempt by a whole interval); report the culprit once."""
         # A journal without a checkpoint is recovered from the initial state: still readable.
         self._needs_checkpoint = False
         seq = steps[-1].seq
+        # Searched at every failed attempt (once per interval, paid only on failure), so that a
+        # new culprit is told even when it put its value at the same place as the last one.
+        found = await self._culprit(engine, steps, error)
+        if found is not None:
+            culprit_seq, kind, error = found[0].seq, input_kind(found[0].input), found[1]
+        else:
+            culprit_seq, kind = None, "?"
         path = error.path or unencodable_path(engine.state)
-        known = self._unencodable
-        if known is not None and known[1] == path:
-            log.warning("state still cannot be encoded at %s; checkpoint at seq %d skipped again "
-                        "(the journal keeps growing)", path or "(the whole state)", seq,
+        if self._unencodable == (culprit_seq, path):
+            log.warning("state still cannot be encoded at %s (since seq %s); checkpoint at seq %d "
+                        "skipped again, the journal keeps growing", path or "(the whole state)",
+                        culprit_seq, seq,
                         extra={"fasm_key": self.key, "fasm_seq": seq, "fasm_path": path})
-            return
-        found = await self._replay_encoding(engine, steps, first=False)
-        culprit_seq, kind = (found[0].seq, input_kind(found[0].input)) if found else (None, "?")
-        if known is not None and known[0] == culprit_seq and culprit_seq is not None:
-            self._unencodable = (culprit_seq, path)
             return
         self._unencodable = (culprit_seq, path)
         events.append(CheckpointFailed(self.key, seq, culprit_seq, kind, path, error))
@@ -292,13 +296,17 @@ class ObjectHost:
 
     async def _first_unencodable(self, engine: Engine, steps: list[Accepted],
                                  error: Unencodable) -> tuple[int, Unencodable]:
-        """Snapshot: which accepted step of the group first left a state that does not encode.
+        """Snapshot: which accepted step of the group left the state that does not encode.
 
         Raises:
             StoreError: none does when replayed from the committed state (the live state
                 diverged from what the accepted steps produce); nothing is acknowledged.
         """
-        found = await self._replay_encoding(engine, steps, first=True)
+        found = await self._culprit(engine, steps, error)
+        if found is not None and not any(found[0] is s for s in steps):
+            found = None  # the committed state itself does not encode: blame the group's first
+        if found is None:
+            found = await self._first_failing(steps)
         if found is None:
             raise StoreError(f"state does not encode ({error}), but no transition of the group "
                              "leaves it so when replayed from the committed state",
@@ -306,39 +314,65 @@ class ObjectHost:
         step, e = found
         return next(i for i, s in enumerate(steps) if s is step), e
 
-    async def _replay_encoding(self, engine: Engine, steps: list[Accepted], *,
-                               first: bool) -> tuple[Accepted, Unencodable] | None:
-        """Rebuild the state from the last checkpoint, replay the journal tail and ``steps``,
-        encoding the state after each, and return the step (with the codec's error, its path
-        filled in) that began the run of unencodable states reaching the end (``first``: the
-        first step whose state does not encode). None when every state encodes."""
+    async def _rebuilt(self) -> tuple[Engine, list[Accepted]]:
+        """A new engine at the last checkpoint (or the initial state), and the committed journal
+        after it, as steps to replay."""
         codec = self._codec_()
         records = await self.store.load(self.key)
-        tail: list[Accepted] = []
-        if records is None or engine.committed_seq == 0:
-            fresh = self._new_engine(self._fresh_initial(), 0, ())
-        else:
-            recovered = decode_records(codec, records, store=self.store.description, key=self.key)
-            cp = recovered.checkpoint
-            fresh = self._new_engine(cp.state if cp else self._fresh_initial(),
-                                     cp.seq if cp else 0, cp.idempotency.items() if cp else ())
-            tail = [Accepted(e.seq, e.input, (), e.idempotency_key) for e in recovered.journal]
-        found: tuple[Accepted, Unencodable] | None = None
-        for n, step in enumerate([*tail, *steps]):
+        if records is None or records.seq == 0:
+            return self._new_engine(self._fresh_initial(), 0, ()), []
+        recovered = decode_records(codec, records, store=self.store.description, key=self.key)
+        cp = recovered.checkpoint
+        fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
+                                 cp.idempotency.items() if cp else ())
+        return fresh, [Accepted(e.seq, e.input, (), e.idempotency_key) for e in recovered.journal]
+
+    async def _culprit(self, engine: Engine, steps: list[Accepted],
+                       error: Unencodable) -> tuple[Accepted, Unencodable] | None:
+        """The transition (of the committed journal tail or ``steps``) that put the value that
+        does not encode where it is now, with ``error``'s path filled in: rebuild from the last
+        checkpoint, replay, and after each step look at that one place (cheap), or encode the
+        whole state when no single place is to blame. The culprit begins the run of bad states
+        that reaches the end, so a value put and removed again before is not blamed. None when
+        no replayed state is bad (the live state diverged)."""
+        location = locate(engine.state)
+        fresh, tail = await self._rebuilt()
+        start: Accepted | None = None
+        for step in [*tail, *steps]:
             await fresh.replay([(step.seq, step.input, step.idempotency_key)])
-            if first and n < len(tail):
-                continue  # Snapshot: only the group's own steps can be refused
-            try:
-                codec.encode_checkpoint(step.seq, fresh.state, dict(fresh.idempotency))
-            except Unencodable as e:
-                if found is None:
-                    path = e.path or unencodable_path(fresh.state)
-                    found = (step, Unencodable(e.what, path, e.reason) if path != e.path else e)
-                    if first:
-                        return found
+            if location is not None:
+                bad = location.fails_in(fresh.state)
             else:
-                found = None
-        return found
+                bad = await self._encodes(step.seq, fresh) is not None
+            if not bad:
+                start = None
+            elif start is None:
+                start = step
+        if start is None:
+            return None
+        path = error.path or (location.path if location is not None else "")
+        return start, error if path == error.path else Unencodable(error.what, path, error.reason)
+
+    async def _first_failing(self, steps: list[Accepted]) -> tuple[Accepted, Unencodable] | None:
+        """The first of ``steps`` whose state, replayed from the committed one, does not encode
+        (encoding the whole state after each)."""
+        fresh, tail = await self._rebuilt()
+        await fresh.replay((s.seq, s.input, s.idempotency_key) for s in tail)
+        for step in steps:
+            await fresh.replay([(step.seq, step.input, step.idempotency_key)])
+            e = await self._encodes(step.seq, fresh)
+            if e is not None:
+                path = e.path or unencodable_path(fresh.state)
+                return step, e if path == e.path else Unencodable(e.what, path, e.reason)
+        return None
+
+    async def _encodes(self, seq: int, engine: Engine) -> Unencodable | None:
+        """None when the engine's state encodes, else the codec's error."""
+        try:
+            await self._encode(seq, engine)
+        except Unencodable as e:
+            return e
+        return None
 
     def _refuse(self, step: Accepted, error: Unencodable,
                 events: list[RuntimeEvent]) -> Failed:
@@ -359,15 +393,17 @@ class ObjectHost:
         return Failed(step.input, refusal, False)
 
     async def _encode_checkpoint(self, engine: Engine, seq: int) -> bytes:
-        """Encode the whole state as of ``seq``. A large state is encoded in a worker thread so
-        the event loop keeps serving executors and submitters meanwhile; that is safe because
-        only the runtime's driver runs stf, and it is waiting here."""
-        codec = self._codec_()
-        keys = dict(engine.idempotency)
-        if self._last_checkpoint_size < 1_000_000:
-            data = codec.encode_checkpoint(seq, engine.state, keys)
-        else:
-            data = await anyio.to_thread.run_sync(codec.encode_checkpoint, seq, engine.state, keys)
+        """Encode the whole state as of ``seq``."""
+        data = await self._encode(seq, engine)
         self._last_checkpoint_size = len(data)
         return data
 
+    async def _encode(self, seq: int, engine: Engine) -> bytes:
+        """A large state is encoded in a worker thread so the event loop keeps serving executors
+        and submitters meanwhile; that is safe because only the runtime's driver runs stf, and
+        it is waiting here."""
+        codec = self._codec_()
+        keys = dict(engine.idempotency)
+        if self._last_checkpoint_size < 1_000_000:
+            return codec.encode_checkpoint(seq, engine.state, keys)
+        return await anyio.to_thread.run_sync(codec.encode_checkpoint, seq, engine.state, keys)

@@ -228,6 +228,48 @@ async def test_journal_culprit_is_the_transition_that_left_the_value_in_place() 
     assert [(e.seq, e.culprit_seq, e.input_kind) for e in failures(events)] == [(5, 4, "PutBad")]
 
 
+async def test_journal_reports_a_new_culprit_at_the_same_field_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each culprit is told once; a failed checkpoint is tried again only after another whole
+    interval (here 2 transitions), not at every commit."""
+    events: list[RuntimeEvent] = []
+    with caplog.at_level(logging.WARNING, logger="fasm.runtime"):
+        await _new_culprit_at_the_same_field(events)
+    assert [(e.seq, e.culprit_seq, e.path) for e in failures(events)] == \
+        [(3, 2, "blob"), (5, 5, "blob")]
+    again = [r.getMessage() for r in caplog.records if "skipped again" in r.getMessage()]
+    assert len(again) == 1 and "seq 7" in again[0], again
+
+
+async def _new_culprit_at_the_same_field(events: list[RuntimeEvent]) -> None:
+    async with runtime(MemoryStore(), events) as rt:
+        await rt.submit(Add(1))  # seq 1, with the first checkpoint
+        await rt.submit(PutBad("object"))  # 2
+        await rt.submit(Add(1))  # 3: checkpoint due, skipped; culprit 2
+        await rt.submit(Clear())  # 4
+        await rt.submit(PutBad("big"))  # 5: due again, skipped; a new culprit at the same field
+        await rt.submit(Add(1))  # 6
+        await rt.submit(Add(1))  # 7: due, skipped; the same culprit: not reported again
+
+
+async def test_journal_culprit_in_the_first_group_of_a_fresh_key(make_store: StoreMaker) -> None:
+    """The very first checkpoint fails: the key has a journal only, recovered from the initial
+    state."""
+    events: list[RuntimeEvent] = []
+    async with runtime(make_store(), events) as rt:
+        await rt.submit(PutBad("surrogate"))
+        for _ in range(3):
+            await rt.submit(Add(1))
+    assert [e.culprit_seq for e in failures(events)] == [1]
+    assert await checkpoint_seq(make_store) == 0
+    async with runtime(make_store(), []) as rt:
+        assert (rt.seq, rt.state.n, rt.state.blob) == (4, 3, "\ud800")
+        await rt.submit(Clear())
+        await rt.submit(Add(1))
+    assert await checkpoint_seq(make_store) == 5  # at the first commit after the restart
+
+
 async def test_unencodable_initial_state_is_a_clear_error_at_start() -> None:
     for durability in (Journal(), Snapshot()):
         rt = Runtime(BoxMachine(), initial_state=Box(blob=object()), store=MemoryStore(),
