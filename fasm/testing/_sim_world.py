@@ -10,6 +10,11 @@ production Runtime's state-object host makes (``ObjectHost._recover``, ``run``, 
   (``reload``: load the store, replay, ``Engine.reset``); then one store write for the accepted
   steps (planned by the production ``Writer``), ``Engine.committed``, dispatch.
 
+A state that does not encode is not ridden out as the Runtime does (ObjectHost skips the
+checkpoint under Journal, refuses the input under Snapshot): it is a bug in the machine, so the
+simulation fails check ``encodable`` at the step that made it, or at the commit where a checkpoint
+was due when that check is off.
+
 A crash may come between any two of these. It drops the engine, the queue and every executor
 running in the process; only what the store holds survives, through the same codec, so a restart
 loses exactly what production would lose. Time is virtual: it jumps to the next event.
