@@ -106,21 +106,21 @@ class StateTools:
         """What the state is, as data: equal plain data means equal states."""
         return self.adapter.dump_python(state)
 
-    def encode(self, state: Any) -> bytes:
-        """The state as a checkpoint record (what a commit would store)."""
-        return self.codec.encode_checkpoint(0, state, {})
-
-    def check_encodable(self, state: Any, after: str) -> None:
-        """That ``state`` encodes as a checkpoint (what a commit would store).
+    def encode(self, state: Any, after: str = "the simulation holds") -> bytes:
+        """The state as a checkpoint record (what a commit would store).
 
         Raises:
-            Violation: it does not (check ``encodable``); the message names the field and says
-                ``after`` what.
+            Violation: it cannot be encoded (check ``encodable``); the message names the field
+                and says ``after`` what.
         """
         try:
-            self.encode(state)
+            return self.codec.encode_checkpoint(0, state, {})
         except Unencodable as e:
             raise Violation("encodable", unencodable_message(e, state, after)) from e
+
+    def check_encodable(self, state: Any, after: str) -> None:
+        """That ``state`` encodes as a checkpoint (see :meth:`encode`, which raises)."""
+        self.encode(state, after)
 
     def loaded(self, record: bytes) -> Any:
         """The state a new process would load from ``record``, with every set's iteration order
