@@ -35,7 +35,7 @@ import anyio.to_thread
 from ..errors import DefinitionError, FasmError, StoreError, TransitionFailed
 from ..persistence._codec import Codec, Unencodable
 from ..persistence._durability import Durability, Journal, Snapshot, Writer, decode_records
-from ..persistence._locate import locate, unencodable_path
+from ..persistence._locate import Location, locate, unencodable_path
 from ..persistence._memory import MemoryStore
 from ..persistence._store import Store
 from ._engine import (
@@ -86,8 +86,11 @@ class ObjectHost:
         self._needs_checkpoint = False
         self._last_checkpoint_size = 0
         # (culprit seq, path) of the unencodable state last reported; None while checkpoints
-        # succeed.
+        # succeed. While it is set, ``_watch`` is where the bad value sits, looked at after each
+        # accepted step (cheap: one path, one leaf): while it stays bad, a later failed attempt
+        # has the same culprit and needs no search.
         self._unencodable: tuple[int | None, str] | None = None
+        self._watch: Location | None = None
 
     @property
     def description(self) -> str:
@@ -195,6 +198,8 @@ class ObjectHost:
                 if isinstance(step, Accepted):
                     accepted.append(step)
                     positions.append(i)
+                    if self._watch is not None and not self._watch.fails_in(engine.state):
+                        self._watch = None  # the value moved or went: the next failure searches
                 elif isinstance(step, Failed) and step.reload:
                     await self._reload(engine)
                 steps.append(step)
@@ -256,7 +261,7 @@ class ObjectHost:
         if plan.checkpoint is not None:
             self._needs_checkpoint = False
             if self._unencodable is not None:
-                self._unencodable = None
+                self._unencodable = self._watch = None
                 log.info("state encodes again: checkpoint written at seq %d", plan.seq,
                          extra={"fasm_key": self.key, "fasm_seq": plan.seq})
         return None
@@ -270,19 +275,22 @@ class ObjectHost:
         # A journal without a checkpoint is recovered from the initial state: still readable.
         self._needs_checkpoint = False
         seq = steps[-1].seq
-        # Searched at every failed attempt (once per interval, paid only on failure), so that a
-        # new culprit is told even when it put its value at the same place as the last one.
-        found = await self._culprit(engine, steps, error)
+        # Searched again unless the value reported last time stayed in place since (then the
+        # culprit is the same), so a new culprit is told even at the same place as the last one.
+        known = self._unencodable
+        if known is not None and self._watch is not None and self._watch.fails_in(engine.state):
+            self._still_unencodable(known, seq)
+            return
+        location = locate(engine.state)
+        found = await self._culprit(steps, error, location)
+        self._watch = location
         if found is not None:
             culprit_seq, kind, error = found[0].seq, input_kind(found[0].input), found[1]
         else:
             culprit_seq, kind = None, "?"
-        path = error.path or unencodable_path(engine.state)
-        if self._unencodable == (culprit_seq, path):
-            log.warning("state still cannot be encoded at %s (since seq %s); checkpoint at seq %d "
-                        "skipped again, the journal keeps growing", path or "(the whole state)",
-                        culprit_seq, seq,
-                        extra={"fasm_key": self.key, "fasm_seq": seq, "fasm_path": path})
+        path = error.path or (location.path if location is not None else "")
+        if known == (culprit_seq, path):
+            self._still_unencodable(known, seq)
             return
         self._unencodable = (culprit_seq, path)
         events.append(CheckpointFailed(self.key, seq, culprit_seq, kind, path, error))
@@ -294,6 +302,13 @@ class ObjectHost:
             extra={"fasm_key": self.key, "fasm_seq": seq, "fasm_culprit_seq": culprit_seq,
                    "fasm_input_kind": kind, "fasm_path": path})
 
+    def _still_unencodable(self, known: tuple[int | None, str], seq: int) -> None:
+        culprit_seq, path = known
+        log.warning("state still cannot be encoded at %s (since seq %s); checkpoint at seq %d "
+                    "skipped again, the journal keeps growing", path or "(the whole state)",
+                    culprit_seq, seq,
+                    extra={"fasm_key": self.key, "fasm_seq": seq, "fasm_path": path})
+
     async def _first_unencodable(self, engine: Engine, steps: list[Accepted],
                                  error: Unencodable) -> tuple[int, Unencodable]:
         """Snapshot: which accepted step of the group left the state that does not encode.
@@ -302,7 +317,7 @@ class ObjectHost:
             StoreError: none does when replayed from the committed state (the live state
                 diverged from what the accepted steps produce); nothing is acknowledged.
         """
-        found = await self._culprit(engine, steps, error)
+        found = await self._culprit(steps, error, locate(engine.state))
         if found is not None and not any(found[0] is s for s in steps):
             found = None  # the committed state itself does not encode: blame the group's first
         if found is None:
@@ -327,15 +342,15 @@ class ObjectHost:
                                  cp.idempotency.items() if cp else ())
         return fresh, [Accepted(e.seq, e.input, (), e.idempotency_key) for e in recovered.journal]
 
-    async def _culprit(self, engine: Engine, steps: list[Accepted],
-                       error: Unencodable) -> tuple[Accepted, Unencodable] | None:
+    async def _culprit(self, steps: list[Accepted], error: Unencodable,
+                       location: Location | None) -> tuple[Accepted, Unencodable] | None:
         """The transition (of the committed journal tail or ``steps``) that put the value that
         does not encode where it is now, with ``error``'s path filled in: rebuild from the last
         checkpoint, replay, and after each step look at that one place (cheap), or encode the
         whole state when no single place is to blame. The culprit begins the run of bad states
         that reaches the end, so a value put and removed again before is not blamed. None when
-        no replayed state is bad (the live state diverged)."""
-        location = locate(engine.state)
+        no replayed state is bad (the live state diverged). ``location``: where the live state
+        fails (None: nowhere in particular)."""
         fresh, tail = await self._rebuilt()
         start: Accepted | None = None
         for step in [*tail, *steps]:
