@@ -312,10 +312,11 @@ async def test_snapshot_refuses_the_culprit_alone_and_commits_the_rest_of_its_gr
         assert (rt.seq, rt.state.n) == (10, 10)
 
 
-async def test_snapshot_refuses_every_culprit_of_a_group() -> None:
+@pytest.mark.parametrize("rollback", ["reload", "copy", "trust"])
+async def test_snapshot_refuses_every_culprit_of_a_group(rollback: Any) -> None:
     events: list[RuntimeEvent] = []
     results: list[Any] = []
-    async with runtime(MemoryStore(), events, durability=Snapshot()) as rt:
+    async with runtime(MemoryStore(), events, durability=Snapshot(), rollback=rollback) as rt:
         async def one(value: Any) -> None:
             try:
                 results.append(await rt.submit(value))
