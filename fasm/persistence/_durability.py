@@ -120,6 +120,13 @@ class Writer:
         self._since_bytes = size
         self._checkpoint_size = checkpoint_size
 
+    def postpone(self) -> None:
+        """A due checkpoint could not be written (the state does not encode) and the commit goes
+        ahead with journal entries alone: count from zero again, so the next attempt waits a
+        whole checkpoint interval instead of encoding a large state at every commit."""
+        self._since_transitions = 0
+        self._since_bytes = 0
+
     def written(self, plan: CommitPlan) -> None:
         """The plan is durable: count it toward the next checkpoint, or restart the count."""
         if plan.checkpoint is not None:

@@ -15,6 +15,7 @@ __all__ = (
     "ActionDispatched",
     "ActionFailed",
     "ActionRetried",
+    "CheckpointFailed",
     "HandlerFailed",
     "Listener",
     "RuntimeEvent",
@@ -114,6 +115,35 @@ class TransactionRetried:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointFailed:
+    """The state could not be encoded for the store: a transition put a value in it that the codec
+    cannot write (an object in an ``Any`` field, an int of 2**64 or more, a lone surrogate in a
+    string). ``path`` says where in the state, ``culprit_seq`` and ``input_kind`` which
+    transition put it there (``culprit_seq`` is None when it could not be found), ``error`` is the
+    codec's :class:`~fasm.persistence._codec.Unencodable`.
+
+    Under :class:`~fasm.persistence.Journal` (``refused`` false) nothing is lost: the transitions
+    are committed as journal entries, and only the checkpoint due at ``seq`` was skipped. The
+    runtime keeps running, tries again after another checkpoint interval, and resumes checkpoints
+    once a later transition makes the state encodable again; until then the journal keeps
+    growing. Reported once per culprit.
+
+    Under :class:`~fasm.persistence.Snapshot` (``refused`` true) the culprit input was refused
+    (``seq`` is ``culprit_seq``, the seq it would have had): its submitter got a
+    :class:`~fasm.errors.TransitionFailed` naming the field (a tracked result is dropped, and
+    restore re-emits its action at the next start), and the rest of its group was committed.
+    """
+
+    key: str
+    seq: int
+    culprit_seq: int | None
+    input_kind: str
+    path: str
+    error: BaseException
+    refused: bool = False
+
+
 RuntimeEvent: TypeAlias = (
     TransitionCommitted
     | TransitionRejected
@@ -123,6 +153,7 @@ RuntimeEvent: TypeAlias = (
     | ActionFailed
     | HandlerFailed
     | TransactionRetried
+    | CheckpointFailed
 )
 
 Listener: TypeAlias = Callable[[RuntimeEvent], None]

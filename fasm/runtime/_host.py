@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeAlias
 from .._inputs import Input
 from ..errors import StoreError
 from ._engine import Engine, Release, Step
+from ._events import RuntimeEvent
 
 __all__ = ("GroupResult", "StateHost", "Submitted")
 
@@ -37,10 +38,13 @@ class GroupResult:
         steps: per input, the engine's step (every :class:`Accepted` one is durable now), or the
             store error that kept it from committing while the runtime can go on (contention).
         retries: ``(attempt, error)`` for each time the group had to be run again.
+        events: what the host has to report to the runtime's listeners (a checkpoint that could
+            not be encoded).
     """
 
     steps: list[Step | StoreError]
     retries: list[tuple[int, StoreError]] = field(default_factory=list)
+    events: list[RuntimeEvent] = field(default_factory=list)
 
 
 class StateHost(Protocol):

@@ -330,7 +330,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         Raises:
             InvalidInput: ``value`` is not of the declared input type (nothing ran).
             Rejected: the stf refused the input (state unchanged).
-            TransitionFailed: the stf raised something else (state unchanged).
+            TransitionFailed: the stf raised something else, or (under ``Snapshot``) left a state
+                that cannot be encoded, the message naming the field (state unchanged).
             RuntimeClosed: the runtime is not running (chained to the store error that stopped
                 it, if one did).
             StoreError: the commit could not be made durable; the runtime stops.
@@ -443,6 +444,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             raise error from e
         for attempt, retried in result.retries:
             self._emit(TransactionRetried(self.key, attempt, len(batch), retried))
+        for event in result.events:
+            self._emit(event)
         committed: list[tuple[_Item, Accepted]] = []
         for item, step in zip(batch, result.steps, strict=True):
             if isinstance(step, Accepted):

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import pydantic
 
-from ..persistence._codec import Codec
+from ..persistence._codec import Codec, Unencodable
+from ..persistence._locate import unencodable_path
 
 __all__ = (
     "Invariant",
@@ -105,15 +106,38 @@ class StateTools:
         """What the state is, as data: equal plain data means equal states."""
         return self.adapter.dump_python(state)
 
-    def encode(self, state: Any) -> bytes:
-        """The state as a checkpoint record (what a commit would store)."""
-        return self.codec.encode_checkpoint(0, state, {})
+    def encode(self, state: Any, after: str = "the simulation holds") -> bytes:
+        """The state as a checkpoint record (what a commit would store).
+
+        Raises:
+            Violation: it cannot be encoded (check ``encodable``); the message names the field
+                and says ``after`` what.
+        """
+        try:
+            return self.codec.encode_checkpoint(0, state, {})
+        except Unencodable as e:
+            raise Violation("encodable", unencodable_message(e, state, after)) from e
+
+    def check_encodable(self, state: Any, after: str) -> None:
+        """That ``state`` encodes as a checkpoint (see :meth:`encode`, which raises)."""
+        self.encode(state, after)
 
     def loaded(self, record: bytes) -> Any:
         """The state a new process would load from ``record``, with every set's iteration order
         changed where it can be (see the module docstring)."""
         state = self.codec.decode_checkpoint(record).state
         return perturb_sets(state) if self.has_sets else state
+
+
+def unencodable_message(error: Unencodable, state: Any, after: str) -> str:
+    """Why a state cannot be stored, naming the field (found by a walk when the codec gives no
+    path) and what the Runtime would do about it."""
+    path = error.path or unencodable_path(state)
+    where = f" at {path}" if path else ""
+    return (f"the state {after} cannot be encoded{where}: {error.reason}. The Runtime would "
+            "skip checkpoints under Journal (the journal grows until the state encodes again) "
+            "and refuse the input under Snapshot: keep only values the declared state type can "
+            "write in the state")
 
 
 def _schema_has_sets(schema: Any) -> bool:

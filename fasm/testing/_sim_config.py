@@ -158,6 +158,12 @@ class Checks:
         idempotency: a resent submit whose key was committed is answered as a duplicate.
         errors: an stf raises only :class:`~fasm.Rejected` (or subclasses); anything else is a
             bug, not a refusal.
+        encodable: after every accepted transition, the state encodes as a checkpoint. A
+            transition that puts a value the codec cannot write into the state (an object in an
+            ``Any`` field, an int of 2**64 or more, a lone surrogate) is reported at that step,
+            naming the field, instead of when a checkpoint is next due (costs one encode of the
+            state per step). Off, a state that fails to encode at a due checkpoint is still
+            reported, at that commit.
     """
 
     invariants: bool = True
@@ -169,6 +175,7 @@ class Checks:
     liveness: bool = True
     idempotency: bool = True
     errors: bool = True
+    encodable: bool = True
 
     @classmethod
     def all(cls) -> Checks:
@@ -179,7 +186,8 @@ class Checks:
     def invariants_only(cls) -> Checks:
         """Only the user's invariants: the fastest mode, for long soak runs."""
         return cls(atomicity=False, determinism=False, restore=False, absorbed=False,
-                   duplicates=False, liveness=False, idempotency=False, errors=False)
+                   duplicates=False, liveness=False, idempotency=False, errors=False,
+                   encodable=False)
 
 
 class Weighted(Generic[R]):

@@ -89,8 +89,8 @@ class Failure:
         step: the transition count when the check failed.
         time: the simulated clock then.
         check: which check failed (``invariant``, ``atomicity``, ``determinism``, ``restore``,
-            ``absorbed``, ``duplicates``, ``liveness``, ``idempotency``, ``errors``, ``input``,
-            ``executor``).
+            ``absorbed``, ``duplicates``, ``liveness``, ``idempotency``, ``errors``,
+            ``encodable``, ``input``, ``executor``).
         message: why.
         faults: the faults injected up to then, as ``(step, time, what)``.
         trace: the last events before the failure, formatted.

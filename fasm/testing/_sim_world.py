@@ -10,6 +10,11 @@ production Runtime's state-object host makes (``ObjectHost._recover``, ``run``, 
   (``reload``: load the store, replay, ``Engine.reset``); then one store write for the accepted
   steps (planned by the production ``Writer``), ``Engine.committed``, dispatch.
 
+A state that does not encode is not ridden out as the Runtime does (ObjectHost skips the
+checkpoint under Journal, refuses the input under Snapshot): it is a bug in the machine, so the
+simulation fails check ``encodable`` at the step that made it, or at the commit where a checkpoint
+was due when that check is off.
+
 A crash may come between any two of these. It drops the engine, the queue and every executor
 running in the process; only what the store holds survives, through the same codec, so a restart
 loses exactly what production would lose. Time is virtual: it jumps to the next event.
@@ -39,6 +44,7 @@ from ..errors import (
     RestoreFailed,
     StoreUnavailable,
 )
+from ..persistence._codec import Unencodable
 from ..persistence._durability import Writer, decode_records
 from ..persistence._memory import MemoryStore
 from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release
@@ -49,6 +55,7 @@ from ._checks import (
     perturb_sets,
     run_sync,
     short,
+    unencodable_message,
 )
 from ._sim_config import CrashPoint
 from ._sim_setup import Setup
@@ -461,6 +468,8 @@ class Run(Verifier):
                 self.keys_live[item.key] = step.seq
             if checks.invariants:
                 check_invariants(self.s.invariants, engine.state)
+            if checks.encodable:
+                tools.check_encodable(engine.state, f"after {short(inp)} (seq {step.seq})")
             accepted.append((item, step))
         elif isinstance(step, Duplicate):
             self.snap = before
@@ -553,8 +562,13 @@ class Run(Verifier):
         encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
         checkpoint = None
         if self.needs_checkpoint or writer.checkpoint_due(encoded):
-            checkpoint = self.s.codec.encode_checkpoint(steps[-1].seq, engine.state,
-                                                        dict(engine.idempotency))
+            try:
+                checkpoint = self.s.codec.encode_checkpoint(steps[-1].seq, engine.state,
+                                                            dict(engine.idempotency))
+            except Unencodable as e:
+                raise Violation("encodable", unencodable_message(
+                    e, engine.state, f"at seq {steps[-1].seq}, when a checkpoint was due,")
+                    + " (Checks(encodable=True) finds the transition that put it there)") from e
         write = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         if self.chance(plan.store_failure):
             self.store.fail_next_commits = 1
