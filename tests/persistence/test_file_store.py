@@ -164,7 +164,8 @@ async def test_checkpoint_drops_the_journal_files(tmp_path: Path) -> None:
     await three_entries(tmp_path)
     store = await opened(tmp_path)
     await store.commit(KEY, expected_seq=3, seq=4, checkpoint=b"c4")
-    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{4:020d}", "lock"]
+    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{4:020d}", "lock",
+                                                                   "manifest"]
     await store.commit(KEY, expected_seq=4, seq=5, entries=[b"five"])
     assert segment(tmp_path, 5).exists()
     await store.close()
@@ -257,7 +258,8 @@ async def test_disk_full_mid_checkpoint_commits_nothing(tmp_path: Path) -> None:
     store.room = 1000
     with pytest.raises(StoreUnavailable, match="disk full writing a checkpoint"):
         await store.commit(KEY, expected_seq=1, seq=2, checkpoint=b"x" * 5000)
-    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{1:020d}", "lock"]
+    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{1:020d}", "lock",
+                                                                   "manifest"]
     store.room = None
     await store.commit(KEY, expected_seq=1, seq=2, checkpoint=b"x" * 5000)
     got = await store.load(KEY)
