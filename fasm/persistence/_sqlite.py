@@ -125,7 +125,7 @@ def records_from_rows(store: str, key: str, row: Sequence[Any],
         raise StoreCorrupt(f"key is at seq {seq} but its records end at "
                            f"{checkpoint_seq + len(journal)}", store=store, key=key, seq=seq)
     if seq == 0:  # the row is written with the key's first records, never alone
-        raise StoreCorrupt("the key has a row but none of its records (deleted behind the "
+        raise StoreCorrupt("the key has a row but its records are missing (deleted behind the "
                            "store's back)", store=store, key=key, seq=seq)
     return StoredRecords(seq, checkpoint, checkpoint_seq, tuple(journal))
 
