@@ -37,10 +37,13 @@ Theory of operation (the rules live here and nowhere else):
   the marker in place and the first commit on a key writes its manifest.
 * Writers hold ``lock`` (``fcntl.flock``) from ``acquire`` to ``release`` (or for one commit);
   the kernel drops it when the process dies. Every commit also takes an ``flock`` on the key's
-  directory for its duration and checks, under it, that the file at ``lock`` is still the one
-  it holds (same device and inode): a lock file deleted or replaced behind a holder's back let
-  a second writer in, and the first one's next commit raises :class:`StoreConflict` and writes
-  nothing. Loads take no file lock: a load racing another process's checkpoint retries.
+  directory for its duration and checks, under it, that the lock file it holds is still linked
+  (``fstat``: a deleted or replaced file has no links left): a lock file deleted behind a
+  holder's back lets a second writer lock a new one, and the first one's next commit raises
+  :class:`StoreConflict` and writes nothing. The directory lock makes that check and the write
+  one step, so the second writer's first commit (which reads the files afresh) sees all that
+  the first one wrote. Loads take no file lock: a load racing another process's checkpoint
+  retries.
 
 Every file operation runs on the store's own worker thread, one hand-off per store call, so the
 event loop never waits on the disk and the store works on asyncio and trio alike (or, with
@@ -166,6 +169,7 @@ class _Tail:
     fd: int | None = None  # ``segment`` open for writing, kept between appends to a held key
     first_end: int = 0  # the seq the first commit in ``segment`` ended at (0: none yet)
     manifest: tuple[int, int] | None = None  # what the key's manifest says, None: no manifest
+    named: bool = False  # the manifest names ``segment`` (checked once per segment)
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
@@ -182,7 +186,6 @@ class _Hold:
 
     lock_fd: int
     dir_fd: int
-    lock_id: tuple[int, int]  # (st_dev, st_ino) of the lock file we hold
 
     def close(self) -> None:
         try:
@@ -593,7 +596,7 @@ class FileStore:
                 lock_id = _file_id(os.fstat(fd))
                 if _file_id(os.stat(path)) == lock_id:  # not deleted while we locked it
                     dir_fd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    return _Hold(fd, dir_fd, lock_id)
+                    return _Hold(fd, dir_fd)
             except FileNotFoundError:
                 pass
             except BaseException:
@@ -602,18 +605,17 @@ class FileStore:
             unflock(fd)
         raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(path))
 
-    def _check_hold(self, key: str, kdir: Path, hold: _Hold, seq: int) -> None:
-        """Under the directory lock: raise StoreConflict unless ``lock`` is still our file."""
-        try:
-            found: tuple[int, int] | None = _file_id(os.stat(kdir / "lock"))
-        except FileNotFoundError:
-            found = None
-        if found != hold.lock_id:
-            what = "deleted" if found is None else "replaced"
+    def _check_hold(self, key: str, hold: _Hold, seq: int) -> None:
+        """Under the directory lock: raise StoreConflict unless our lock file is still linked.
+
+        Deleting ``lock``, renaming another file over it or deleting the key's directory all
+        unlink the file we hold, and a second writer can then lock a new one; one ``fstat`` of
+        our descriptor tells (its link count drops to 0), cheaper than looking the name up."""
+        if os.fstat(hold.lock_fd).st_nlink == 0:
             raise StoreConflict(
-                f"the key's lock file was {what} while this store object held it, so another "
-                "writer may have taken the key; nothing written (acquire the key again after "
-                "checking that no other writer runs)", store=self.description, key=key, seq=seq)
+                "the key's lock file was deleted or replaced while this store object held it, "
+                "so another writer may have taken the key; nothing written (acquire the key "
+                "again once no other writer runs)", store=self.description, key=key, seq=seq)
 
     async def release(self, key: str) -> None:
         """Give up ``key``; releasing a key that is not held does nothing."""
@@ -674,7 +676,7 @@ class FileStore:
                 # so that checking the lock file below and writing are one step.
                 fcntl.flock(hold.dir_fd, fcntl.LOCK_EX)
                 locked = hold.dir_fd
-                self._check_hold(key, kdir, hold, seq)
+                self._check_hold(key, hold, seq)
                 with self._state:
                     old = self._tails.pop(key, None)  # dropped on any failure below
                 tail = old if old is not None else self._scan(key, kdir, for_write=True).tail
@@ -712,9 +714,12 @@ class FileStore:
         """After a durable commit: make the manifest name the segment ``tail`` appends to (or,
         after a checkpoint, say that the key has committed) if it does not yet. A failure here
         only postpones it to the next commit: the commit itself is durable."""
+        if tail.named:
+            return
         if tail.segment is not None:
             want = (int(tail.segment.name.partition("-")[2]), tail.first_end)
             if tail.manifest is not None and tail.manifest[0] == want[0]:
+                tail.named = True
                 return
         elif tail.manifest is not None:
             return
@@ -729,6 +734,7 @@ class FileStore:
                 pass  # a leftover .tmp is ignored by load and removed by the next writer
             return
         tail.manifest = want
+        tail.named = tail.segment is not None
 
     def _append(self, key: str, tail: _Tail, kdir: Path, expected_seq: int,
                 entries: Sequence[bytes]) -> _Tail:
@@ -760,7 +766,8 @@ class FileStore:
                 os.close(fd)
                 tail.fd = None
         return _Tail(last, path, offset + len(data), fd,
-                     first_end=last if offset == 0 else tail.first_end, manifest=tail.manifest)
+                     first_end=last if offset == 0 else tail.first_end, manifest=tail.manifest,
+                     named=tail.named and tail.segment is not None)
 
     def _raise_after_rollback(self, error: OSError, fd: int, offset: int, key: str,
                               seq: int) -> NoReturn:

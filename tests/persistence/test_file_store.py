@@ -510,9 +510,9 @@ async def test_a_holder_whose_lock_file_was_replaced_cannot_overwrite(tmp_path: 
     got = await b.load(KEY)
     assert got is not None and got.seq == 7
     await step(b, 8, b"b8")
-    with pytest.raises(StoreConflict, match="lock file was replaced"):
+    with pytest.raises(StoreConflict, match="lock file was deleted or replaced"):
         await step(a, 8, b"a8")
-    with pytest.raises(StoreConflict, match="lock file was replaced"):
+    with pytest.raises(StoreConflict, match="lock file was deleted or replaced"):
         await step(a, 9, b"a9")
     await step(b, 9, b"b9")
     await a.close()
@@ -534,7 +534,7 @@ async def test_a_holder_whose_lock_file_was_deleted_refuses_to_commit(tmp_path: 
     await store.acquire(KEY)
     await store.commit(KEY, expected_seq=0, seq=1, entries=[b"one"])
     (key_dir(tmp_path) / "lock").unlink()
-    with pytest.raises(StoreConflict, match="lock file was deleted"):
+    with pytest.raises(StoreConflict, match="lock file was deleted or replaced"):
         await store.commit(KEY, expected_seq=1, seq=2, entries=[b"two"])
     await store.release(KEY)
     await store.acquire(KEY)  # a fresh lock file: writing is safe again
@@ -592,7 +592,7 @@ async def test_two_processes_after_the_lock_file_was_deleted(tmp_path: Path) -> 
         await store.commit(KEY, expected_seq=7, seq=8, entries=[b"parent8"])
         await child.stdin.send(b"go\n")
         answer = await line()
-        assert answer.startswith(b"conflict") and b"lock file was replaced" in answer
+        assert answer.startswith(b"conflict") and b"lock file was deleted or replaced" in answer
         with anyio.fail_after(30):
             assert await child.wait() == 0
         got = await store.load(KEY)
