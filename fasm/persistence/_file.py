@@ -233,10 +233,16 @@ class FileStore:
       before the tail, raises :class:`StoreCorrupt`; the store never falls back to older data.
       Damage that makes the *last* commit of a segment look unfinished (the file cut short
       inside it) cannot be told from a torn write and is treated as one.
+    * Files deleted behind the store's back are refused (:class:`StoreCorrupt`) where the key's
+      manifest says they must exist: a key's only checkpoint, its journal segment, a segment cut
+      short before its first acknowledged commit. A key directory deleted whole looks like a key
+      never used. docs/persistence.md has the full table.
     * ``acquire`` takes an ``flock`` on the key's lock file: exclusive between store objects and
       processes, released by the kernel if the process dies. A ``commit`` takes the same lock for
       its duration when the key is not acquired, so a commit on a key another store object holds
-      raises :class:`StoreConflict`.
+      raises :class:`StoreConflict`. If the lock file is deleted while held, the holder's next
+      commit raises :class:`StoreConflict` (another writer may have locked a new one) and writes
+      nothing.
     * Disk full or any other write error raises :class:`StoreUnavailable` after the partial write
       is cut off again, so nothing of that commit is visible. If even that cleanup fails (a
       failing disk), the message says so: the commit may then become visible later, as after a
@@ -530,7 +536,8 @@ class FileStore:
         """Everything stored for ``key``, or None for a key never committed.
 
         Raises:
-            StoreCorrupt: a complete record fails its checksum, or records are missing.
+            StoreCorrupt: a complete record fails its checksum, or records are missing (a gap,
+                or files the key's manifest says exist).
             StoreUnavailable: the files cannot be read.
         """
         return await self._run(self._load_sync, key)
@@ -644,8 +651,9 @@ class FileStore:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
 
         Raises:
-            StoreConflict: the stored seq is not ``expected_seq``, or another store object holds
-                the key; nothing written.
+            StoreConflict: the stored seq is not ``expected_seq``, another store object holds
+                the key, or the lock file this object held was deleted or replaced; nothing
+                written.
             StoreUnavailable: the write failed (disk full, I/O error); nothing committed.
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.

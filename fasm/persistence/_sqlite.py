@@ -161,10 +161,13 @@ class SQLiteStore:
       writer is refused even when it never acquired the key.
     * Driver errors are translated: a locked or unreachable database is
       :class:`StoreUnavailable`; a file that is not an SQLite database, a malformed database, or
-      a record whose CRC-32 does not match is :class:`StoreCorrupt`. A gap in the journal, or a
-      journal that ends before the seq recorded with the last checkpoint, is corrupt too; the
-      newest journal rows deleted by hand look like commits that never happened (SQLite never
-      loses a committed row by itself).
+      a record whose CRC-32 does not match is :class:`StoreCorrupt`. A gap in the journal, a
+      journal that ends before the seq recorded with the last checkpoint, a checkpoint row
+      missing that the key's row names, a key row without records or records without their key
+      row are corrupt too, and so is an empty or missing database file beside an existing
+      ``<path>.locks/`` (SQLite would start a new, empty database in it). The newest journal
+      rows deleted by hand look like commits that never happened (SQLite never loses a
+      committed row by itself).
     """
 
     def __init__(
