@@ -180,6 +180,11 @@ class _Tail:
                 pass  # nothing of ours is unwritten: every append was synced before it returned
 
 
+class _FilesMissing(StoreCorrupt):
+    """Files the manifest names are missing. A load (which takes no lock) reads again before
+    raising it, as a directory listing racing another process's checkpoint can miss a file."""
+
+
 @dataclass(slots=True)
 class _Hold:
     """A key this store object holds: its flock'd lock file and its directory, kept open."""
@@ -488,20 +493,22 @@ class FileStore:
         """Raise StoreCorrupt when files the manifest says exist are gone."""
         start, first_end = manifest
         if checkpoint is None and not ends:
-            raise self._corrupt("the key has committed (its manifest says so) but its "
+            raise _FilesMissing("the key has committed (its manifest says so) but its "
                                 "checkpoint and journal files are missing: deleted behind the "
-                                "store's back", key)
+                                "store's back", store=self.description,
+                                key=key)
         if start > checkpoint_seq:  # no checkpoint covers the segment: it must be there
             if start not in ends:
-                raise self._corrupt(
+                raise _FilesMissing(
                     f"jrnl-{start:020d} is missing: it held acknowledged commits from seq "
                     f"{start} and no checkpoint covers them (the newest checkpoint is at seq "
-                    f"{checkpoint_seq}); deleted behind the store's back", key, start)
+                    f"{checkpoint_seq}); deleted behind the store's back",
+                    store=self.description, key=key, seq=start)
             if ends[start] < first_end:
-                raise self._corrupt(
+                raise _FilesMissing(
                     f"jrnl-{start:020d} ends at seq {ends[start] or start - 1} but a commit up "
-                    f"to seq {first_end} in it was acknowledged: the file was cut short", key,
-                    first_end)
+                    f"to seq {first_end} in it was acknowledged: the file was cut short",
+                    store=self.description, key=key, seq=first_end)
 
     def _write_manifest(self, kdir: Path, manifest: tuple[int, int]) -> None:
         """Replace the key's manifest (only ever after what it names is durable)."""
@@ -544,6 +551,7 @@ class FileStore:
 
     def _load_sync(self, key: str) -> StoredRecords | None:
         self._check_open(key)
+        missing: _FilesMissing | None = None
         for _ in range(_LOAD_ATTEMPTS):
             try:
                 with self._mutex(key):
@@ -554,6 +562,9 @@ class FileStore:
                                                            scan.checkpoint_seq)
             except FileNotFoundError:
                 continue  # another process replaced files under us (a checkpoint); read again
+            except _FilesMissing as e:
+                missing = e  # or a listing that raced a checkpoint: read again to be sure
+                continue
             except OSError as e:
                 raise StoreUnavailable(f"cannot read: {e}", store=self.description,
                                        key=key) from e
@@ -561,6 +572,9 @@ class FileStore:
                 return None
             return StoredRecords(scan.tail.seq, checkpoint, scan.checkpoint_seq,
                                  tuple(scan.entries))
+        if missing is not None:
+            raise StoreCorrupt(missing.message, store=self.description, key=key,
+                               seq=missing.seq)
         raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to load",
                                store=self.description, key=key)
 
@@ -702,6 +716,9 @@ class FileStore:
                 if held:
                     with self._state:
                         self._tails[key] = new
+            except _FilesMissing as e:  # under the directory lock: no listing race, so final
+                raise StoreCorrupt(e.message, store=self.description, key=key,
+                                   seq=e.seq) from None
             except OSError as e:
                 raise StoreUnavailable(f"commit failed, nothing committed: {e}",
                                        store=self.description, key=key, seq=seq) from e

@@ -372,10 +372,11 @@ async def refused(root: Path, match: str, expected_seq: int) -> None:
     try:
         with pytest.raises(StoreCorrupt, match=match) as caught:
             await store.load(KEY)
-        assert "order/42" in str(caught.value)
-        with pytest.raises(StoreCorrupt):
+        assert "order/42" in str(caught.value) and type(caught.value) is StoreCorrupt
+        with pytest.raises(StoreCorrupt) as caught:
             await store.commit(KEY, expected_seq=expected_seq, seq=expected_seq + 1,
                                checkpoint=b"over history")
+        assert type(caught.value) is StoreCorrupt
     finally:
         await store.close()
 
