@@ -3,9 +3,11 @@
 Layout::
 
     <directory>/
-        FASM-STORE               marker naming the format ("fasm file store 1")
+        FASM-STORE               marker naming the format ("fasm file store 2")
         k-<hex of utf-8 key>/    per key (h-<sha256 hex> for keys too long for a file name)
             lock                 flock'd by the holder of the key, or by a commit in progress
+            manifest             what must exist: written when the key's first commit or a
+                                 new segment's first commit is durable, never per commit
             ckpt-<seq:020d>      a checkpoint: header + payload; written once, never modified
             jrnl-<seq:020d>      a journal segment whose first entry is <seq>; frames appended
 
@@ -24,8 +26,24 @@ Theory of operation (the rules live here and nowhere else):
   crash can leave them) has a torn tail: the unfinished commit is ignored, and the next writer
   truncates it before appending. A *complete* frame that fails a check, a frame out of order, or
   a gap between the checkpoint and the journal raises :class:`StoreCorrupt`.
-* Writers hold ``lock`` (``fcntl.flock``) while they write; the kernel drops it when the process
-  dies. Loads take no file lock: a load racing another process's checkpoint retries.
+* The manifest says that the key has committed and names the newest segment a writer started
+  (``S``) with the seq its first commit ended at (``L``). It is replaced (tmp, fsync, rename)
+  only *after* what it names is durable, so a crash never leaves it naming something absent.
+  On load, a key whose manifest exists but which has neither a checkpoint nor a segment, or
+  whose checkpoint is older than ``S`` while ``jrnl-S`` is missing or ends before ``L``, lost
+  files behind the store's back: :class:`StoreCorrupt`. Deleting the newest commits *inside*
+  the newest segment, or a checkpoint while an older one remains, is not detectable at this
+  cost (it would take a write per commit). Format 1 stores had no manifest; ``open`` upgrades
+  the marker in place and the first commit on a key writes its manifest.
+* Writers hold ``lock`` (``fcntl.flock``) from ``acquire`` to ``release`` (or for one commit);
+  the kernel drops it when the process dies. Every commit also takes an ``flock`` on the key's
+  directory for its duration and checks, under it, that the lock file it holds is still linked
+  (``fstat``: a deleted or replaced file has no links left): a lock file deleted behind a
+  holder's back lets a second writer lock a new one, and the first one's next commit raises
+  :class:`StoreConflict` and writes nothing. The directory lock makes that check and the write
+  one step, so the second writer's first commit (which reads the files afresh) sees all that
+  the first one wrote. Loads take no file lock: a load racing another process's checkpoint
+  retries.
 
 Every file operation runs on the store's own worker thread, one hand-off per store call, so the
 event loop never waits on the disk and the store works on asyncio and trio alike (or, with
@@ -56,13 +74,18 @@ from ._worker import Worker
 __all__ = ("FileStore",)
 
 _MARKER_NAME = "FASM-STORE"
-_MARKER_TEXT = "fasm file store 1\n"
+_MARKER_TEXT = "fasm file store 2\n"  # 2: per-key manifest, commits lock the key's directory
+_UPGRADABLE = ("fasm file store 1\n",)  # formats whose files are valid as they are under 2
+_MANIFEST = "manifest"
+_MANIFEST_MAGIC = b"FMAN"
 _CKPT_MAGIC = b"FCKP"
 _FRAME_MAGIC = b"FJ"
 _VERSION = 1
 # header without its own CRC, then a CRC-32 of those bytes
 _CKPT = struct.Struct(">4sHQQI")  # magic, version, seq, payload length, payload crc
 _FRAME = struct.Struct(">2sHIQQI")  # magic, version, payload length, seq, last seq of commit, crc
+# magic, version, the newest segment's first seq, the seq its first commit ended at
+_MANIFEST_HEAD = struct.Struct(">4sHQQ")
 _CRC = 4
 CKPT_HEADER = _CKPT.size + _CRC
 FRAME_HEADER = _FRAME.size + _CRC
@@ -144,6 +167,9 @@ class _Tail:
     segment: Path | None  # None: the next append starts a new segment
     segment_end: int = 0
     fd: int | None = None  # ``segment`` open for writing, kept between appends to a held key
+    first_end: int = 0  # the seq the first commit in ``segment`` ended at (0: none yet)
+    manifest: tuple[int, int] | None = None  # what the key's manifest says, None: no manifest
+    named: bool = False  # the manifest names ``segment`` (checked once per segment)
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
@@ -152,6 +178,33 @@ class _Tail:
                 os.close(fd)
             except OSError:
                 pass  # nothing of ours is unwritten: every append was synced before it returned
+
+
+class _FilesMissing(StoreCorrupt):
+    """Files the manifest names are missing. A load (which takes no lock) reads again before
+    raising it, as a directory listing racing another process's checkpoint can miss a file."""
+
+
+@dataclass(slots=True)
+class _Hold:
+    """A key this store object holds: its flock'd lock file and its directory, kept open."""
+
+    lock_fd: int
+    dir_fd: int
+
+    def close(self) -> None:
+        try:
+            os.close(self.dir_fd)
+        except OSError:
+            pass
+        try:
+            unflock(self.lock_fd)
+        except OSError:
+            pass  # the descriptor is closed either way, and with it the lock
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 @dataclass(slots=True)
@@ -185,10 +238,16 @@ class FileStore:
       before the tail, raises :class:`StoreCorrupt`; the store never falls back to older data.
       Damage that makes the *last* commit of a segment look unfinished (the file cut short
       inside it) cannot be told from a torn write and is treated as one.
+    * Files deleted behind the store's back are refused (:class:`StoreCorrupt`) where the key's
+      manifest says they must exist: a key's only checkpoint, its journal segment, a segment cut
+      short before its first acknowledged commit. A key directory deleted whole looks like a key
+      never used. docs/persistence.md has the full table.
     * ``acquire`` takes an ``flock`` on the key's lock file: exclusive between store objects and
       processes, released by the kernel if the process dies. A ``commit`` takes the same lock for
       its duration when the key is not acquired, so a commit on a key another store object holds
-      raises :class:`StoreConflict`.
+      raises :class:`StoreConflict`. If the lock file is deleted while held, the holder's next
+      commit raises :class:`StoreConflict` (another writer may have locked a new one) and writes
+      nothing.
     * Disk full or any other write error raises :class:`StoreUnavailable` after the partial write
       is cut off again, so nothing of that commit is visible. If even that cleanup fails (a
       failing disk), the message says so: the commit may then become visible later, as after a
@@ -207,7 +266,7 @@ class FileStore:
         self._open = False
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._state = threading.Lock()  # guards _held and _tails
-        self._held: dict[str, int] = {}  # key -> fd holding its flock
+        self._held: dict[str, _Hold] = {}  # key -> its flock'd lock file and directory
         self._tails: dict[str, _Tail] = {}  # only for held keys: nobody else writes them
         self._durable_dirs: set[str] = set()  # keys whose directory entry we fsync'd
 
@@ -244,19 +303,26 @@ class FileStore:
                     raise StoreCorrupt(
                         "directory is not empty and has no FASM-STORE marker: not a fasm file "
                         "store", store=self.description) from None
-                tmp = self._root / f"{_MARKER_NAME}.{uuid.uuid4().hex}.tmp"
-                tmp.write_text(_MARKER_TEXT, encoding="utf-8")
-                self._sync_file(tmp)
-                os.replace(tmp, marker)
-                self._sync_dir(self._root)
+                self._write_marker(marker)
             else:
-                if text != _MARKER_TEXT:
+                if text in _UPGRADABLE:
+                    # Format 1's files are valid format 2 files; its keys get a manifest at
+                    # their next commit. Older fasm refuses the upgraded store.
+                    self._write_marker(marker)
+                elif text != _MARKER_TEXT:
                     raise StoreCorrupt(f"unknown store format {text.strip()!r}",
                                        store=self.description)
         except OSError as e:
             raise StoreUnavailable(f"cannot open the store directory: {e}",
                                    store=self.description) from e
         self._open = True
+
+    def _write_marker(self, marker: Path) -> None:
+        tmp = self._root / f"{_MARKER_NAME}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(_MARKER_TEXT, encoding="utf-8")
+        self._sync_file(tmp)
+        os.replace(tmp, marker)
+        self._sync_dir(self._root)
 
     async def close(self) -> None:
         """Release every held key. Safe to call twice."""
@@ -272,11 +338,8 @@ class FileStore:
             tails, self._tails = self._tails, {}
         for tail in tails.values():
             tail.close()
-        for fd in held.values():
-            try:
-                unflock(fd)
-            except OSError:
-                pass  # closing the descriptor (or the process ending) frees the lock anyway
+        for hold in held.values():
+            hold.close()  # closing the descriptor (or the process ending) frees the lock anyway
 
     def _check_open(self, key: str) -> None:
         if not self._open:
@@ -326,9 +389,11 @@ class FileStore:
 
     def _parse_segment(
         self, key: str, path: Path, start: int, data: bytes
-    ) -> tuple[list[tuple[int, bytes]], int]:
-        """The committed entries of one segment and the offset where they end."""
+    ) -> tuple[list[tuple[int, bytes]], int, int]:
+        """The committed entries of one segment, the offset where they end and the seq its
+        first commit ended at (0: none)."""
         committed: list[tuple[int, bytes]] = []
+        first_end = 0
         pending: list[tuple[int, bytes]] = []
         pending_last = 0
         valid_end = pos = 0
@@ -365,7 +430,8 @@ class FileStore:
                 committed.extend(pending)
                 pending = []
                 valid_end = pos
-        return committed, valid_end
+                first_end = first_end or seq
+        return committed, valid_end, first_end
 
     def _scan(self, key: str, kdir: Path, *, for_write: bool) -> _Scan:
         """Find the checkpoint and the committed journal of a key (raises on corruption)."""
@@ -385,15 +451,23 @@ class FileStore:
             elif number.isdigit() and prefix == "jrnl":
                 segments.append(int(number))
         scan = _Scan(_Tail(0, None))
+        manifest = scan.tail.manifest = (
+            self._read_manifest(key, kdir) if _MANIFEST in names else None)
         if ckpts:
             scan.checkpoint_seq = max(ckpts)
             scan.checkpoint = kdir / f"ckpt-{scan.checkpoint_seq:020d}"
+        ends: dict[int, int] = {}  # segment start -> the last seq committed in it
         for start in sorted(segments):
             path = kdir / f"jrnl-{start:020d}"
-            entries, valid_end = self._parse_segment(key, path, start, path.read_bytes())
+            entries, valid_end, first_end = self._parse_segment(key, path, start,
+                                                                path.read_bytes())
+            ends[start] = entries[-1][0] if entries else 0
             if start > scan.checkpoint_seq:
                 scan.tail.segment, scan.tail.segment_end = path, valid_end
+                scan.tail.first_end = first_end
             scan.entries.extend(e for e in entries if e[0] > scan.checkpoint_seq)
+        if manifest is not None:
+            self._check_manifest(key, manifest, scan.checkpoint, scan.checkpoint_seq, ends)
         want = scan.checkpoint_seq + 1
         for seq, _ in scan.entries:
             if seq != want:
@@ -402,6 +476,53 @@ class FileStore:
             want += 1
         scan.tail.seq = want - 1
         return scan
+
+    def _read_manifest(self, key: str, kdir: Path) -> tuple[int, int]:
+        data = (kdir / _MANIFEST).read_bytes()
+        size = _MANIFEST_HEAD.size
+        if len(data) != size + _CRC or _crc(data[:size]) != int.from_bytes(data[size:], "big"):
+            raise self._corrupt(f"{_MANIFEST}: truncated or fails its checksum "
+                                f"({len(data)} bytes)", key)
+        magic, version, start, first_end = _MANIFEST_HEAD.unpack(data[:size])
+        if magic != _MANIFEST_MAGIC or version != _VERSION:
+            raise self._corrupt(f"{_MANIFEST}: unknown manifest format", key)
+        return start, first_end
+
+    def _check_manifest(self, key: str, manifest: tuple[int, int], checkpoint: Path | None,
+                        checkpoint_seq: int, ends: dict[int, int]) -> None:
+        """Raise StoreCorrupt when files the manifest says exist are gone."""
+        start, first_end = manifest
+        if checkpoint is None and not ends:
+            raise _FilesMissing("the key has committed (its manifest says so) but its "
+                                "checkpoint and journal files are missing: deleted behind the "
+                                "store's back", store=self.description,
+                                key=key)
+        if start > checkpoint_seq:  # no checkpoint covers the segment: it must be there
+            if start not in ends:
+                raise _FilesMissing(
+                    f"jrnl-{start:020d} is missing: it held acknowledged commits from seq "
+                    f"{start} and no checkpoint covers them (the newest checkpoint is at seq "
+                    f"{checkpoint_seq}); deleted behind the store's back",
+                    store=self.description, key=key, seq=start)
+            if ends[start] < first_end:
+                raise _FilesMissing(
+                    f"jrnl-{start:020d} ends at seq {ends[start] or start - 1} but a commit up "
+                    f"to seq {first_end} in it was acknowledged: the file was cut short",
+                    store=self.description, key=key, seq=first_end)
+
+    def _write_manifest(self, kdir: Path, manifest: tuple[int, int]) -> None:
+        """Replace the key's manifest (only ever after what it names is durable)."""
+        data = _sealed(_MANIFEST_HEAD.pack(_MANIFEST_MAGIC, _VERSION, *manifest))
+        tmp = kdir / f"{_MANIFEST}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            self._write_at(fd, data, 0)
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, kdir / _MANIFEST)
+        self._sync_dir(kdir)
 
     def _read_checkpoint(self, key: str, path: Path, seq: int) -> bytes:
         with open(path, "rb") as f:
@@ -422,13 +543,15 @@ class FileStore:
         """Everything stored for ``key``, or None for a key never committed.
 
         Raises:
-            StoreCorrupt: a complete record fails its checksum, or records are missing.
+            StoreCorrupt: a complete record fails its checksum, or records are missing (a gap,
+                or files the key's manifest says exist).
             StoreUnavailable: the files cannot be read.
         """
         return await self._run(self._load_sync, key)
 
     def _load_sync(self, key: str) -> StoredRecords | None:
         self._check_open(key)
+        missing: _FilesMissing | None = None
         for _ in range(_LOAD_ATTEMPTS):
             try:
                 with self._mutex(key):
@@ -439,6 +562,9 @@ class FileStore:
                                                            scan.checkpoint_seq)
             except FileNotFoundError:
                 continue  # another process replaced files under us (a checkpoint); read again
+            except _FilesMissing as e:
+                missing = e  # or a listing that raced a checkpoint: read again to be sure
+                continue
             except OSError as e:
                 raise StoreUnavailable(f"cannot read: {e}", store=self.description,
                                        key=key) from e
@@ -446,6 +572,9 @@ class FileStore:
                 return None
             return StoredRecords(scan.tail.seq, checkpoint, scan.checkpoint_seq,
                                  tuple(scan.entries))
+        if missing is not None:
+            raise StoreCorrupt(missing.message, store=self.description, key=key,
+                               seq=missing.seq)
         raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to load",
                                store=self.description, key=key)
 
@@ -466,15 +595,48 @@ class FileStore:
             if key in self._held:
                 return
             try:
-                fd = try_flock(self._key_dir(key, create=True) / "lock")
+                hold = self._take(self._key_dir(key, create=True))
             except OSError as e:
                 raise StoreUnavailable(f"cannot take the key's lock file: {e}",
                                        store=self.description, key=key) from e
-            if fd is None:
+            if hold is None:
                 raise StoreConflict("key is held by another store object or process",
                                     store=self.description, key=key)
             with self._state:
-                self._held[key] = fd
+                self._held[key] = hold
+
+    @staticmethod
+    def _take(kdir: Path) -> _Hold | None:
+        """Lock the key's lock file, or None when another open file holds it."""
+        path = kdir / "lock"
+        for _ in range(_LOAD_ATTEMPTS):
+            fd = try_flock(path)
+            if fd is None:
+                return None
+            try:
+                lock_id = _file_id(os.fstat(fd))
+                if _file_id(os.stat(path)) == lock_id:  # not deleted while we locked it
+                    dir_fd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    return _Hold(fd, dir_fd)
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                unflock(fd)
+                raise
+            unflock(fd)
+        raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(path))
+
+    def _check_hold(self, key: str, hold: _Hold, seq: int) -> None:
+        """Under the directory lock: raise StoreConflict unless our lock file is still linked.
+
+        Deleting ``lock``, renaming another file over it or deleting the key's directory all
+        unlink the file we hold, and a second writer can then lock a new one; one ``fstat`` of
+        our descriptor tells (its link count drops to 0), cheaper than looking the name up."""
+        if os.fstat(hold.lock_fd).st_nlink == 0:
+            raise StoreConflict(
+                "the key's lock file was deleted or replaced while this store object held it, "
+                "so another writer may have taken the key; nothing written (acquire the key "
+                "again once no other writer runs)", store=self.description, key=key, seq=seq)
 
     async def release(self, key: str) -> None:
         """Give up ``key``; releasing a key that is not held does nothing."""
@@ -482,15 +644,12 @@ class FileStore:
 
     def _release_sync(self, key: str) -> None:
         with self._mutex(key), self._state:
-            fd = self._held.pop(key, None)
+            hold = self._held.pop(key, None)
             tail = self._tails.pop(key, None)
         if tail is not None:
             tail.close()
-        if fd is not None:
-            try:
-                unflock(fd)
-            except OSError:
-                pass  # the descriptor is closed either way, and with it the lock
+        if hold is not None:
+            hold.close()
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -506,8 +665,9 @@ class FileStore:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
 
         Raises:
-            StoreConflict: the stored seq is not ``expected_seq``, or another store object holds
-                the key; nothing written.
+            StoreConflict: the stored seq is not ``expected_seq``, another store object holds
+                the key, or the lock file this object held was deleted or replaced; nothing
+                written.
             StoreUnavailable: the write failed (disk full, I/O error); nothing committed.
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.
@@ -521,17 +681,24 @@ class FileStore:
                      checkpoint: bytes | None) -> None:
         self._check_open(key)
         with self._mutex(key):
-            held = key in self._held
-            temporary: int | None = None
+            hold = self._held.get(key)
+            held = hold is not None
+            temporary: _Hold | None = None
+            locked: int | None = None  # the directory descriptor we flock'd
             old: _Tail | None = None
             new: _Tail | None = None
             try:
                 kdir = self._key_dir(key, create=True)
-                if not held:
-                    temporary = try_flock(kdir / "lock")
-                    if temporary is None:
+                if hold is None:
+                    hold = temporary = self._take(kdir)
+                    if hold is None:
                         raise StoreConflict("key is held by another store object or process",
                                             store=self.description, key=key, seq=seq)
+                # One commit at a time per key directory, across store objects and processes,
+                # so that checking the lock file below and writing are one step.
+                fcntl.flock(hold.dir_fd, fcntl.LOCK_EX)
+                locked = hold.dir_fd
+                self._check_hold(key, hold, seq)
                 with self._state:
                     old = self._tails.pop(key, None)  # dropped on any failure below
                 tail = old if old is not None else self._scan(key, kdir, for_write=True).tail
@@ -543,9 +710,15 @@ class FileStore:
                     new = self._write_checkpoint(key, kdir, seq, checkpoint)
                 else:
                     new = self._append(key, tail, kdir, expected_seq, entries)
+                if new.manifest is None:
+                    new.manifest = tail.manifest
+                self._update_manifest(kdir, new)
                 if held:
                     with self._state:
                         self._tails[key] = new
+            except _FilesMissing as e:  # under the directory lock: no listing race, so final
+                raise StoreCorrupt(e.message, store=self.description, key=key,
+                                   seq=e.seq) from None
             except OSError as e:
                 raise StoreUnavailable(f"commit failed, nothing committed: {e}",
                                        store=self.description, key=key, seq=seq) from e
@@ -554,11 +727,39 @@ class FileStore:
                     old.close()  # its segment is gone (a checkpoint) or the commit failed
                 if new is not None and not held:
                     new.close()
-                if temporary is not None:
+                if locked is not None:
                     try:
-                        unflock(temporary)
+                        fcntl.flock(locked, fcntl.LOCK_UN)
                     except OSError:
-                        pass  # the descriptor is closed either way, and with it the lock
+                        pass  # closing the descriptor (below, or at release) unlocks it too
+                if temporary is not None:
+                    temporary.close()
+
+    def _update_manifest(self, kdir: Path, tail: _Tail) -> None:
+        """After a durable commit: make the manifest name the segment ``tail`` appends to (or,
+        after a checkpoint, say that the key has committed) if it does not yet. A failure here
+        only postpones it to the next commit: the commit itself is durable."""
+        if tail.named:
+            return
+        if tail.segment is not None:
+            want = (int(tail.segment.name.partition("-")[2]), tail.first_end)
+            if tail.manifest is not None and tail.manifest[0] == want[0]:
+                tail.named = True
+                return
+        elif tail.manifest is not None:
+            return
+        else:
+            want = (0, 0)
+        try:
+            self._write_manifest(kdir, want)
+        except OSError:
+            try:
+                os.unlink(kdir / f"{_MANIFEST}.tmp")
+            except OSError:
+                pass  # a leftover .tmp is ignored by load and removed by the next writer
+            return
+        tail.manifest = want
+        tail.named = tail.segment is not None
 
     def _append(self, key: str, tail: _Tail, kdir: Path, expected_seq: int,
                 entries: Sequence[bytes]) -> _Tail:
@@ -589,7 +790,9 @@ class FileStore:
             finally:
                 os.close(fd)
                 tail.fd = None
-        return _Tail(last, path, offset + len(data), fd)
+        return _Tail(last, path, offset + len(data), fd,
+                     first_end=last if offset == 0 else tail.first_end, manifest=tail.manifest,
+                     named=tail.named and tail.segment is not None)
 
     def _raise_after_rollback(self, error: OSError, fd: int, offset: int, key: str,
                               seq: int) -> NoReturn:

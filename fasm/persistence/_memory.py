@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import StoreConflict, StoreUnavailable
+from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
 from ._store import StoredRecords, check_commit_args
 
 __all__ = ("MemoryStore",)
@@ -80,6 +80,9 @@ class MemoryStore:
         k = self._keys().get(key)
         if k is None:
             return None
+        if k.checkpoint is None and k.checkpoint_seq:  # only a test that damages ``data``
+            raise StoreCorrupt(f"the checkpoint at seq {k.checkpoint_seq} is missing",
+                               store=self.description, key=key, seq=k.checkpoint_seq)
         return StoredRecords(k.seq, k.checkpoint, k.checkpoint_seq, tuple(k.journal))
 
     async def commit(

@@ -344,8 +344,15 @@ class PostgresStore:
                 rows = [] if row is None else cur.execute(
                     sql.SQL("SELECT seq, entry, crc FROM {} WHERE key = %s AND seq > %s "
                             "ORDER BY seq").format(self._journal), (key, row[1])).fetchall()
+                orphans = row is None and cur.execute(
+                    sql.SQL("SELECT 1 FROM {} WHERE key = %s LIMIT 1").format(self._journal),
+                    (key,)).fetchone() is not None
         except psycopg.Error as e:
             raise self._translate(e, "cannot load", key) from e
+        if orphans:
+            raise StoreCorrupt("the key has journal rows but its row in the keys table is "
+                               "missing (deleted behind the store's back)",
+                               store=self.description, key=key)
         if row is None:
             return None
         return records_from_rows(self.description, key, row, rows)

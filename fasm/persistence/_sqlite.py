@@ -97,9 +97,14 @@ def records_from_rows(store: str, key: str, row: Sequence[Any],
         rows: ``(seq, entry, crc)`` journal rows after ``checkpoint_seq``, ascending.
 
     Raises:
-        StoreCorrupt: a record fails its CRC-32, or the journal has gaps or ends short of seq.
+        StoreCorrupt: a record fails its CRC-32, the journal has gaps or ends short of seq, the
+            checkpoint the row names is missing, or the row has no records at all.
     """
     seq, checkpoint_seq, checkpoint, checkpoint_crc = row
+    if checkpoint is None and checkpoint_seq != 0:
+        raise StoreCorrupt(f"the key's row says a checkpoint at seq {checkpoint_seq} exists, but "
+                           "the checkpoint is missing (deleted behind the store's back)",
+                           store=store, key=key, seq=checkpoint_seq)
     if checkpoint is not None:
         checkpoint = bytes(checkpoint)
         if _crc(checkpoint) != checkpoint_crc:
@@ -119,6 +124,9 @@ def records_from_rows(store: str, key: str, row: Sequence[Any],
     if checkpoint_seq + len(journal) != seq:
         raise StoreCorrupt(f"key is at seq {seq} but its records end at "
                            f"{checkpoint_seq + len(journal)}", store=store, key=key, seq=seq)
+    if seq == 0:  # the row is written with the key's first records, never alone
+        raise StoreCorrupt("the key has a row but its records are missing (deleted behind the "
+                           "store's back)", store=store, key=key, seq=seq)
     return StoredRecords(seq, checkpoint, checkpoint_seq, tuple(journal))
 
 
@@ -153,10 +161,13 @@ class SQLiteStore:
       writer is refused even when it never acquired the key.
     * Driver errors are translated: a locked or unreachable database is
       :class:`StoreUnavailable`; a file that is not an SQLite database, a malformed database, or
-      a record whose CRC-32 does not match is :class:`StoreCorrupt`. A gap in the journal, or a
-      journal that ends before the seq recorded with the last checkpoint, is corrupt too; the
-      newest journal rows deleted by hand look like commits that never happened (SQLite never
-      loses a committed row by itself).
+      a record whose CRC-32 does not match is :class:`StoreCorrupt`. A gap in the journal, a
+      journal that ends before the seq recorded with the last checkpoint, a checkpoint row
+      missing that the key's row names, a key row without records or records without their key
+      row are corrupt too, and so is an empty or missing database file beside an existing
+      ``<path>.locks/`` (SQLite would start a new, empty database in it). The newest journal
+      rows deleted by hand look like commits that never happened (SQLite never loses a
+      committed row by itself).
     """
 
     def __init__(
@@ -222,6 +233,7 @@ class SQLiteStore:
     def _open_sync(self) -> None:
         if self._conn is not None:
             return
+        self._check_file()
         conn: sqlite3.Connection | None = None
         try:
             conn = connect(self._path, self._busy_timeout, self._synchronous)
@@ -256,6 +268,27 @@ class SQLiteStore:
                 raise StoreUnavailable(f"cannot create the lock directory: {e}",
                                        store=self.description) from e
         self._conn = conn
+
+    def _check_file(self) -> None:
+        """Refuse an empty or missing database file where a store was (its lock directory,
+        made by the first ``open`` once the file had its tables, is there): SQLite would
+        silently start a new, empty database in it."""
+        if self._memory or not os.path.isdir(self._path + ".locks"):
+            return
+        try:
+            size = os.stat(self._path).st_size
+        except FileNotFoundError:
+            raise StoreCorrupt(
+                f"the database file is missing but its lock directory {self._path}.locks "
+                "exists: the store's data was deleted or moved (to start a new store here, "
+                "delete the lock directory too)", store=self.description) from None
+        except OSError:
+            return  # connecting reports it
+        if size == 0:
+            raise StoreCorrupt(
+                "the database file is empty (0 bytes) but its lock directory exists: the "
+                "store's data was truncated (to start a new store here, delete the file and "
+                "the lock directory)", store=self.description)
 
     async def close(self) -> None:
         """Release every held key and close the connection. Safe to call twice."""
@@ -342,10 +375,18 @@ class SQLiteStore:
                 rows = [] if row is None else conn.execute(
                     "SELECT seq, entry, crc FROM fasm_journal WHERE key = ? AND seq > ? "
                     "ORDER BY seq", (key, row[1])).fetchall()
+                orphans = row is None and conn.execute(
+                    "SELECT 1 FROM fasm_journal WHERE key = ?1 UNION ALL "
+                    "SELECT 1 FROM fasm_checkpoints WHERE key = ?1 LIMIT 1",
+                    (key,)).fetchone() is not None
             finally:
                 _rollback(conn)
         except sqlite3.Error as e:
             raise self._translate(e, "cannot load", key) from e
+        if orphans:
+            raise StoreCorrupt("the key has records but its row in fasm_keys is missing "
+                               "(deleted behind the store's back)", store=self.description,
+                               key=key)
         if row is None:
             return None
         return records_from_rows(self.description, key, row, rows)

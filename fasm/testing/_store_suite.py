@@ -5,7 +5,7 @@ One implementation, two ways in:
 * :func:`check_store` runs every check against a store factory and raises ``AssertionError``
   naming the check that failed (like ``trio.testing.check_one_way_stream``);
 * :class:`StoreConformance` is a pytest base class with one test per check; a subclass provides
-  ``make_store`` (and optionally ``corrupt``).
+  ``make_store`` (and optionally ``corrupt`` and ``delete_checkpoint``).
 
 The factory returns a new, not yet opened store object on the *same location* every time it is
 called (same directory, database file, DSN and schema): the suite opens two objects at once to
@@ -23,6 +23,14 @@ checksum catches it). Returning fewer records, other seqs, or different bytes th
 silent corruption and fails. A hook that changes nothing ``load`` returns fails too. Removing
 records is not what the hook is for: a torn tail of a commit that never returned is the backend's
 business, tested by its own tests.
+
+The lost-checkpoint check and its hook: ``delete_checkpoint(key)`` must remove the stored
+checkpoint of ``key`` behind the store's back, as a person or a cleanup tool would (delete its
+file or row, or clear the column that holds it), and leave everything else. It is called with the
+store open, once on a key holding only a checkpoint (at seq 3, as under ``Snapshot``) and once on
+a key with a checkpoint at seq 1 and journal entries 2..5. Then ``load`` (on the open store, and
+on a fresh one when ``durable``) must raise :class:`~fasm.errors.StoreCorrupt`: loading the key as
+never committed, or as its journal without the checkpoint, is losing acknowledged data in silence.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class _Suite:
     durable: bool
     corrupt: Callable[[str], Awaitable[None]] | None
     big_state_bytes: int
+    delete_checkpoint: Callable[[str], Awaitable[None]] | None = None
     run: str = field(default_factory=lambda: f"{random.getrandbits(48):012x}")
 
     def key(self, name: str) -> str:
@@ -334,6 +343,30 @@ async def _decode(decode: Callable[[bytes, int], object], data: bytes, seq: int)
     decode(data, seq)
 
 
+async def check_lost_checkpoint(suite: _Suite) -> None:
+    """A checkpoint deleted behind the store's back is refused, never loaded as less data."""
+    if suite.delete_checkpoint is None:
+        raise Skip("no delete_checkpoint hook given")
+    only, journal = suite.key("lost-checkpoint-only"), suite.key("lost-checkpoint-journal")
+    async with suite.opened() as store:
+        await store.commit(only, expected_seq=0, seq=1, checkpoint=b"state@1")
+        await store.commit(only, expected_seq=1, seq=3, checkpoint=b"state@3")
+        await store.commit(journal, expected_seq=0, seq=1, checkpoint=b"state@1")
+        await store.commit(journal, expected_seq=1, seq=5, entries=[b"e2", b"e3", b"e4", b"e5"])
+        for k in (only, journal):
+            await suite.delete_checkpoint(k)
+        for k, what in ((only, "a key holding only a checkpoint"),
+                        (journal, "a key with a checkpoint and a journal")):
+            await _raises(StoreCorrupt, store.load(k),
+                          f"load of {what} whose checkpoint was deleted, on the open store")
+    if suite.durable:
+        async with suite.opened() as store:
+            for k, what in ((only, "a key holding only a checkpoint"),
+                            (journal, "a key with a checkpoint and a journal")):
+                await _raises(StoreCorrupt, store.load(k),
+                              f"load of {what} whose checkpoint was deleted, after reopening")
+
+
 async def check_big_checkpoint(suite: _Suite) -> None:
     """A large checkpoint (50 MiB of random bytes by default) round-trips, and shrinks again."""
     data = random.Random(0x5EED).randbytes(suite.big_state_bytes)
@@ -436,6 +469,7 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "durable_reopen": check_durable_reopen,
     "acquire": check_acquire,
     "corruption": check_corruption,
+    "lost_checkpoint": check_lost_checkpoint,
     "big_checkpoint": check_big_checkpoint,
     "many_keys": check_many_keys,
     "unicode_keys": check_unicode_keys,
@@ -453,6 +487,7 @@ async def check_store(
     durable: bool = True,
     corrupt: Callable[[str], Awaitable[None]] | None = None,
     big_state_bytes: int = 50 * MiB,
+    delete_checkpoint: Callable[[str], Awaitable[None]] | None = None,
 ) -> None:
     """Run every conformance check against a store.
 
@@ -462,11 +497,13 @@ async def check_store(
         corrupt: damages one committed record of a key behind the store's back (see the module
             documentation for what it must do); without it the corruption check is skipped.
         big_state_bytes: the size of the large-checkpoint check.
+        delete_checkpoint: removes the stored checkpoint of a key behind the store's back (see
+            the module documentation); without it the lost-checkpoint check is skipped.
 
     Raises:
         AssertionError: a check failed; the message names it and what went wrong.
     """
-    suite = _Suite(make_store, durable, corrupt, big_state_bytes)
+    suite = _Suite(make_store, durable, corrupt, big_state_bytes, delete_checkpoint)
     await run_all(_CHECKS, "store", suite)
 
 
@@ -476,8 +513,9 @@ class StoreConformance:
     Subclass it in a test module (its name must start with ``Test``) and provide
     ``async def make_store(self) -> Store`` returning a new, not yet opened store object on the
     same location each call; per-test locations come from fixtures, e.g. an autouse fixture that
-    stores ``tmp_path`` on ``self``. Optionally define ``async def corrupt(self, key: str)``, and
-    set ``durable = False`` or a smaller ``big_state_bytes``. The tests are marked for anyio and
+    stores ``tmp_path`` on ``self``. Optionally define ``async def corrupt(self, key: str)`` and
+    ``async def delete_checkpoint(self, key: str)``, and set ``durable = False`` or a smaller
+    ``big_state_bytes``. The tests are marked for anyio and
     run on every backend of the ``anyio_backend`` fixture.
     """
 
@@ -485,13 +523,15 @@ class StoreConformance:
     durable: ClassVar[bool] = True
     big_state_bytes: ClassVar[int] = 50 * MiB
     corrupt: Callable[[str], Awaitable[None]] | None = None
+    delete_checkpoint: Callable[[str], Awaitable[None]] | None = None
 
     async def make_store(self) -> Store:
         """A new, not yet opened store object on this test's location."""
         raise NotImplementedError(f"{type(self).__qualname__} must define make_store")
 
     async def _run_check(self, name: str) -> None:
-        suite = _Suite(self.make_store, self.durable, self.corrupt, self.big_state_bytes)
+        suite = _Suite(self.make_store, self.durable, self.corrupt, self.big_state_bytes,
+                       self.delete_checkpoint)
         await run_as_test(_CHECKS, "store", suite, name)
 
     async def test_round_trip(self) -> None:
@@ -520,6 +560,9 @@ class StoreConformance:
 
     async def test_corruption(self) -> None:
         await self._run_check("corruption")
+
+    async def test_lost_checkpoint(self) -> None:
+        await self._run_check("lost_checkpoint")
 
     async def test_big_checkpoint(self) -> None:
         await self._run_check("big_checkpoint")

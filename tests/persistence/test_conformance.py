@@ -33,6 +33,10 @@ class TestMemoryStore(StoreConformance):
         record: Any = self.data["keys"][key]  # type: ignore[index]
         record.journal[1] = (record.journal[1][0], flip_byte(record.journal[1][1], 20))
 
+    async def delete_checkpoint(self, key: str) -> None:
+        record: Any = self.data["keys"][key]  # type: ignore[index]
+        record.checkpoint = None
+
 
 class TestFileStore(StoreConformance):
     @pytest.fixture(autouse=True)
@@ -45,6 +49,10 @@ class TestFileStore(StoreConformance):
     async def corrupt(self, key: str) -> None:
         (checkpoint,) = (self.dir / key_file_name(key)).glob("ckpt-*")
         flip_file_byte(checkpoint, checkpoint.stat().st_size - 3)
+
+    async def delete_checkpoint(self, key: str) -> None:
+        (checkpoint,) = (self.dir / key_file_name(key)).glob("ckpt-*")
+        checkpoint.unlink()
 
 
 class TestFileStoreInline(TestFileStore):
@@ -68,6 +76,11 @@ class TestSQLiteStore(StoreConformance):
                                   (key,)).fetchone()
             db.execute("UPDATE fasm_journal SET entry = ? WHERE key = ? AND seq = 3",
                        (flip_byte(entry, 5), key))
+        db.close()
+
+    async def delete_checkpoint(self, key: str) -> None:
+        with sqlite3.connect(self.path) as db:
+            db.execute("DELETE FROM fasm_checkpoints WHERE key = ?", (key,))
         db.close()
 
 
@@ -101,6 +114,16 @@ class TestPostgresStore(StoreConformance):
             conn.execute(sql.SQL("UPDATE {} SET checkpoint = %s WHERE key = %s").format(table),
                          (flip_byte(row[0], 7), key))
 
+    async def delete_checkpoint(self, key: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        # The checkpoint is a column of the key's row: clearing it is what deleting it means.
+        table = sql.Identifier(self.schema, "fasm_keys")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("UPDATE {} SET checkpoint = NULL, checkpoint_crc = NULL "
+                                 "WHERE key = %s").format(table), (key,))
+
 
 # -- the suite itself ------------------------------------------------------------------------
 
@@ -132,6 +155,16 @@ class _Shared(MemoryStore):
         self._check_open(key)
 
 
+class _Lenient(MemoryStore):
+    """Loads a key whose checkpoint is gone as a key never committed."""
+
+    async def load(self, key: str) -> StoredRecords | None:
+        record: Any = self._keys().get(key)
+        if record is not None and record.checkpoint is None and record.checkpoint_seq:
+            return None
+        return await super().load(key)
+
+
 class _Forgetful(MemoryStore):
     """Drops the journal tail it cannot read instead of raising StoreCorrupt."""
 
@@ -147,6 +180,7 @@ class _Forgetful(MemoryStore):
     (_Unfenced, "stale_writer"),
     (_Shared, "acquire"),
     (_Forgetful, "corruption"),
+    (_Lenient, "lost_checkpoint"),
 ])
 async def test_check_store_names_the_failed_check(store_class: type[MemoryStore],
                                                   check: str) -> None:
@@ -157,9 +191,15 @@ async def test_check_store_names_the_failed_check(store_class: type[MemoryStore]
 
     async def corrupt(key: str) -> None:
         data["damaged"] = True
+        record: Any = data["keys"][key]  # type: ignore[index]
+        record.journal[1] = (record.journal[1][0], flip_byte(record.journal[1][1], 20))
+
+    async def delete_checkpoint(key: str) -> None:
+        data["keys"][key].checkpoint = None  # type: ignore[index]
 
     with pytest.raises(AssertionError, match=f"store check '{check}' failed"):
-        await check_store(make, durable=False, corrupt=corrupt, big_state_bytes=1024)
+        await check_store(make, durable=False, corrupt=corrupt, big_state_bytes=1024,
+                          delete_checkpoint=delete_checkpoint)
 
 
 @pytest.mark.anyio

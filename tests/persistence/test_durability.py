@@ -115,3 +115,30 @@ async def _load(store: MemoryStore) -> Any:
         return await store.load("default")
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+@pytest.mark.parametrize("strategy", ["snapshot", "journal"])
+async def test_a_deleted_checkpoint_stops_the_start_not_the_history(kind: str, strategy: str,
+                                                                    tmp_path: Path) -> None:
+    """The checkpoint deleted by hand: the runtime refuses to start (StoreCorrupt) instead of
+    starting from the initial state (and writing over the history) or replaying half of it."""
+    import sqlite3
+
+    from fasm.errors import StoreCorrupt
+
+    durability = Snapshot() if strategy == "snapshot" else Journal(min_checkpoint_bytes=500)
+    store = stores(tmp_path)[kind]
+    async with runtime(store, durability) as rt:
+        await history(rt, seed=7)
+        assert rt.seq > 0
+    if kind == "file":
+        for checkpoint in (tmp_path / "files").glob("*/ckpt-*"):
+            checkpoint.unlink()
+    else:
+        with sqlite3.connect(tmp_path / "db.sqlite") as db:
+            assert db.execute("DELETE FROM fasm_checkpoints").rowcount == 1
+        db.close()
+    with pytest.raises(StoreCorrupt, match="missing"):
+        async with runtime(stores(tmp_path)[kind], durability):
+            pass

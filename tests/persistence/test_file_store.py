@@ -6,9 +6,11 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from fasm.errors import StoreConflict, StoreCorrupt, StoreUnavailable
@@ -164,7 +166,8 @@ async def test_checkpoint_drops_the_journal_files(tmp_path: Path) -> None:
     await three_entries(tmp_path)
     store = await opened(tmp_path)
     await store.commit(KEY, expected_seq=3, seq=4, checkpoint=b"c4")
-    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{4:020d}", "lock"]
+    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{4:020d}", "lock",
+                                                                   "manifest"]
     await store.commit(KEY, expected_seq=4, seq=5, entries=[b"five"])
     assert segment(tmp_path, 5).exists()
     await store.close()
@@ -257,7 +260,8 @@ async def test_disk_full_mid_checkpoint_commits_nothing(tmp_path: Path) -> None:
     store.room = 1000
     with pytest.raises(StoreUnavailable, match="disk full writing a checkpoint"):
         await store.commit(KEY, expected_seq=1, seq=2, checkpoint=b"x" * 5000)
-    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{1:020d}", "lock"]
+    assert sorted(p.name for p in key_dir(tmp_path).iterdir()) == [f"ckpt-{1:020d}", "lock",
+                                                                   "manifest"]
     store.room = None
     await store.commit(KEY, expected_seq=1, seq=2, checkpoint=b"x" * 5000)
     got = await store.load(KEY)
@@ -340,3 +344,258 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
         await store.load(KEY)
     with pytest.raises(StoreUnavailable, match="not open"):
         await store.commit(KEY, expected_seq=0, seq=1, entries=[b"x"])
+
+
+# -- files deleted or cut behind the store's back ---------------------------------------------
+
+
+async def snapshots(root: Path, upto: int = 3) -> None:
+    """Commit checkpoints 0->1 .. upto-1->upto, as Snapshot() does, and close."""
+    store = await opened(root)
+    for seq in range(1, upto + 1):
+        await store.commit(KEY, expected_seq=seq - 1, seq=seq, checkpoint=f"c{seq}".encode())
+    await store.close()
+
+
+async def checkpoint_and_journal(root: Path) -> None:
+    """Commit a checkpoint at 3, then entries 4..6 in two commits, and close."""
+    store = await opened(root)
+    await store.commit(KEY, expected_seq=0, seq=3, checkpoint=b"c3")
+    await store.commit(KEY, expected_seq=3, seq=4, entries=[b"4"])
+    await store.commit(KEY, expected_seq=4, seq=6, entries=[b"5", b"6"])
+    await store.close()
+
+
+async def refused(root: Path, match: str, expected_seq: int) -> None:
+    """Load raises StoreCorrupt naming the key, and a writer refuses to build on the remains."""
+    store = await opened(root)
+    try:
+        with pytest.raises(StoreCorrupt, match=match) as caught:
+            await store.load(KEY)
+        assert "order/42" in str(caught.value) and type(caught.value) is StoreCorrupt
+        with pytest.raises(StoreCorrupt) as caught:
+            await store.commit(KEY, expected_seq=expected_seq, seq=expected_seq + 1,
+                               checkpoint=b"over history")
+        assert type(caught.value) is StoreCorrupt
+    finally:
+        await store.close()
+
+
+async def test_the_only_checkpoint_deleted_is_refused_not_a_new_key(tmp_path: Path) -> None:
+    """Under Snapshot a key is one checkpoint file: deleted, the key must not open at seq 0."""
+    await snapshots(tmp_path)
+    (key_dir(tmp_path) / f"ckpt-{3:020d}").unlink()
+    await refused(tmp_path, "checkpoint and journal files are missing", 0)
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+async def test_a_deleted_journal_segment_is_refused(tmp_path: Path,
+                                                    with_checkpoint: bool) -> None:
+    if with_checkpoint:
+        await checkpoint_and_journal(tmp_path)
+        segment(tmp_path, 4).unlink()
+        await refused(tmp_path, f"jrnl-{4:020d} is missing", 3)
+    else:
+        await three_entries(tmp_path)
+        segment(tmp_path, 1).unlink()
+        await refused(tmp_path, "checkpoint and journal files are missing", 0)
+
+
+async def test_checkpoint_and_segment_deleted_is_refused(tmp_path: Path) -> None:
+    await checkpoint_and_journal(tmp_path)
+    segment(tmp_path, 4).unlink()
+    (key_dir(tmp_path) / f"ckpt-{3:020d}").unlink()
+    await refused(tmp_path, "checkpoint and journal files are missing", 0)
+
+
+@pytest.mark.parametrize("cut", ["to-zero", "inside-the-first-commit"])
+async def test_a_segment_cut_before_its_first_acknowledged_commit_is_refused(
+        tmp_path: Path, cut: str) -> None:
+    await checkpoint_and_journal(tmp_path)
+    os.truncate(segment(tmp_path, 4), 0 if cut == "to-zero" else FRAME_HEADER)
+    await refused(tmp_path, "was cut short", 3)
+
+
+@pytest.mark.parametrize("name", ["manifest", "FASM-STORE", "checkpoint"])
+async def test_a_file_truncated_to_zero_bytes_is_refused(tmp_path: Path, name: str) -> None:
+    await checkpoint_and_journal(tmp_path)
+    path = {"manifest": key_dir(tmp_path) / "manifest", "FASM-STORE": tmp_path / "FASM-STORE",
+            "checkpoint": key_dir(tmp_path) / f"ckpt-{3:020d}"}[name]
+    os.truncate(path, 0)
+    with pytest.raises(StoreCorrupt):
+        store = await opened(tmp_path)
+        try:
+            await store.load(KEY)
+        finally:
+            await store.close()
+
+
+async def test_a_new_segment_torn_before_its_first_commit_still_loads(tmp_path: Path) -> None:
+    """A crash after creating the next segment, before its first commit was durable (so before
+    the manifest named it): the commit never returned, and the key loads at the checkpoint."""
+    store = await opened(tmp_path)
+    await store.commit(KEY, expected_seq=0, seq=2, entries=[b"1", b"2"])
+    await store.commit(KEY, expected_seq=2, seq=3, checkpoint=b"c3")
+    await store.close()
+    segment(tmp_path, 4).write_bytes(b"\0" * 100)  # allocated, never written
+    store = await opened(tmp_path)
+    got = await store.load(KEY)
+    assert got is not None and (got.seq, got.checkpoint, got.journal) == (3, b"c3", ())
+    await store.commit(KEY, expected_seq=3, seq=4, entries=[b"4"])
+    await store.close()
+    segment(tmp_path, 4).unlink()  # the manifest now names it: its loss is detected
+    await refused(tmp_path, f"jrnl-{4:020d} is missing", 3)
+
+
+async def test_a_crash_before_the_manifest_named_a_new_segment(tmp_path: Path) -> None:
+    """The segment's first commit is durable, the manifest not yet rewritten: it loads, and
+    the next writer brings the manifest up to date."""
+    await checkpoint_and_journal(tmp_path)
+    manifest = key_dir(tmp_path) / "manifest"
+    store = await opened(tmp_path)
+    await store.commit(KEY, expected_seq=6, seq=7, checkpoint=b"c7")
+    before = manifest.read_bytes()  # names jrnl-4, which the checkpoint at 7 covers
+    await store.commit(KEY, expected_seq=7, seq=8, entries=[b"8"])
+    await store.close()
+    manifest.write_bytes(before)  # as if the process died before replacing it
+    store = await opened(tmp_path)
+    got = await store.load(KEY)
+    assert got is not None and got.seq == 8
+    await store.acquire(KEY)
+    await store.commit(KEY, expected_seq=8, seq=9, entries=[b"9"])
+    await store.close()
+    assert manifest.read_bytes() != before
+    segment(tmp_path, 8).unlink()
+    await refused(tmp_path, f"jrnl-{8:020d} is missing", 7)
+
+
+async def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Format 1 had no manifest: its files load as they are, the marker is rewritten, and the
+    first commit on a key writes the key's manifest, from when on lost files are detected."""
+    await checkpoint_and_journal(tmp_path)
+    (key_dir(tmp_path) / "manifest").unlink()  # what format 1 wrote
+    (tmp_path / "FASM-STORE").write_text("fasm file store 1\n", encoding="utf-8")
+    store = await opened(tmp_path)
+    assert (tmp_path / "FASM-STORE").read_text(encoding="utf-8") == "fasm file store 2\n"
+    got = await store.load(KEY)
+    assert got is not None and (got.seq, got.checkpoint, got.journal) == (
+        6, b"c3", ((4, b"4"), (5, b"5"), (6, b"6")))
+    await store.commit(KEY, expected_seq=6, seq=7, entries=[b"7"])
+    await store.close()
+    assert (key_dir(tmp_path) / "manifest").exists()
+    segment(tmp_path, 4).unlink()
+    await refused(tmp_path, f"jrnl-{4:020d} is missing", 3)
+
+
+# -- a second writer after the lock file was deleted -----------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["journal", "snapshot"])
+async def test_a_holder_whose_lock_file_was_replaced_cannot_overwrite(tmp_path: Path,
+                                                                      strategy: str) -> None:
+    """The lock file deleted while A holds the key lets B acquire it; whoever is stale is
+    refused at commit time and no acknowledged commit is overwritten."""
+    a, b = await opened(tmp_path), await opened(tmp_path)
+    await a.acquire(KEY)
+
+    async def step(store: FileStore, seq: int, what: bytes) -> None:
+        if strategy == "journal":
+            await store.commit(KEY, expected_seq=seq - 1, seq=seq, entries=[what])
+        else:
+            await store.commit(KEY, expected_seq=seq - 1, seq=seq, checkpoint=what)
+
+    for seq in range(1, 8):
+        await step(a, seq, f"a{seq}".encode())
+    (key_dir(tmp_path) / "lock").unlink()
+    await b.acquire(KEY)  # a new lock file: B cannot know about A
+    got = await b.load(KEY)
+    assert got is not None and got.seq == 7
+    await step(b, 8, b"b8")
+    with pytest.raises(StoreConflict, match="lock file was deleted or replaced"):
+        await step(a, 8, b"a8")
+    with pytest.raises(StoreConflict, match="lock file was deleted or replaced"):
+        await step(a, 9, b"a9")
+    await step(b, 9, b"b9")
+    await a.close()
+    await b.close()
+    store = await opened(tmp_path)
+    got = await store.load(KEY)
+    assert got is not None and got.seq == 9
+    if strategy == "journal":
+        assert got.journal[-2:] == ((8, b"b8"), (9, b"b9"))
+    else:
+        assert got.checkpoint == b"b9"
+    await store.close()
+
+
+async def test_a_holder_whose_lock_file_was_deleted_refuses_to_commit(tmp_path: Path) -> None:
+    """Deleted and not yet recreated: nobody else writes yet, but nothing stops one from
+    starting, so the holder stops before writing."""
+    store = await opened(tmp_path)
+    await store.acquire(KEY)
+    await store.commit(KEY, expected_seq=0, seq=1, entries=[b"one"])
+    (key_dir(tmp_path) / "lock").unlink()
+    with pytest.raises(StoreConflict, match="lock file was deleted or replaced"):
+        await store.commit(KEY, expected_seq=1, seq=2, entries=[b"two"])
+    await store.release(KEY)
+    await store.acquire(KEY)  # a fresh lock file: writing is safe again
+    await store.commit(KEY, expected_seq=1, seq=2, entries=[b"two"])
+    got = await store.load(KEY)
+    assert got is not None and got.journal == ((1, b"one"), (2, b"two"))
+    await store.close()
+
+
+_WRITER = """
+import sys, anyio
+from fasm.errors import StoreConflict
+from fasm.persistence import FileStore
+
+async def main():
+    store = FileStore({root!r})
+    await store.open()
+    await store.acquire({key!r})
+    for seq in range(1, 8):
+        await store.commit({key!r}, expected_seq=seq - 1, seq=seq, entries=[b"child%d" % seq])
+    print("committed 7", flush=True)
+    sys.stdin.readline()
+    try:
+        await store.commit({key!r}, expected_seq=7, seq=8, entries=[b"child8"])
+    except StoreConflict as e:
+        print("conflict", e, flush=True)
+    else:
+        print("committed 8", flush=True)
+    await store.close()
+
+anyio.run(main)
+"""
+
+
+async def test_two_processes_after_the_lock_file_was_deleted(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    script = _WRITER.format(root=str(root), key=KEY)
+    async with await anyio.open_process([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE) as child:
+        assert child.stdout is not None and child.stdin is not None
+
+        async def line() -> bytes:
+            got = b""
+            with anyio.fail_after(30):
+                while not got.endswith(b"\n"):
+                    got += await child.stdout.receive(1)  # type: ignore[union-attr]
+            return got
+
+        assert await line() == b"committed 7\n"
+        (key_dir(root) / "lock").unlink()
+        store = await opened(root)
+        await store.acquire(KEY)  # the child still runs and holds its (deleted) lock file
+        got = await store.load(KEY)
+        assert got is not None and got.seq == 7
+        await store.commit(KEY, expected_seq=7, seq=8, entries=[b"parent8"])
+        await child.stdin.send(b"go\n")
+        answer = await line()
+        assert answer.startswith(b"conflict") and b"lock file was deleted or replaced" in answer
+        with anyio.fail_after(30):
+            assert await child.wait() == 0
+        got = await store.load(KEY)
+        assert got is not None and got.seq == 8 and got.journal[-1] == (8, b"parent8")
+        await store.close()

@@ -273,6 +273,28 @@ async def test_damaged_rows_are_corruption(pg_dsn: str, pg_schema: str, damage: 
 
 @pytest.mark.anyio
 @pytest.mark.postgres
+@pytest.mark.parametrize("lost", ["key-row", "checkpoint", "newest-entries", "whole-journal"])
+async def test_deleted_rows_are_refused_not_loaded_as_less(pg_dsn: str, pg_schema: str,
+                                                           lost: str) -> None:
+    store = await opened(pg_dsn, pg_schema)
+    await store.commit(KEY, expected_seq=0, seq=1, checkpoint=b"state")
+    await store.commit(KEY, expected_seq=1, seq=4, entries=[b"two", b"three", b"four"])
+    if lost == "key-row":
+        query(pg_dsn, "DELETE FROM {keys}", schema=pg_schema)
+    elif lost == "checkpoint":
+        query(pg_dsn, "UPDATE {keys} SET checkpoint = NULL, checkpoint_crc = NULL",
+              schema=pg_schema)
+    elif lost == "newest-entries":
+        query(pg_dsn, "DELETE FROM {journal} WHERE seq >= 3", schema=pg_schema)
+    else:
+        query(pg_dsn, "DELETE FROM {journal}", schema=pg_schema)
+    with pytest.raises(StoreCorrupt, match="order/42"):
+        await store.load(KEY)
+    await store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.postgres
 async def test_table_prefixes_are_separate_stores(pg_dsn: str, pg_schema: str) -> None:
     a = await opened(pg_dsn, pg_schema, table_prefix="a_")
     b = await opened(pg_dsn, pg_schema, table_prefix="b_")

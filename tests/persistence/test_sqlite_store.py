@@ -88,6 +88,66 @@ async def test_damaged_rows_are_corruption(tmp_path: Path, damage: str) -> None:
     await store.close()
 
 
+@pytest.mark.parametrize("lost", [
+    "checkpoint-row", "checkpoint-row-of-a-snapshot-key", "key-row", "key-row-of-a-snapshot-key",
+    "whole-journal-without-checkpoint"])
+async def test_deleted_rows_are_refused_not_loaded_as_less(tmp_path: Path, lost: str) -> None:
+    """Rows deleted by hand that the key's other rows say exist: never an empty or shorter
+    state (or a replay from the initial state)."""
+    path = tmp_path / "s.db"
+    store = await opened(path)
+    if lost == "whole-journal-without-checkpoint":
+        await store.commit(KEY, expected_seq=0, seq=3, entries=[b"one", b"two", b"three"])
+    else:
+        await store.commit(KEY, expected_seq=0, seq=1, checkpoint=b"state")
+        if "snapshot" not in lost:
+            await store.commit(KEY, expected_seq=1, seq=4, entries=[b"two", b"three", b"four"])
+    with db(path) as other:
+        if lost.startswith("checkpoint-row"):
+            other.execute("DELETE FROM fasm_checkpoints")
+        elif lost.startswith("key-row"):
+            other.execute("DELETE FROM fasm_keys")
+        else:
+            other.execute("DELETE FROM fasm_journal")
+    other.close()
+    for attempt in ("open store", "reopened"):
+        with pytest.raises(StoreCorrupt, match="order/42") as caught:
+            await store.load(KEY)
+        assert "missing" in str(caught.value), attempt
+        await store.close()
+        store = await opened(path)
+    await store.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated-to-zero", "deleted"])
+async def test_an_emptied_database_file_is_refused(tmp_path: Path, damage: str) -> None:
+    """SQLite would open a 0-byte or missing file as a new, empty database; the lock directory
+    beside it says a store was there."""
+    path = tmp_path / "s.db"
+    store = await opened(path)
+    await store.commit(KEY, expected_seq=0, seq=1, checkpoint=b"state")
+    await store.close()
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if damage == "deleted":
+            leftover.unlink(missing_ok=True)
+        elif leftover.exists():
+            os.truncate(leftover, 0)
+    with pytest.raises(StoreCorrupt, match="lock directory"):
+        await SQLiteStore(path).open()
+    assert not path.exists() or path.stat().st_size == 0  # nothing written into it
+
+
+async def test_an_empty_file_without_a_lock_directory_becomes_a_store(tmp_path: Path) -> None:
+    """A file made empty on purpose (a temporary file) is a new store, as before."""
+    path = tmp_path / "s.db"
+    path.touch()
+    store = await opened(path)
+    await store.commit(KEY, expected_seq=0, seq=1, entries=[b"one"])
+    got = await store.load(KEY)
+    assert got is not None and got.seq == 1
+    await store.close()
+
+
 async def test_a_stale_writer_is_refused_without_acquire(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     a, b = await opened(path), await opened(path)
