@@ -16,17 +16,20 @@ number, schema version (newer -> IncompatibleRecord; older -> the machine's migr
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 import pydantic
+import pydantic_core
 
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import MachineTypes, StateMachine, type_members
-from ..errors import DefinitionError, IncompatibleRecord, StoreCorrupt
+from ..errors import DefinitionError, IncompatibleRecord, MigrationFailed, StoreCorrupt
 
 __all__ = ("FORMAT_VERSION", "Checkpoint", "Codec", "JournalEntry", "Unencodable")
 
@@ -79,7 +82,7 @@ class _Typed:
     def __init__(self, tp: Any, what: str) -> None:
         self.what = what
         members = type_members(tp)
-        self._tagged = len(members) > 1 and all(isinstance(m, type) for m in members)
+        self._tagged = self.tagged = len(members) > 1 and all(isinstance(m, type) for m in members)
         self._whole = pydantic.TypeAdapter(tp) if members else None
         self._by_name: dict[str, pydantic.TypeAdapter[Any]] = {}
         self._by_type: dict[type, tuple[str, pydantic.TypeAdapter[Any]]] = {}
@@ -92,7 +95,16 @@ class _Typed:
                 self._by_name[name] = adapter
                 self._by_type[m] = (name, adapter)
 
-    def dump(self, value: Any) -> Any:
+    def dump(self, value: Any, *, check: bool = False) -> Any:
+        """Plain data for ``value``. With ``check``, a value that does not match the declared
+        type field for field (a model built with ``model_construct`` or mutated after it was
+        validated) is refused rather than written with a warning, as it could not be read back.
+
+        Raises:
+            Unencodable: pydantic cannot serialize it (or, with ``check``, it does not match).
+            TypeError: it is none of the declared alternatives.
+        """
+        warnings: Any = "error" if check else True
         if self._tagged:
             found = self._by_type.get(type(value))
             if found is None:
@@ -102,16 +114,16 @@ class _Typed:
                         break
                 else:
                     raise TypeError(f"{self.what}: {type(value).__qualname__} is not declared")
-            return [found[0], self._dump(found[1], value)]
+            return [found[0], self._dump(found[1], value, warnings)]
         if self._whole is None:
             raise TypeError(f"{self.what}: the machine declares none")
-        return self._dump(self._whole, value)
+        return self._dump(self._whole, value, warnings)
 
-    def _dump(self, adapter: pydantic.TypeAdapter[Any], value: Any) -> Any:
+    def _dump(self, adapter: pydantic.TypeAdapter[Any], value: Any, warnings: Any) -> Any:
         try:
-            return adapter.dump_python(value, mode="json")
+            return adapter.dump_python(value, mode="json", warnings=warnings)
         except ValueError as e:  # pydantic_core.PydanticSerializationError is a ValueError
-            raise Unencodable(self.what, "", str(e)) from e
+            raise Unencodable(self.what, _locate(value, str(e)), _short(str(e))) from e
 
     def load(self, data: Any) -> Any:
         if self._tagged:
@@ -136,7 +148,11 @@ class Codec:
         self.machine_name: str = machine.machine_name
         self.schema_version: int = machine.schema_version
         self.migrations: Mapping[int, Callable[[Any], Any]] = machine.migrations
+        self.dropped_fields: Mapping[str, Collection[str]] = machine.dropped_fields
         self._cache: dict[str, _Typed] = {}
+        self._head = b"\x96" + b"".join(  # a 6-element array, then its constant elements
+            msgpack.packb(x, use_bin_type=True)
+            for x in (FORMAT_VERSION, self.machine_name, self.schema_version))
 
     def _typed(self, what: str) -> _Typed:
         t = self._cache.get(what)
@@ -144,17 +160,36 @@ class Codec:
             t = self._cache[what] = _Typed(getattr(self.types, what), what)
         return t
 
+    def pack(self, what: str, value: Any) -> bytes:
+        """The record bytes of one declared value (``"input"``, ``"tracked_result"`` ...), checked
+        field for field against its declared type. The runtime calls it before it acknowledges
+        anything, so a value that could not be written (or read back) is refused alone, and
+        :meth:`encode_entry` reuses the bytes.
+
+        Raises:
+            Unencodable: the value cannot be written as a record (``path`` says where).
+            TypeError: it is none of the declared alternatives.
+        """
+        plain = self._typed(what).dump(value, check=True)
+        try:
+            return msgpack.packb(plain, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise Unencodable(what, _locate(plain, ""), f"{type(e).__name__}: {e}") from e
+
     # -- envelope ---------------------------------------------------------------------------
 
     def _seal(self, seq: int, kind: int, body: Any) -> bytes:
         try:
-            raw = msgpack.packb(
-                [FORMAT_VERSION, self.machine_name, self.schema_version, seq, kind, body],
-                use_bin_type=True,
-            )
+            packed = msgpack.packb(body, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
             what = "state" if kind == KIND_CHECKPOINT else "journal entry"
-            raise Unencodable(what, "", f"{type(e).__name__}: {e}") from e
+            raise Unencodable(what, _locate(body, ""), f"{type(e).__name__}: {e}") from e
+        return self._seal_packed(seq, kind, packed)
+
+    def _seal_packed(self, seq: int, kind: int, body: bytes) -> bytes:
+        """The envelope around an already packed body: msgpack is concatenative, so these bytes
+        are exactly those of packing the whole array at once."""
+        raw = b"".join((self._head, msgpack.packb(seq), msgpack.packb(kind), body))
         return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
 
     def _open(self, data: bytes, kind: int, seq: int | None) -> tuple[int, int, Any]:
@@ -202,7 +237,9 @@ class Codec:
 
         Raises:
             StoreCorrupt: the record fails a check or its state does not validate.
-            IncompatibleRecord: written by a newer format or schema version.
+            IncompatibleRecord: written by a newer format or schema version, or its state has
+                fields the declared state type does not (see :meth:`_refuse_dropped`).
+            MigrationFailed: a migration step raised (the ``__cause__``).
         """
         rec_seq, schema, body = self._open(data, KIND_CHECKPOINT, seq)
         try:
@@ -215,8 +252,14 @@ class Codec:
                         f"from it to {version + 1}",
                         seq=rec_seq,
                     )
-                plain = step(plain)
+                try:
+                    plain = step(plain)
+                except Exception as e:
+                    raise MigrationFailed(
+                        f"migration from schema version {version} to {version + 1} raised "
+                        f"{type(e).__name__}: {e}", seq=rec_seq, from_version=version) from e
             state = self._typed("state").load(plain)
+            self._refuse_dropped("state", plain, state, rec_seq)
             keys = {str(k): int(v) for k, v in body["k"].items()}
         except IncompatibleRecord:
             raise
@@ -228,38 +271,52 @@ class Codec:
     # -- journal entries --------------------------------------------------------------------
 
     def encode_entry(self, seq: int, input: Input[Any, Any, Any], key: str | None) -> bytes:
-        """One committed input, as a journal entry."""
+        """One committed input, as a journal entry (reusing the bytes :meth:`pack` made at
+        submit, when the input carries them).
+
+        Raises:
+            Unencodable: the input or key cannot be written as a record.
+        """
+        try:
+            tail = msgpack.packb(key, use_bin_type=True)
+        except ValueError as e:
+            raise Unencodable("idempotency key", "", f"{type(e).__name__}: {e}") from e
         if isinstance(input, Normal):
-            body: Any = [0, self._typed("input").dump(input.value), key]
-        else:
-            body = [
-                1,
-                [self._typed("tracked_id").dump(input.id),
-                 self._typed("tracked_result").dump(input.result)],
-                key,
-            ]
-        return self._seal(seq, KIND_ENTRY, body)
+            value = input._packed
+            if value is None:
+                value = self.pack("input", input.value)
+            return self._seal_packed(seq, KIND_ENTRY, b"".join((b"\x93\x00", value, tail)))
+        ident = self.pack("tracked_id", input.id)
+        result = self.pack("tracked_result", input.result)
+        return self._seal_packed(seq, KIND_ENTRY,
+                                 b"".join((b"\x93\x01\x92", ident, result, tail)))
 
     def decode_entry(self, data: bytes, seq: int | None = None) -> JournalEntry:
         """Decode and check a journal entry.
 
         Raises:
             StoreCorrupt: the record fails a check or does not validate as the declared types.
-            IncompatibleRecord: written by a newer format or schema version.
+            IncompatibleRecord: written by a newer format or schema version, or it has fields
+                the declared types do not.
         """
         rec_seq, schema, body = self._open(data, KIND_ENTRY, seq)
         try:
             tag, payload, key = body
             value: Input[Any, Any, Any]
             if tag == 0:
-                value = Normal(self._typed("input").load(payload))
+                loaded = self._typed("input").load(payload)
+                self._refuse_dropped("input", payload, loaded, rec_seq)
+                value = Normal(loaded)
             elif tag == 1:
-                value = TrackedActionCompleted(
-                    self._typed("tracked_id").load(payload[0]),
-                    self._typed("tracked_result").load(payload[1]),
-                )
+                ident = self._typed("tracked_id").load(payload[0])
+                result = self._typed("tracked_result").load(payload[1])
+                self._refuse_dropped("tracked_id", payload[0], ident, rec_seq)
+                self._refuse_dropped("tracked_result", payload[1], result, rec_seq)
+                value = TrackedActionCompleted(ident, result)
             else:
                 raise ValueError(f"unknown input tag {tag!r}")
+        except IncompatibleRecord:
+            raise
         except (TypeError, ValueError) as e:
             hint = (f" (written under schema {schema}; inputs are not migrated, so a journal "
                     "tail from older code must still validate)") if schema < self.schema_version \
@@ -267,3 +324,127 @@ class Codec:
             raise StoreCorrupt(f"journal entry does not decode as the declared input: {e}{hint}",
                                seq=rec_seq) from e
         return JournalEntry(rec_seq, value, key if isinstance(key, str) else None)
+
+    # -- schema evolution -------------------------------------------------------------------
+
+    def _refuse_dropped(self, what: str, plain: Any, loaded: Any, seq: int) -> None:
+        """Refuse a record whose plain data has fields the declared type no longer has: pydantic
+        ignores unknown keys, so loading it would lose them at the next write, in silence.
+
+        The loaded value is dumped again and compared key by key with what was stored, so every
+        shape (dataclasses, models, nested in lists and dicts, union alternatives) is covered;
+        the cost is paid at load only. Fields named in the machine's ``dropped_fields[what]``
+        may go.
+
+        Raises:
+            IncompatibleRecord: naming the fields (as paths) that would be lost.
+        """
+        typed = self._typed(what)
+        now = typed.dump(loaded)
+        if typed.tagged and isinstance(plain, list) and len(plain) == 2:
+            plain, now = plain[1], now[1]  # compare inside the alternative, not its tag
+        missing = list(_missing(plain, now, ""))
+        allowed = self.dropped_fields.get(what, ())
+        missing = [p for p in missing if _last_name(p) not in allowed]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                               if len(missing) > 5 else "")
+            raise IncompatibleRecord(
+                f"the stored {what} has field(s) {shown} that the declared type does not have: "
+                f"loading it would drop them. Write a migration (bump schema_version) that "
+                f"moves or removes them, or declare the loss with "
+                f"dropped_fields = {{{what!r}: (...)}} on the machine",
+                seq=seq,
+            )
+
+
+def _missing(stored: Any, now: Any, path: str) -> Iterator[str]:
+    """Paths of dict keys in ``stored`` that ``now`` (the same data loaded and dumped again)
+    lacks, at any depth."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        for k, v in stored.items():
+            sub = _join(path, k)
+            if k not in now:
+                yield sub
+            else:
+                yield from _missing(v, now[k], sub)
+    elif isinstance(stored, list) and isinstance(now, list) and len(stored) == len(now):
+        for i, (a, b) in enumerate(zip(stored, now, strict=True)):
+            yield from _missing(a, b, f"{path}[{i}]")
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, str) and key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
+def _last_name(path: str) -> str:
+    return path.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
+# -- where a value fails to encode (paid on failure only) ------------------------------------
+
+_FIELD_NAME = re.compile(r"field_name='([^']+)'")
+
+
+def _locate(value: Any, message: str) -> str:
+    """The path of the first part of ``value`` that cannot be written, or of the field the
+    pydantic ``message`` names, or ``""``."""
+    found = _first_bad(value, "", 0)
+    if found is not None:
+        return found
+    m = _FIELD_NAME.search(message)
+    return m.group(1) if m else ""
+
+
+def _first_bad(value: Any, path: str, depth: int) -> str | None:
+    if depth > 100:
+        return None
+    if isinstance(value, str):
+        return None if _encodes(value) else path
+    if isinstance(value, bool) or value is None or isinstance(value, (float, bytes)):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**64 else path
+    items: Any
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = _join(path, k)
+            if isinstance(k, str) and not _encodes(k):
+                return sub
+            found = _first_bad(v, sub, depth + 1)
+            if found is not None:
+                return found
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value))
+    elif isinstance(value, pydantic.BaseModel):
+        items = iter(value.__dict__.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = ((i, v) for i, v in enumerate(value))
+    else:
+        try:
+            pydantic_core.to_jsonable_python(value)
+        except (TypeError, ValueError):
+            return path
+        return None
+    for k, v in items:
+        found = _first_bad(v, f"{path}[{k}]" if isinstance(k, int) else _join(path, k), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(message: str) -> str:
+    """pydantic's serializer message, first lines only."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return " ".join(lines[:2])
