@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import struct
+import threading
+import typing
 import zlib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -83,6 +86,10 @@ class _Typed:
         self.what = what
         members = type_members(tp)
         self._tagged = self.tagged = len(members) > 1 and all(isinstance(m, type) for m in members)
+        # pydantic does not revalidate model instances, so a model built with model_construct or
+        # mutated after validation is caught by its serializer's type check ("error" costs about
+        # 1 us a value, so it is only asked for where the declared type can hold a model).
+        self._check: Any = "error" if _mentions_model(tp, set()) else True
         self._whole = pydantic.TypeAdapter(tp) if members else None
         self._by_name: dict[str, pydantic.TypeAdapter[Any]] = {}
         self._by_type: dict[type, tuple[str, pydantic.TypeAdapter[Any]]] = {}
@@ -104,7 +111,7 @@ class _Typed:
             Unencodable: pydantic cannot serialize it (or, with ``check``, it does not match).
             TypeError: it is none of the declared alternatives.
         """
-        warnings: Any = "error" if check else True
+        warnings: Any = self._check if check else True
         if self._tagged:
             found = self._by_type.get(type(value))
             if found is None:
@@ -150,6 +157,7 @@ class Codec:
         self.migrations: Mapping[int, Callable[[Any], Any]] = machine.migrations
         self.dropped_fields: Mapping[str, Collection[str]] = machine.dropped_fields
         self._cache: dict[str, _Typed] = {}
+        self._local = threading.local()  # a Packer per thread: packb makes one per call (1 us)
         self._head = b"\x96" + b"".join(  # a 6-element array, then its constant elements
             msgpack.packb(x, use_bin_type=True)
             for x in (FORMAT_VERSION, self.machine_name, self.schema_version))
@@ -172,9 +180,15 @@ class Codec:
         """
         plain = self._typed(what).dump(value, check=True)
         try:
-            return msgpack.packb(plain, use_bin_type=True)
+            return self._packer().pack(plain)
         except (TypeError, ValueError, OverflowError) as e:
             raise Unencodable(what, _locate(plain, ""), f"{type(e).__name__}: {e}") from e
+
+    def _packer(self) -> msgpack.Packer:
+        packer: msgpack.Packer | None = getattr(self._local, "packer", None)
+        if packer is None:
+            packer = self._local.packer = msgpack.Packer(use_bin_type=True)
+        return packer
 
     # -- envelope ---------------------------------------------------------------------------
 
@@ -189,7 +203,7 @@ class Codec:
     def _seal_packed(self, seq: int, kind: int, body: bytes) -> bytes:
         """The envelope around an already packed body: msgpack is concatenative, so these bytes
         are exactly those of packing the whole array at once."""
-        raw = b"".join((self._head, msgpack.packb(seq), msgpack.packb(kind), body))
+        raw = b"".join((self._head, _uint(seq), _KINDS[kind], body))
         return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
 
     def _open(self, data: bytes, kind: int, seq: int | None) -> tuple[int, int, Any]:
@@ -227,10 +241,23 @@ class Codec:
     # -- checkpoints ------------------------------------------------------------------------
 
     def encode_checkpoint(self, seq: int, state: Any, idempotency: Mapping[str, int]) -> bytes:
-        """The whole state and the runtime's bookkeeping as of ``seq``."""
-        return self._seal(
-            seq, KIND_CHECKPOINT, {"s": self._typed("state").dump(state), "k": dict(idempotency)}
-        )
+        """The whole state and the runtime's bookkeeping as of ``seq``.
+
+        Raises:
+            Unencodable: the state (or a key) cannot be written; ``path`` says where in the
+                state (``"pending[3].user"``), found only after the failure.
+        """
+        plain = self._typed("state").dump(state)
+        keys = dict(idempotency)
+        try:
+            packed = msgpack.packb({"s": plain, "k": keys}, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            bad_key = _first_bad(keys, "", 0)
+            if bad_key is not None and _first_bad(plain, "", 0) is None:
+                raise Unencodable("idempotency key", bad_key, reason) from e
+            raise Unencodable("state", _locate(plain, ""), reason) from e
+        return self._seal_packed(seq, KIND_CHECKPOINT, packed)
 
     def decode_checkpoint(self, data: bytes, seq: int | None = None) -> Checkpoint:
         """Decode and check a checkpoint, migrating state written by an older schema.
@@ -278,14 +305,15 @@ class Codec:
             Unencodable: the input or key cannot be written as a record.
         """
         try:
-            tail = msgpack.packb(key, use_bin_type=True)
+            tail = b"\xc0" if key is None else self._packer().pack(key)
         except ValueError as e:
             raise Unencodable("idempotency key", "", f"{type(e).__name__}: {e}") from e
         if isinstance(input, Normal):
             value = input._packed
             if value is None:
                 value = self.pack("input", input.value)
-            return self._seal_packed(seq, KIND_ENTRY, b"".join((b"\x93\x00", value, tail)))
+            raw = b"".join((self._head, _uint(seq), b"\x01\x93\x00", value, tail))  # kind 1
+            return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
         ident = self.pack("tracked_id", input.id)
         result = self.pack("tracked_result", input.result)
         return self._seal_packed(seq, KIND_ENTRY,
@@ -356,6 +384,46 @@ class Codec:
                 f"dropped_fields = {{{what!r}: (...)}} on the machine",
                 seq=seq,
             )
+
+
+_KINDS: Final = {KIND_CHECKPOINT: b"\x00", KIND_ENTRY: b"\x01"}  # positive fixints
+
+
+def _uint(n: int) -> bytes:
+    """msgpack's encoding of a non-negative int, as packb writes it (smallest form)."""
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + bytes((n,))
+    if n < 0x10000:
+        return b"\xcd" + struct.pack(">H", n)
+    if n < 0x100000000:
+        return b"\xce" + struct.pack(">I", n)
+    return b"\xcf" + struct.pack(">Q", n)
+
+
+def _mentions_model(tp: Any, seen: set[int]) -> bool:
+    """Whether a value of declared type ``tp`` can hold a pydantic model instance (``Any`` and
+    unresolvable annotations count as yes)."""
+    if tp is Any or isinstance(tp, (str, typing.ForwardRef, typing.TypeVar)):
+        return True
+    if id(tp) in seen:
+        return False
+    seen.add(id(tp))
+    if isinstance(tp, type) and issubclass(tp, pydantic.BaseModel):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return False
+    if origin is typing.Annotated:
+        return _mentions_model(typing.get_args(tp)[0], seen)
+    if isinstance(tp, type) and (dataclasses.is_dataclass(tp) or typing.is_typeddict(tp)):
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:  # an annotation that does not resolve: be safe
+            return True
+        return any(_mentions_model(h, seen) for h in hints.values())
+    return any(_mentions_model(a, seen) for a in typing.get_args(tp) if a is not Ellipsis)
 
 
 def _missing(stored: Any, now: Any, path: str) -> Iterator[str]:

@@ -13,9 +13,9 @@ import pydantic
 import pytest
 
 from fasm import Normal, StateMachine, TrackedActionCompleted
-from fasm.errors import IncompatibleRecord, StoreCorrupt
+from fasm.errors import IncompatibleRecord, MigrationFailed, StoreCorrupt
 from fasm.persistence import Codec
-from fasm.persistence._codec import FORMAT_VERSION
+from fasm.persistence._codec import FORMAT_VERSION, Unencodable
 
 
 class Color(Enum):
@@ -221,3 +221,157 @@ def test_state_that_does_not_validate_is_corrupt_not_half_loaded() -> None:
     data = Codec(Wide).encode_checkpoint(1, {"x": "y"}, {})
     with pytest.raises(StoreCorrupt, match="does not decode as the declared state"):
         Codec(NarrowM).decode_checkpoint(data, 1)
+
+
+# -- records made from bytes packed at submit, where a value cannot be written ----------------
+
+
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32])
+def test_an_entry_from_prepacked_bytes_is_byte_for_byte_the_packed_envelope(seq: int) -> None:
+    """The runtime packs an input's body once at submit and the journal reuses it: the record
+    must be exactly what packing the whole envelope gives, so format 1 is unchanged."""
+    codec = Codec(Shop)
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for value, key in ((Normal(Add(Item("a", Decimal(1), t))), "k"), (Normal(Remove(3)), None),
+                       (TrackedActionCompleted(9, Err(9)), "ß")):
+        payload: Any = (
+            [0, codec._typed("input").dump(value.value), key] if isinstance(value, Normal)
+            else [1, [9, ["Err", {"id": 9}]], key])
+        whole = msgpack.packb([FORMAT_VERSION, "tests.shop", 1, seq, 1, payload],
+                              use_bin_type=True)
+        assert codec.encode_entry(seq, value, key)[:-4] == whole
+        if isinstance(value, Normal):
+            packed = Normal(value.value)
+            object.__setattr__(packed, "_packed", codec.pack("input", value.value))
+            assert codec.encode_entry(seq, packed, key)[:-4] == whole
+        assert codec.decode_entry(codec.encode_entry(seq, value, key), seq).input == value
+
+
+@dataclass
+class Pending:
+    user: str
+
+
+@dataclass
+class Book:
+    pending: list[Pending]
+    extra: Any = None
+
+
+def test_unencodable_names_the_field_that_does_not_encode() -> None:
+    class Books(StateMachine[Book, int]):
+        machine_name = "tests.books"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    codec = Codec(Books)
+    book = Book([Pending("a")] * 3 + [Pending("\ud800")])
+    with pytest.raises(Unencodable) as info:
+        codec.encode_checkpoint(1, book, {})
+    assert (info.value.what, info.value.path) == ("state", "pending[3].user")
+    with pytest.raises(Unencodable) as info:
+        codec.encode_checkpoint(1, Book([], extra={"n": [1, 2**64]}), {})
+    assert info.value.path == "extra.n[1]"
+    with pytest.raises(Unencodable) as info:
+        codec.encode_checkpoint(1, Book([], extra=object()), {})
+    assert info.value.path == "extra"
+
+
+class Tagged(StateMachine[dict[str, Ok | Err], Ok | Err]):
+    machine_name = "tests.tagged"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class OkWide:
+    id: int
+    gone: str = "x"
+
+
+class TaggedWide(StateMachine[dict[str, OkWide | Err], OkWide | Err]):
+    machine_name = "tests.tagged"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+@dataclass
+class V1:
+    accounts: dict[str, dict[str, Any]]
+    rows: list[Model]
+
+
+class Row(pydantic.BaseModel):
+    n: int
+
+
+@dataclass
+class V2:
+    accounts: dict[str, dict[str, Any]]
+    rows: list[Row]
+
+
+def test_fields_the_type_no_longer_has_are_refused_at_every_depth() -> None:
+    wide = Codec(TaggedWide)
+    OkWide.__qualname__ = "Ok"  # the same class name, as after removing a field in place
+    try:
+        entry = wide.encode_entry(1, Normal(OkWide(1)), None)
+    finally:
+        OkWide.__qualname__ = "OkWide"
+    narrow = Codec(Tagged)
+    with pytest.raises(IncompatibleRecord, match=r"stored input has field\(s\) gone"):
+        narrow.decode_entry(entry, 1)
+
+    class Declared(Tagged):
+        dropped_fields = {"input": ("gone",)}  # noqa: RUF012
+
+    assert Codec(Declared).decode_entry(entry, 1).input == Normal(Ok(1))
+
+    class M1(StateMachine[V1, int]):
+        machine_name = "tests.depth"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    class M2(StateMachine[V2, int]):
+        machine_name = "tests.depth"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    data = Codec(M1).encode_checkpoint(3, V1({"a": {"x": 1}}, [Model(n=1), Model(n=2)]), {})
+    with pytest.raises(IncompatibleRecord, match=r"rows\[0\]\.tags, rows\[1\]\.tags") as info:
+        Codec(M2).decode_checkpoint(data, 3)
+    assert "migration" in str(info.value) and "dropped_fields" in str(info.value)
+    assert "accounts" not in str(info.value)  # a dict of Any keeps what it holds
+
+
+def test_a_migration_that_raises_is_migration_failed() -> None:
+    @dataclass
+    class V:
+        n: int
+
+    class M1(StateMachine[V, int]):
+        machine_name = "tests.mig"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    class M2(M1):
+        schema_version = 2
+        migrations = {1: lambda d: d["missing"]}  # noqa: RUF012
+
+    data = Codec(M1).encode_checkpoint(4, V(1), {})
+    with pytest.raises(MigrationFailed, match="from schema version 1 to 2") as info:
+        Codec(M2).decode_checkpoint(data, 4)
+    assert (info.value.seq, info.value.from_version) == (4, 1)
+    assert isinstance(info.value.__cause__, KeyError)
