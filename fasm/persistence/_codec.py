@@ -11,15 +11,28 @@ Envelope (msgpack array, then a 4-byte CRC-32 of everything before it)::
 
 Decoding checks, in order: length and checksum (torn or flipped -> StoreCorrupt), format version
 (newer -> IncompatibleRecord), machine name (another machine -> StoreCorrupt), kind and sequence
-number, schema version (newer -> IncompatibleRecord; older -> the machine's migrations).
+number, schema version (newer -> IncompatibleRecord; older -> the machine's migrations; a step
+that raises -> MigrationFailed), then the value, and last whether loading it drops fields the
+stored data has and the declared type no longer does (-> IncompatibleRecord, unless the machine's
+``dropped_fields`` names them).
+
+Format 2 differs from format 1 only where a declared type contains ``Any``: tuples, sets and
+frozensets there are msgpack extension types, so they decode as themselves (``_AnyWalk``).
+
+Nothing is acknowledged that cannot be read back: the runtime calls :meth:`Codec.pack` on every
+submitted input (and executor result) before queueing it, so a value that cannot be written is
+refused alone, and the journal entry reuses those bytes (:meth:`Codec.encode_entry` assembles the
+envelope around them; msgpack is concatenative, so the bytes are exactly those of one pack).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import struct
 import threading
+import types
 import typing
 import zlib
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -36,7 +49,8 @@ from ..errors import DefinitionError, IncompatibleRecord, MigrationFailed, Store
 
 __all__ = ("FORMAT_VERSION", "Checkpoint", "Codec", "JournalEntry", "Unencodable")
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""2: containers at ``Any`` positions are extension types (see ``_AnyWalk``); 1 is still read."""
 KIND_CHECKPOINT: Final = 0
 KIND_ENTRY: Final = 1
 _CRC = 4
@@ -84,6 +98,7 @@ class _Typed:
 
     def __init__(self, tp: Any, what: str) -> None:
         self.what = what
+        self.tp = tp
         members = type_members(tp)
         self._tagged = self.tagged = len(members) > 1 and all(isinstance(m, type) for m in members)
         # pydantic does not revalidate model instances, so a model built with model_construct or
@@ -132,6 +147,15 @@ class _Typed:
         except ValueError as e:  # pydantic_core.PydanticSerializationError is a ValueError
             raise Unencodable(self.what, _locate(value, str(e)), _short(str(e))) from e
 
+    def tag_any(self, walk: _AnyWalk, value: Any, plain: Any) -> Any:
+        """``plain`` with containers at ``Any`` positions as extension types (format 2)."""
+        if not walk.has_any(self.tp):
+            return plain
+        if self._tagged:
+            plain[1] = walk.tag(type(value), value, plain[1])
+            return plain
+        return walk.tag(self.tp, value, plain)
+
     def load(self, data: Any) -> Any:
         if self._tagged:
             if not (isinstance(data, list) and len(data) == 2 and data[0] in self._by_name):
@@ -158,6 +182,7 @@ class Codec:
         self.dropped_fields: Mapping[str, Collection[str]] = machine.dropped_fields
         self._cache: dict[str, _Typed] = {}
         self._local = threading.local()  # a Packer per thread: packb makes one per call (1 us)
+        self._walk = _AnyWalk()
         self._head = b"\x96" + b"".join(  # a 6-element array, then its constant elements
             msgpack.packb(x, use_bin_type=True)
             for x in (FORMAT_VERSION, self.machine_name, self.schema_version))
@@ -178,7 +203,8 @@ class Codec:
             Unencodable: the value cannot be written as a record (``path`` says where).
             TypeError: it is none of the declared alternatives.
         """
-        plain = self._typed(what).dump(value, check=True)
+        typed = self._typed(what)
+        plain = typed.tag_any(self._walk, value, typed.dump(value, check=True))
         try:
             return self._packer().pack(plain)
         except (TypeError, ValueError, OverflowError) as e:
@@ -214,7 +240,7 @@ class Codec:
             raise StoreCorrupt("record checksum mismatch (torn or corrupted write)", seq=seq)
         try:
             fmt, name, schema, rec_seq, rec_kind, body = msgpack.unpackb(
-                raw, raw=False, strict_map_key=False
+                raw, raw=False, strict_map_key=False, ext_hook=_ext_hook
             )
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise StoreCorrupt(f"record envelope unreadable: {e}", seq=seq) from e
@@ -247,7 +273,8 @@ class Codec:
             Unencodable: the state (or a key) cannot be written; ``path`` says where in the
                 state (``"pending[3].user"``), found only after the failure.
         """
-        plain = self._typed("state").dump(state)
+        typed = self._typed("state")
+        plain = typed.tag_any(self._walk, state, typed.dump(state))
         keys = dict(idempotency)
         try:
             packed = msgpack.packb({"s": plain, "k": keys}, use_bin_type=True)
@@ -471,7 +498,8 @@ def _first_bad(value: Any, path: str, depth: int) -> str | None:
         return None
     if isinstance(value, str):
         return None if _encodes(value) else path
-    if isinstance(value, bool) or value is None or isinstance(value, (float, bytes)):
+    if isinstance(value, bool) or value is None or isinstance(value, (float, bytes,
+                                                                        msgpack.ExtType)):
         return None
     if isinstance(value, int):
         return None if -(2**63) <= value < 2**64 else path
@@ -516,3 +544,170 @@ def _short(message: str) -> str:
     """pydantic's serializer message, first lines only."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     return " ".join(lines[:2])
+
+
+# -- values in Any fields keep their container type (format 2) -------------------------------
+#
+# pydantic's JSON mode turns a tuple, set or frozenset it meets where the declared type is
+# ``Any`` into a list, so such a value would come back as a list after a restart. The codec walks
+# the declared type next to the value and its plain data, and at every ``Any`` replaces such
+# containers by msgpack extension types (tuple 1, set 2, frozenset 3), which decode as
+# themselves. Only declared types that contain ``Any`` (or an unparametrized container or a bare
+# TypeVar, which pydantic treats as ``Any``) are walked, and a walk only visits the branches
+# that contain it; everything else is written exactly as format 1 wrote it.
+
+_EXT_TUPLE: Final = 1
+_EXT_SET: Final = 2
+_EXT_FROZENSET: Final = 3
+_BARE = (list, dict, set, frozenset, tuple, collections.abc.Sequence, collections.abc.Mapping,
+         collections.abc.Set, collections.abc.MutableSequence, collections.abc.MutableMapping)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code in (_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET):
+        items = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        if code == _EXT_TUPLE:
+            return tuple(items)
+        return set(items) if code == _EXT_SET else frozenset(items)
+    return msgpack.ExtType(code, data)
+
+
+class _AnyWalk:
+    """Finds the ``Any`` positions of one declared type (computed once per type)."""
+
+    def __init__(self) -> None:
+        self._has_any: dict[int, bool] = {}
+        self._hints: dict[type, dict[str, Any] | None] = {}
+
+    def has_any(self, tp: Any) -> bool:
+        key = id(tp)
+        found = self._has_any.get(key)
+        if found is None:
+            self._has_any[key] = False  # a recursive type: assume no while looking
+            found = self._has_any[key] = self._scan(tp)
+        return found
+
+    def _scan(self, tp: Any) -> bool:
+        if _is_any(tp):
+            return True
+        origin = typing.get_origin(tp)
+        if origin is typing.Literal:
+            return False
+        if origin is typing.Annotated:
+            return self.has_any(typing.get_args(tp)[0])
+        if isinstance(tp, type) and not typing.get_args(tp):
+            if tp in _BARE:
+                return True
+            fields = self.fields(tp)
+            return fields is not None and any(self.has_any(h) for h in fields.values())
+        return any(self.has_any(a) for a in typing.get_args(tp) if a is not Ellipsis)
+
+    def fields(self, tp: type) -> dict[str, Any] | None:
+        """Field name -> declared type, for a dataclass, model or TypedDict; else None."""
+        if tp in self._hints:
+            return self._hints[tp]
+        hints: dict[str, Any] | None = None
+        if issubclass(tp, pydantic.BaseModel):
+            hints = {n: f.annotation for n, f in tp.model_fields.items()}
+        elif dataclasses.is_dataclass(tp) or typing.is_typeddict(tp):
+            try:
+                hints = typing.get_type_hints(tp)
+            except Exception:  # unresolvable annotations: pydantic would have failed first
+                hints = {}
+            if dataclasses.is_dataclass(tp):
+                names = {f.name for f in dataclasses.fields(tp)}
+                hints = {n: h for n, h in hints.items() if n in names}
+        self._hints[tp] = hints
+        return hints
+
+    def tag(self, tp: Any, value: Any, plain: Any) -> Any:
+        """``plain`` with the containers at ``Any`` positions of ``value`` made extension types
+        (``plain`` is fresh from the dump; it is changed in place where that is possible)."""
+        if not self.has_any(tp):
+            return plain
+        if _is_any(tp):
+            return _tag_any(value, plain)
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Annotated:
+            return self.tag(args[0], value, plain)
+        if origin in (typing.Union, types.UnionType):
+            member = _member(args, value)
+            return plain if member is None else self.tag(member, value, plain)
+        if isinstance(tp, type) and not args:
+            if tp in _BARE:
+                return _tag_any(value, plain)
+            fields = self.fields(tp)
+            if fields and isinstance(plain, dict):
+                for name, hint in fields.items():
+                    if name in plain and self.has_any(hint):
+                        sub = value.get(name) if isinstance(value, dict) else getattr(
+                            value, name, None)
+                        plain[name] = self.tag(hint, sub, plain[name])
+            return plain
+        cls = origin if isinstance(origin, type) else None
+        if cls is None:
+            return plain
+        if issubclass(cls, collections.abc.Mapping) and isinstance(plain, dict) and \
+                isinstance(value, collections.abc.Mapping) and len(args) == 2:
+            for pk, sub in zip(list(plain), value.values(), strict=False):
+                plain[pk] = self.tag(args[1], sub, plain[pk])
+            return plain
+        if isinstance(plain, list) and isinstance(value, (list, tuple, set, frozenset)):
+            if issubclass(cls, tuple) and not (len(args) == 2 and args[1] is Ellipsis):
+                hints = list(args)
+            else:
+                hints = [args[0]] * len(plain) if args else []
+            for i, (hint, sub) in enumerate(zip(hints, value, strict=False)):
+                plain[i] = self.tag(hint, sub, plain[i])
+        return plain
+
+
+def _is_any(tp: Any) -> bool:
+    return tp is Any or tp is object or isinstance(tp, typing.TypeVar)
+
+
+def _member(args: tuple[Any, ...], value: Any) -> Any:
+    """The union member ``value`` is an instance of (the first that fits), or None."""
+    for a in args:
+        if _is_any(a):
+            return a
+        base = typing.get_origin(a) or a
+        if typing.get_origin(a) is typing.Annotated:
+            base = typing.get_origin(typing.get_args(a)[0]) or typing.get_args(a)[0]
+        if isinstance(base, type) and not typing.is_typeddict(base) and isinstance(value, base):
+            return a
+    return None
+
+
+def _tag_any(value: Any, plain: Any) -> Any:
+    """What pydantic's inference made of ``value``, with its tuples, sets and frozensets (at any
+    depth) as extension types."""
+    if isinstance(value, (tuple, set, frozenset)) and isinstance(plain, list):
+        items = [_tag_any(v, p) for v, p in zip(value, plain, strict=False)]
+        if isinstance(value, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, _pack_ext(items))
+        if not all(_hashable(i) for i in items):
+            return items  # a set of dataclasses in an Any field: its plain items are dicts
+        return msgpack.ExtType(_EXT_SET if isinstance(value, set) else _EXT_FROZENSET,
+                               _pack_ext(items))
+    if isinstance(plain, list) and isinstance(value, list):
+        for i, (v, p) in enumerate(zip(value, plain, strict=False)):
+            plain[i] = _tag_any(v, p)
+    elif isinstance(plain, dict):
+        if isinstance(value, dict):
+            for pk, v in zip(list(plain), value.values(), strict=False):
+                plain[pk] = _tag_any(v, plain[pk])
+        elif dataclasses.is_dataclass(value) or isinstance(value, pydantic.BaseModel):
+            for pk in plain:
+                if isinstance(pk, str) and hasattr(value, pk):
+                    plain[pk] = _tag_any(getattr(value, pk), plain[pk])
+    return plain
+
+
+def _hashable(x: Any) -> bool:
+    return not isinstance(x, (dict, list))
+
+
+def _pack_ext(items: list[Any]) -> bytes:
+    return msgpack.packb(items, use_bin_type=True)

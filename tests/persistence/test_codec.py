@@ -154,7 +154,7 @@ def _reseal(data: bytes, **changes: Any) -> bytes:
 def test_newer_format_or_schema_is_refused_never_half_read() -> None:
     codec = Codec(Shop)
     data = codec.encode_checkpoint(1, sample(), {})
-    with pytest.raises(IncompatibleRecord, match="format 2 is newer"):
+    with pytest.raises(IncompatibleRecord, match=f"format {FORMAT_VERSION + 1} is newer"):
         codec.decode_checkpoint(_reseal(data, f0=FORMAT_VERSION + 1), 1)
     with pytest.raises(IncompatibleRecord, match="schema version 2 is newer"):
         codec.decode_checkpoint(_reseal(data, f2=2), 1)
@@ -375,3 +375,55 @@ def test_a_migration_that_raises_is_migration_failed() -> None:
         Codec(M2).decode_checkpoint(data, 4)
     assert (info.value.seq, info.value.from_version) == (4, 1)
     assert isinstance(info.value.__cause__, KeyError)
+
+
+# -- containers in Any fields keep their type (format 2); format 1 is still read --------------
+
+
+@dataclass
+class Loose:
+    anything: Any
+    bag: dict[str, Any] = field(default_factory=dict)
+    rows: list[Any] = field(default_factory=list)
+    bare: tuple = ()  # type: ignore[type-arg]
+    typed: set[str] = field(default_factory=set)
+    maybe: Item | None = None
+
+
+class LooseM(StateMachine[Loose, Loose | Remove]):
+    machine_name = "tests.loose"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+def loose() -> Loose:
+    return Loose(
+        anything=(1, "a", (2, 3), [4, (5,)], {"k": {6, 7}}, frozenset({8})),
+        bag={"s": {"x"}, "t": (1, 2), "f": frozenset({(1, 2)}), "d": {"in": (3,)}},
+        rows=[(1,), {2}, [3, (4,)]],
+        bare=(1, (2,)),
+        typed={"y"},
+    )
+
+
+def test_tuples_and_sets_in_any_fields_round_trip_as_themselves() -> None:
+    codec = Codec(LooseM)
+    cp = codec.decode_checkpoint(codec.encode_checkpoint(2, loose(), {}), 2)
+    assert cp.state == loose()
+    assert type(cp.state.anything) is tuple and type(cp.state.anything[5]) is frozenset
+    assert type(cp.state.bag["s"]) is set and type(cp.state.rows[0]) is tuple
+    entry = codec.decode_entry(codec.encode_entry(3, Normal(loose()), None), 3)
+    assert entry.input == Normal(loose())
+    assert type(entry.input.value.bag["t"]) is tuple  # type: ignore[union-attr]
+
+
+def test_a_format_1_record_is_still_read() -> None:
+    codec = Codec(Shop)
+    data = codec.encode_checkpoint(1, sample(), {"k": 1})
+    assert msgpack.unpackb(data[:-4])[0] == FORMAT_VERSION == 2
+    old = _reseal(data, f0=1)
+    assert codec.decode_checkpoint(old, 1).state == sample()
+    entry = _reseal(codec.encode_entry(2, Normal(Remove(3)), "k"), f0=1)
+    assert codec.decode_entry(entry, 2).input == Normal(Remove(3))

@@ -491,3 +491,52 @@ async def test_a_migration_that_raises_is_a_typed_error(backend: str, tmp_path: 
     assert error.store == store.description and "from schema version 2 to 3" in str(error)
     assert isinstance(error.__cause__, KeyError)
 
+
+
+# -- 6. round trips keep types -----------------------------------------------------------------
+
+
+@dataclass
+class Bag:
+    items: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Put:
+    name: str
+    value: Any
+
+
+class Bagging(StateMachine[Bag, Put]):
+    machine_name = "bagging"
+
+    async def stf(self, state: Bag, input: Input[Put, Never, Never],
+                  actions: ActionsContainer[Never, Never, Never]) -> None:
+        assert isinstance(input, Normal)
+        if not isinstance(input.value.value, (tuple, set, frozenset)):
+            raise TypeError(f"the stf wants a container, got {input.value.value!r}")
+        state.items[input.value.name] = input.value.value
+
+    async def restore(self, state: Bag, actions: ActionsContainer[Never, Never, Never]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("durability", [Journal(), Snapshot()], ids=["input", "state"])
+async def test_tuples_and_sets_in_any_fields_survive_a_restart(stores: StoreFactory,
+                                                               durability: Any) -> None:
+    """Journal: the state comes back by replaying the journaled inputs (the input path);
+    Snapshot: from the checkpoint (the state path). Before, both came back as lists, so the
+    replay raised (NondeterminismError) or the state silently changed type."""
+    values: dict[str, Any] = {"t": (1, "a", (2,)), "s": {"x", "y"}, "f": frozenset({3}),
+                              "deep": ({"k": (4, 5)}, [frozenset({"z"})])}
+    async with Runtime(Bagging(), initial_state=Bag, store=stores(),
+                       durability=durability) as rt:
+        for name, value in values.items():
+            await rt.submit(Put(name, value))
+    async with Runtime(Bagging(), initial_state=Bag, store=stores(),
+                       durability=durability) as again:
+        assert again.seq == len(values)
+        assert again.state.items == values
+        assert {k: type(v) for k, v in again.state.items.items()} == {
+            k: type(v) for k, v in values.items()}
+        assert type(again.state.items["deep"][0]["k"]) is tuple
