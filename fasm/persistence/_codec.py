@@ -147,6 +147,10 @@ class _Typed:
         except ValueError as e:  # pydantic_core.PydanticSerializationError is a ValueError
             raise Unencodable(self.what, _locate(value, str(e)), _short(str(e))) from e
 
+    def inner(self, plain: Any) -> Any:
+        """The value's own plain data, without the union tag (for paths in messages)."""
+        return plain[1] if self._tagged else plain
+
     def tag_any(self, walk: _AnyWalk, value: Any, plain: Any) -> Any:
         """``plain`` with containers at ``Any`` positions as extension types (format 2)."""
         if not walk.has_any(self.tp):
@@ -208,7 +212,8 @@ class Codec:
         try:
             return self._packer().pack(plain)
         except (TypeError, ValueError, OverflowError) as e:
-            raise Unencodable(what, _locate(plain, ""), f"{type(e).__name__}: {e}") from e
+            raise Unencodable(what, _locate(typed.inner(plain), ""),
+                              f"{type(e).__name__}: {e}") from e
 
     def _packer(self) -> msgpack.Packer:
         packer: msgpack.Packer | None = getattr(self._local, "packer", None)
@@ -283,7 +288,7 @@ class Codec:
             bad_key = _first_bad(keys, "", 0)
             if bad_key is not None and _first_bad(plain, "", 0) is None:
                 raise Unencodable("idempotency key", bad_key, reason) from e
-            raise Unencodable("state", _locate(plain, ""), reason) from e
+            raise Unencodable("state", _locate(typed.inner(plain), ""), reason) from e
         return self._seal_packed(seq, KIND_CHECKPOINT, packed)
 
     def decode_checkpoint(self, data: bytes, seq: int | None = None) -> Checkpoint:
