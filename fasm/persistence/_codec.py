@@ -403,6 +403,8 @@ class Codec:
         now = typed.dump(loaded)
         if typed.tagged and isinstance(plain, list) and len(plain) == 2:
             plain, now = plain[1], now[1]  # compare inside the alternative, not its tag
+        if plain == now or not _lacks(plain, now):  # C-speed equality first: the usual case
+            return
         missing = list(_missing(plain, now, ""))
         allowed = self.dropped_fields.get(what, ())
         missing = [p for p in missing if _last_name(p) not in allowed]
@@ -456,6 +458,20 @@ def _mentions_model(tp: Any, seen: set[int]) -> bool:
             return True
         return any(_mentions_model(h, seen) for h in hints.values())
     return any(_mentions_model(a, seen) for a in typing.get_args(tp) if a is not Ellipsis)
+
+
+def _lacks(stored: Any, now: Any) -> bool:
+    """Whether ``now`` lacks a dict key ``stored`` has, at any depth (no paths: the fast test)."""
+    if isinstance(stored, dict):
+        if not isinstance(now, dict):
+            return False
+        if not now.keys() >= stored.keys():
+            return True
+        return any(isinstance(v, (dict, list)) and _lacks(v, now[k]) for k, v in stored.items())
+    if isinstance(stored, list) and isinstance(now, list) and len(stored) == len(now):
+        return any(isinstance(a, (dict, list)) and _lacks(a, b)
+                   for a, b in zip(stored, now, strict=True))
+    return False
 
 
 def _missing(stored: Any, now: Any, path: str) -> Iterator[str]:
