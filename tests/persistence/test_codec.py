@@ -427,3 +427,14 @@ def test_a_format_1_record_is_still_read() -> None:
     assert codec.decode_checkpoint(old, 1).state == sample()
     entry = _reseal(codec.encode_entry(2, Normal(Remove(3)), "k"), f0=1)
     assert codec.decode_entry(entry, 2).input == Normal(Remove(3))
+
+
+def test_a_failed_pack_leaves_the_codec_writing_correct_bytes() -> None:
+    """The codec keeps one msgpack Packer per thread; a value that fails half-way must not
+    leave bytes behind in it for the next record."""
+    codec = Codec(Shop)
+    for bad in (Remove(2**64),):
+        with pytest.raises(Unencodable):
+            codec.pack("input", bad)
+    assert codec.pack("input", Remove(1)) == msgpack.packb(["Remove", {"id": 1}],
+                                                            use_bin_type=True)

@@ -346,7 +346,8 @@ async def test_a_bad_key_fails_alone_on_a_database(make_db: DatabaseFactory) -> 
                 await anyio.wait_all_tasks_blocked()
                 tg.start_soon(one, bad, Deposit("ada", 100))
                 await anyio.wait_all_tasks_blocked()
-        assert rt.running and len(refused) == 3
+            tg.start_soon(one, "bad-value", Deposit("\ud800", 1))  # the same rule for values
+        assert rt.running and len(refused) == 4
     assert await balances(make_db()) == {"ada": 4}
     async with runtime(make_db()) as rt:
         for key, seq in seqs.items():
