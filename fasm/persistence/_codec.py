@@ -42,6 +42,7 @@ from typing import Any, Final
 import msgpack
 import pydantic
 import pydantic_core
+import typing_extensions
 
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import MachineTypes, StateMachine, type_members
@@ -155,10 +156,15 @@ class _Typed:
         """``plain`` with containers at ``Any`` positions as extension types (format 2)."""
         if not walk.has_any(self.tp):
             return plain
-        if self._tagged:
-            plain[1] = walk.tag(type(value), value, plain[1])
+        try:
+            if self._tagged:
+                plain[1] = walk.tag(type(value), value, plain[1])
+                return plain
+            return walk.tag(self.tp, value, plain)
+        except Exception:
+            # A shape the walk does not know: write what pydantic made of it (format 1's
+            # behaviour: such containers come back as lists), never fail the write for it.
             return plain
-        return walk.tag(self.tp, value, plain)
 
     def load(self, data: Any) -> Any:
         if self._tagged:
@@ -451,7 +457,8 @@ def _mentions_model(tp: Any, seen: set[int]) -> bool:
         return False
     if origin is typing.Annotated:
         return _mentions_model(typing.get_args(tp)[0], seen)
-    if isinstance(tp, type) and (dataclasses.is_dataclass(tp) or typing.is_typeddict(tp)):
+    if isinstance(tp, type) and (dataclasses.is_dataclass(tp)
+                                 or typing_extensions.is_typeddict(tp)):
         try:
             hints = typing.get_type_hints(tp)
         except Exception:  # an annotation that does not resolve: be safe
@@ -621,6 +628,8 @@ class _AnyWalk:
                 return True
             fields = self.fields(tp)
             return fields is not None and any(self.has_any(h) for h in fields.values())
+        if isinstance(origin, type) and self.fields(origin) is not None:
+            return True  # a generic dataclass or model: its TypeVar fields are walked as Any
         return any(self.has_any(a) for a in typing.get_args(tp) if a is not Ellipsis)
 
     def fields(self, tp: type) -> dict[str, Any] | None:
@@ -630,7 +639,8 @@ class _AnyWalk:
         hints: dict[str, Any] | None = None
         if issubclass(tp, pydantic.BaseModel):
             hints = {n: f.annotation for n, f in tp.model_fields.items()}
-        elif dataclasses.is_dataclass(tp) or typing.is_typeddict(tp):
+        elif dataclasses.is_dataclass(tp) or typing_extensions.is_typeddict(tp) or (
+                issubclass(tp, tuple) and hasattr(tp, "_fields")):
             try:
                 hints = typing.get_type_hints(tp)
             except Exception:  # unresolvable annotations: pydantic would have failed first
@@ -658,17 +668,12 @@ class _AnyWalk:
         if isinstance(tp, type) and not args:
             if tp in _BARE:
                 return _tag_any(value, plain)
-            fields = self.fields(tp)
-            if fields and isinstance(plain, dict):
-                for name, hint in fields.items():
-                    if name in plain and self.has_any(hint):
-                        sub = value.get(name) if isinstance(value, dict) else getattr(
-                            value, name, None)
-                        plain[name] = self.tag(hint, sub, plain[name])
-            return plain
+            return self._tag_fields(tp, value, plain)
         cls = origin if isinstance(origin, type) else None
         if cls is None:
             return plain
+        if self.fields(cls) is not None:
+            return self._tag_fields(cls, value, plain)
         if issubclass(cls, collections.abc.Mapping) and isinstance(plain, dict) and \
                 isinstance(value, collections.abc.Mapping) and len(args) == 2:
             for pk, sub in zip(list(plain), value.values(), strict=False):
@@ -684,6 +689,23 @@ class _AnyWalk:
         return plain
 
 
+    def _tag_fields(self, tp: type, value: Any, plain: Any) -> Any:
+        fields = self.fields(tp)
+        if not fields:
+            return plain
+        if isinstance(plain, dict):
+            for name, hint in fields.items():
+                if name in plain and self.has_any(hint):
+                    sub = value.get(name) if isinstance(value, dict) else getattr(
+                        value, name, None)
+                    plain[name] = self.tag(hint, sub, plain[name])
+        elif isinstance(plain, list) and isinstance(value, tuple):  # a NamedTuple
+            for i, (hint, sub) in enumerate(zip(fields.values(), value, strict=False)):
+                if i < len(plain) and self.has_any(hint):
+                    plain[i] = self.tag(hint, sub, plain[i])
+        return plain
+
+
 def _is_any(tp: Any) -> bool:
     return tp is Any or tp is object or isinstance(tp, typing.TypeVar)
 
@@ -696,7 +718,10 @@ def _member(args: tuple[Any, ...], value: Any) -> Any:
         base = typing.get_origin(a) or a
         if typing.get_origin(a) is typing.Annotated:
             base = typing.get_origin(typing.get_args(a)[0]) or typing.get_args(a)[0]
-        if isinstance(base, type) and not typing.is_typeddict(base) and isinstance(value, base):
+        if typing_extensions.is_typeddict(base):
+            if isinstance(value, dict):
+                return a
+        elif isinstance(base, type) and isinstance(value, base):
             return a
     return None
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgpack
 import pydantic
 import pytest
+from typing_extensions import TypedDict
 
 from fasm import Normal, StateMachine, TrackedActionCompleted
 from fasm.errors import IncompatibleRecord, MigrationFailed, StoreCorrupt
 from fasm.persistence import Codec
 from fasm.persistence._codec import FORMAT_VERSION, Unencodable
+
+T = TypeVar("T")
 
 
 class Color(Enum):
@@ -438,3 +442,63 @@ def test_a_failed_pack_leaves_the_codec_writing_correct_bytes() -> None:
             codec.pack("input", bad)
     assert codec.pack("input", Remove(1)) == msgpack.packb(["Remove", {"id": 1}],
                                                             use_bin_type=True)
+
+
+class AnyTD(TypedDict):
+    a: Any
+
+
+class AnyNT(NamedTuple):
+    x: Any
+    y: int
+
+
+class AnyModel(pydantic.BaseModel):
+    z: Any = None
+    w: list[Any] = []
+
+
+@dataclass
+class AnyNode:
+    v: Any
+    kids: list[AnyNode] = field(default_factory=list)
+
+
+@dataclass
+class AnyBox(Generic[T]):
+    item: T
+
+
+@dataclass
+class Shapes:
+    o: Any | None = None
+    la: list[Any] = field(default_factory=list)
+    di: dict[int, Any] = field(default_factory=dict)
+    ta: tuple[Any, ...] = ()
+    un: int | list[Any] = 0
+    td: AnyTD | None = None
+    nt: AnyNT | None = None
+    pm: AnyModel = field(default_factory=AnyModel)
+    node: AnyNode | None = None
+    box: AnyBox[Any] | None = None
+    seq: Sequence[Any] = ()
+    mp: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ShapesM(StateMachine[Shapes, int]):
+    machine_name = "tests.shapes"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+def test_any_positions_are_found_in_every_shape() -> None:
+    state = Shapes(o=(1,), la=[None, (2,), {3}], di={1: (4,)}, ta=((5,), 6), un=[(7,)],
+                   td={"a": (8,)}, nt=AnyNT((9,), 1), pm=AnyModel(z=(10,), w=[{11}]),
+                   node=AnyNode((12,), [AnyNode({13})]), box=AnyBox((14,)), seq=[(15,)],
+                   mp={"k": frozenset({16})})
+    codec = Codec(ShapesM)
+    got = codec.decode_checkpoint(codec.encode_checkpoint(1, state, {}), 1).state
+    for name in ("o", "la", "di", "ta", "un", "td", "nt", "pm", "node", "box", "seq", "mp"):
+        assert repr(getattr(got, name)) == repr(getattr(state, name)), name
