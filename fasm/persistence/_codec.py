@@ -105,7 +105,8 @@ class _Typed:
         # pydantic does not revalidate model instances, so a model built with model_construct or
         # mutated after validation is caught by its serializer's type check ("error" costs about
         # 1 us a value, so it is only asked for where the declared type can hold a model).
-        self._check: Any = "error" if _mentions_model(tp, set()) else True
+        self.models = _mentions_model(tp, set())
+        self._check: Any = "error" if self.models else True
         self._whole = pydantic.TypeAdapter(tp) if members else None
         self._by_name: dict[str, pydantic.TypeAdapter[Any]] = {}
         self._by_type: dict[type, tuple[str, pydantic.TypeAdapter[Any]]] = {}
@@ -146,7 +147,16 @@ class _Typed:
         try:
             return adapter.dump_python(value, mode="json", warnings=warnings)
         except ValueError as e:  # pydantic_core.PydanticSerializationError is a ValueError
-            raise Unencodable(self.what, _locate(value, str(e)), _short(str(e))) from e
+            where = _locate(value, str(e))
+            if warnings == "error":  # a type mismatch: where reading it back would fail says more
+                try:
+                    adapter.validate_python(adapter.dump_python(value, mode="json",
+                                                                warnings=False))
+                except pydantic.ValidationError as invalid:
+                    where = _loc_path(invalid.errors()[0]["loc"]) or where
+                except Exception:
+                    pass  # the serializer's message is the one that matters
+            raise Unencodable(self.what, where, _short(str(e))) from e
 
     def inner(self, plain: Any) -> Any:
         """The value's own plain data, without the union tag (for paths in messages)."""
@@ -214,7 +224,18 @@ class Codec:
             TypeError: it is none of the declared alternatives.
         """
         typed = self._typed(what)
-        plain = typed.tag_any(self._walk, value, typed.dump(value, check=True))
+        plain = typed.dump(value, check=True)
+        if typed.models:
+            # A model instance is not revalidated by pydantic, and its serializer does not
+            # notice a required field left out by model_construct: read the data back, as a
+            # restart would (about 1 us, only where the declared type can hold a model).
+            try:
+                typed.load(plain)
+            except pydantic.ValidationError as e:
+                first = e.errors()[0]
+                raise Unencodable(what, _loc_path(first["loc"]),
+                                  f"it would not load back: {first['msg']}") from e
+        plain = typed.tag_any(self._walk, value, plain)
         try:
             return self._packer().pack(plain)
         except (TypeError, ValueError, OverflowError) as e:
@@ -500,6 +521,14 @@ def _join(path: str, key: Any) -> str:
     if isinstance(key, str) and key.isidentifier():
         return f"{path}.{key}" if path else key
     return f"{path}[{key!r}]"
+
+
+def _loc_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path (``("pending", 3, "user")`` -> ``pending[3].user``)."""
+    path = ""
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
+    return path
 
 
 def _last_name(path: str) -> str:

@@ -91,6 +91,10 @@ class Line:
     qty: int
 
 
+class Crate(pydantic.BaseModel):
+    line: Line
+
+
 @dataclass(frozen=True)
 class Basket:
     lines: list[Line]
@@ -152,7 +156,11 @@ SHAPES: dict[str, tuple[Any, Any, list[Callable[[], Any]]]] = {
     ]),
     "a pydantic model": (Order, Order(amount=7, user="ada"), [
         lambda: Order.model_construct(amount="lots", user="ada"),
+        lambda: Order.model_construct(amount=7),  # a required field left out
         _mutated_order,
+    ]),
+    "a dataclass inside a model": (Crate, Crate(line=Line(1)), [
+        lambda: Crate(line=Line("two")),  # type: ignore[arg-type]  # pydantic lets it through
     ]),
     "a union": (Process | Order, Order(amount=7, user="ada"), [
         lambda: Process(1.5, "ada"),  # type: ignore[arg-type]
@@ -188,6 +196,12 @@ async def test_the_error_names_the_field(tmp_path: Path) -> None:
     async with counter(Basket, MemoryStore()) as rt:
         with pytest.raises(InvalidInput, match=r"lines\.1\.qty"):
             await rt.submit(Basket([Line(1), Line("two")]))  # type: ignore[arg-type]
+    async with counter(Crate, MemoryStore()) as rt:
+        with pytest.raises(InvalidInput, match=r"input at line\.qty cannot be encoded"):
+            await rt.submit(Crate(line=Line("two")))  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match=r"input at line cannot be encoded: it would not "
+                                               r"load back: Field required"):
+            await rt.submit(Crate.model_construct())
     async with counter(Process, MemoryStore()) as rt:
         with pytest.raises(InvalidInput, match=r"input at note cannot be encoded"):
             await rt.submit(Process(1, "a", note=object()))
