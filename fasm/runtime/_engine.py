@@ -412,9 +412,10 @@ class StrictValidator:
     ``Deposit("a", "lots")`` would reach the stf and be committed. pydantic refuses ``config=``
     for a bare dataclass, model or TypedDict, so such a type is validated as the only member of a
     one-element tuple, where the config reaches it (and the dataclasses nested in it). A model
-    instance keeps its own config (pydantic does not revalidate it); the runtime's encode check
-    at submit (:meth:`~fasm.persistence._codec.Codec.pack`) catches a model built with
-    ``model_construct`` or mutated into a mismatch.
+    instance keeps its own config (pydantic does not revalidate it, nor the dataclasses inside
+    it); the runtime's encode check at submit (:meth:`~fasm.persistence._codec.Codec.pack`)
+    catches a model built with ``model_construct`` or mutated into a mismatch by reading it
+    back.
     """
 
     __slots__ = ("_adapter", "_wrapped")
