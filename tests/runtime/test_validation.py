@@ -25,7 +25,7 @@ from fasm import (
     Tracked,
     TrackedActionCompleted,
 )
-from fasm.errors import IncompatibleRecord, MigrationFailed
+from fasm.errors import DefinitionError, IncompatibleRecord, MigrationFailed
 from fasm.persistence import (
     FileStore,
     Journal,
@@ -555,3 +555,10 @@ async def test_tuples_and_sets_in_any_fields_survive_a_restart(stores: StoreFact
         assert {k: type(v) for k, v in again.state.items.items()} == {
             k: type(v) for k, v in values.items()}
         assert type(again.state.items["deep"][0]["k"]) is tuple
+
+
+def test_dropped_fields_is_checked_when_the_machine_is_defined() -> None:
+    with pytest.raises(DefinitionError, match="dropped_fields"):
+        shop(ShopV2, BuyV2, dropped_fields={"stat": ("legacy",)})
+    with pytest.raises(DefinitionError, match="dropped_fields"):
+        shop(ShopV2, BuyV2, dropped_fields={"state": "legacy"})  # a str, not a tuple of names
