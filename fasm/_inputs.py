@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeAlias, TypeVar, Union
 
 I = TypeVar("I")
@@ -20,6 +20,9 @@ class Normal(Generic[I]):
     """
 
     value: I
+    # The record bytes of ``value``, made once by the runtime when it checked the submit and
+    # reused when the input is journaled (not part of the value: no init, repr or comparison).
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

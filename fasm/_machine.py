@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Never, get_args, get_origin
 
@@ -76,7 +76,13 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
       renaming the class does not orphan them.
     * ``schema_version`` and ``migrations``: bump the version when the shape of state or inputs
       changes, and give ``migrations[n]``, a function from the plain data of version ``n`` to that
-      of ``n + 1``, so records written by older code still load.
+      of ``n + 1``, so records written by older code still load. A migration that raises stops
+      the load with :class:`~fasm.errors.MigrationFailed`.
+    * ``dropped_fields``: field names whose stored data may be dropped on load, per part
+      (``"state"``, ``"input"``, ``"tracked_result"``, ``"tracked_id"``), e.g.
+      ``{"state": ("old_total",)}``. Without it, a stored record with a field the declared type
+      no longer has (at any depth) is refused with :class:`~fasm.errors.IncompatibleRecord`
+      rather than loaded with that data silently gone.
 
     Both methods must be deterministic: no clock, randomness, or outside reads; all of that
     arrives as inputs.
@@ -85,6 +91,7 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
     machine_name: ClassVar[str] = ""
     schema_version: ClassVar[int] = 1
     migrations: ClassVar[Mapping[int, Callable[[Any], Any]]] = {}
+    dropped_fields: ClassVar[Mapping[str, Collection[str]]] = {}
 
     __fasm_named__: ClassVar[bool] = False  # machine_name set explicitly here or in a base
     # The declared type arguments (possibly still TypeVars in a generic intermediate subclass).
@@ -116,6 +123,14 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
                 raise DefinitionError(
                     f"{cls.__qualname__}.migrations has a step from version {version}, "
                     f"outside 1..{cls.schema_version - 1}"
+                )
+        parts = ("state", "input", "tracked_id", "tracked_result")
+        for part, names in cls.dropped_fields.items():
+            if part not in parts or isinstance(names, str) or not all(
+                    isinstance(n, str) for n in names):
+                raise DefinitionError(
+                    f"{cls.__qualname__}.dropped_fields maps one of {parts} to a tuple of field "
+                    f"names, got {part!r}: {names!r}"
                 )
 
     @classmethod

@@ -22,6 +22,7 @@ __all__ = (
     "FasmError",
     "IncompatibleRecord",
     "InvalidInput",
+    "MigrationFailed",
     "NondeterminismError",
     "Rejected",
     "RestoreFailed",
@@ -182,4 +183,29 @@ class StoreCorrupt(StoreError):
 
 
 class IncompatibleRecord(StoreCorrupt):
-    """A record was written by a newer format or schema version than this code knows."""
+    """A record does not fit this code: written by a newer format or schema version, older
+    than the machine's migrations reach, or holding fields the declared types no longer have
+    (loading it would silently drop data; write a migration, or declare the drop in
+    ``StateMachine.dropped_fields``)."""
+
+
+class MigrationFailed(IncompatibleRecord):
+    """A migration step raised while a stored checkpoint was being brought up to date. The
+    original exception is the ``__cause__``; nothing was loaded and nothing was written.
+
+    Attributes:
+        from_version: the step that raised: ``migrations[from_version]``, from that schema
+            version to the next.
+    """
+
+    def __init__(self, message: str, *, store: str = "", key: str | None = None,
+                 seq: int | None = None, from_version: int = 0) -> None:
+        super().__init__(message, store=store, key=key, seq=seq)
+        self.from_version = from_version
+
+    def located(self, *, store: str, key: str | None) -> StoreError:
+        """The same error with the store and key filled in."""
+        located = MigrationFailed(self.message, store=store, key=key, seq=self.seq,
+                                  from_version=self.from_version)
+        located.__cause__ = self.__cause__
+        return located

@@ -11,26 +11,47 @@ Envelope (msgpack array, then a 4-byte CRC-32 of everything before it)::
 
 Decoding checks, in order: length and checksum (torn or flipped -> StoreCorrupt), format version
 (newer -> IncompatibleRecord), machine name (another machine -> StoreCorrupt), kind and sequence
-number, schema version (newer -> IncompatibleRecord; older -> the machine's migrations).
+number, schema version (newer -> IncompatibleRecord; older -> the machine's migrations; a step
+that raises -> MigrationFailed), then the value, and last whether loading it drops fields the
+stored data has and the declared type no longer does (-> IncompatibleRecord, unless the machine's
+``dropped_fields`` names them).
+
+Format 2 differs from format 1 only where a declared type contains ``Any``: tuples, sets and
+frozensets there are msgpack extension types, so they decode as themselves (``_AnyWalk``).
+
+Nothing is acknowledged that cannot be read back: the runtime calls :meth:`Codec.pack` on every
+submitted input (and executor result) before queueing it, so a value that cannot be written is
+refused alone, and the journal entry reuses those bytes (:meth:`Codec.encode_entry` assembles the
+envelope around them; msgpack is concatenative, so the bytes are exactly those of one pack).
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import re
+import struct
+import threading
+import types
+import typing
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 import pydantic
+import pydantic_core
+import typing_extensions
 
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import MachineTypes, StateMachine, type_members
-from ..errors import DefinitionError, IncompatibleRecord, StoreCorrupt
+from ..errors import DefinitionError, IncompatibleRecord, MigrationFailed, StoreCorrupt
 
 __all__ = ("FORMAT_VERSION", "Checkpoint", "Codec", "JournalEntry", "Unencodable")
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""2: containers at ``Any`` positions are extension types (see ``_AnyWalk``); 1 is still read."""
 KIND_CHECKPOINT: Final = 0
 KIND_ENTRY: Final = 1
 _CRC = 4
@@ -78,8 +99,14 @@ class _Typed:
 
     def __init__(self, tp: Any, what: str) -> None:
         self.what = what
+        self.tp = tp
         members = type_members(tp)
-        self._tagged = len(members) > 1 and all(isinstance(m, type) for m in members)
+        self._tagged = self.tagged = len(members) > 1 and all(isinstance(m, type) for m in members)
+        # pydantic does not revalidate model instances, so a model built with model_construct or
+        # mutated after validation is caught by its serializer's type check ("error" costs about
+        # 1 us a value, so it is only asked for where the declared type can hold a model).
+        self.models = _mentions_model(tp, set())
+        self._check: Any = "error" if self.models else True
         self._whole = pydantic.TypeAdapter(tp) if members else None
         self._by_name: dict[str, pydantic.TypeAdapter[Any]] = {}
         self._by_type: dict[type, tuple[str, pydantic.TypeAdapter[Any]]] = {}
@@ -92,7 +119,16 @@ class _Typed:
                 self._by_name[name] = adapter
                 self._by_type[m] = (name, adapter)
 
-    def dump(self, value: Any) -> Any:
+    def dump(self, value: Any, *, check: bool = False) -> Any:
+        """Plain data for ``value``. With ``check``, a value that does not match the declared
+        type field for field (a model built with ``model_construct`` or mutated after it was
+        validated) is refused rather than written with a warning, as it could not be read back.
+
+        Raises:
+            Unencodable: pydantic cannot serialize it (or, with ``check``, it does not match).
+            TypeError: it is none of the declared alternatives.
+        """
+        warnings: Any = self._check if check else True
         if self._tagged:
             found = self._by_type.get(type(value))
             if found is None:
@@ -102,16 +138,43 @@ class _Typed:
                         break
                 else:
                     raise TypeError(f"{self.what}: {type(value).__qualname__} is not declared")
-            return [found[0], self._dump(found[1], value)]
+            return [found[0], self._dump(found[1], value, warnings)]
         if self._whole is None:
             raise TypeError(f"{self.what}: the machine declares none")
-        return self._dump(self._whole, value)
+        return self._dump(self._whole, value, warnings)
 
-    def _dump(self, adapter: pydantic.TypeAdapter[Any], value: Any) -> Any:
+    def _dump(self, adapter: pydantic.TypeAdapter[Any], value: Any, warnings: Any) -> Any:
         try:
-            return adapter.dump_python(value, mode="json")
+            return adapter.dump_python(value, mode="json", warnings=warnings)
         except ValueError as e:  # pydantic_core.PydanticSerializationError is a ValueError
-            raise Unencodable(self.what, "", str(e)) from e
+            where = _locate(value, str(e))
+            if warnings == "error":  # a type mismatch: where reading it back would fail says more
+                try:
+                    adapter.validate_python(adapter.dump_python(value, mode="json",
+                                                                warnings=False))
+                except pydantic.ValidationError as invalid:
+                    where = _loc_path(invalid.errors()[0]["loc"]) or where
+                except Exception:
+                    pass  # the serializer's message is the one that matters
+            raise Unencodable(self.what, where, _short(str(e))) from e
+
+    def inner(self, plain: Any) -> Any:
+        """The value's own plain data, without the union tag (for paths in messages)."""
+        return plain[1] if self._tagged else plain
+
+    def tag_any(self, walk: _AnyWalk, value: Any, plain: Any) -> Any:
+        """``plain`` with containers at ``Any`` positions as extension types (format 2)."""
+        if not walk.has_any(self.tp):
+            return plain
+        try:
+            if self._tagged:
+                plain[1] = walk.tag(type(value), value, plain[1])
+                return plain
+            return walk.tag(self.tp, value, plain)
+        except Exception:
+            # A shape the walk does not know: write what pydantic made of it (format 1's
+            # behaviour: such containers come back as lists), never fail the write for it.
+            return plain
 
     def load(self, data: Any) -> Any:
         if self._tagged:
@@ -136,7 +199,13 @@ class Codec:
         self.machine_name: str = machine.machine_name
         self.schema_version: int = machine.schema_version
         self.migrations: Mapping[int, Callable[[Any], Any]] = machine.migrations
+        self.dropped_fields: Mapping[str, Collection[str]] = machine.dropped_fields
         self._cache: dict[str, _Typed] = {}
+        self._local = threading.local()  # a Packer per thread: packb makes one per call (1 us)
+        self._walk = _AnyWalk()
+        self._head = b"\x96" + b"".join(  # a 6-element array, then its constant elements
+            msgpack.packb(x, use_bin_type=True)
+            for x in (FORMAT_VERSION, self.machine_name, self.schema_version))
 
     def _typed(self, what: str) -> _Typed:
         t = self._cache.get(what)
@@ -144,17 +213,55 @@ class Codec:
             t = self._cache[what] = _Typed(getattr(self.types, what), what)
         return t
 
+    def pack(self, what: str, value: Any) -> bytes:
+        """The record bytes of one declared value (``"input"``, ``"tracked_result"`` ...), checked
+        field for field against its declared type. The runtime calls it before it acknowledges
+        anything, so a value that could not be written (or read back) is refused alone, and
+        :meth:`encode_entry` reuses the bytes.
+
+        Raises:
+            Unencodable: the value cannot be written as a record (``path`` says where).
+            TypeError: it is none of the declared alternatives.
+        """
+        typed = self._typed(what)
+        plain = typed.dump(value, check=True)
+        if typed.models:
+            # A model instance is not revalidated by pydantic, and its serializer does not
+            # notice a required field left out by model_construct: read the data back, as a
+            # restart would (about 1 us, only where the declared type can hold a model).
+            try:
+                typed.load(plain)
+            except pydantic.ValidationError as e:
+                first = e.errors()[0]
+                raise Unencodable(what, _loc_path(first["loc"]),
+                                  f"it would not load back: {first['msg']}") from e
+        plain = typed.tag_any(self._walk, value, plain)
+        try:
+            return self._packer().pack(plain)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise Unencodable(what, _locate(typed.inner(plain), ""),
+                              f"{type(e).__name__}: {e}") from e
+
+    def _packer(self) -> msgpack.Packer:
+        packer: msgpack.Packer | None = getattr(self._local, "packer", None)
+        if packer is None:
+            packer = self._local.packer = msgpack.Packer(use_bin_type=True)
+        return packer
+
     # -- envelope ---------------------------------------------------------------------------
 
     def _seal(self, seq: int, kind: int, body: Any) -> bytes:
         try:
-            raw = msgpack.packb(
-                [FORMAT_VERSION, self.machine_name, self.schema_version, seq, kind, body],
-                use_bin_type=True,
-            )
+            packed = msgpack.packb(body, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
             what = "state" if kind == KIND_CHECKPOINT else "journal entry"
-            raise Unencodable(what, "", f"{type(e).__name__}: {e}") from e
+            raise Unencodable(what, _locate(body, ""), f"{type(e).__name__}: {e}") from e
+        return self._seal_packed(seq, kind, packed)
+
+    def _seal_packed(self, seq: int, kind: int, body: bytes) -> bytes:
+        """The envelope around an already packed body: msgpack is concatenative, so these bytes
+        are exactly those of packing the whole array at once."""
+        raw = b"".join((self._head, _uint(seq), _KINDS[kind], body))
         return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
 
     def _open(self, data: bytes, kind: int, seq: int | None) -> tuple[int, int, Any]:
@@ -165,7 +272,7 @@ class Codec:
             raise StoreCorrupt("record checksum mismatch (torn or corrupted write)", seq=seq)
         try:
             fmt, name, schema, rec_seq, rec_kind, body = msgpack.unpackb(
-                raw, raw=False, strict_map_key=False
+                raw, raw=False, strict_map_key=False, ext_hook=_ext_hook
             )
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise StoreCorrupt(f"record envelope unreadable: {e}", seq=seq) from e
@@ -192,17 +299,33 @@ class Codec:
     # -- checkpoints ------------------------------------------------------------------------
 
     def encode_checkpoint(self, seq: int, state: Any, idempotency: Mapping[str, int]) -> bytes:
-        """The whole state and the runtime's bookkeeping as of ``seq``."""
-        return self._seal(
-            seq, KIND_CHECKPOINT, {"s": self._typed("state").dump(state), "k": dict(idempotency)}
-        )
+        """The whole state and the runtime's bookkeeping as of ``seq``.
+
+        Raises:
+            Unencodable: the state (or a key) cannot be written; ``path`` says where in the
+                state (``"pending[3].user"``), found only after the failure.
+        """
+        typed = self._typed("state")
+        plain = typed.tag_any(self._walk, state, typed.dump(state))
+        keys = dict(idempotency)
+        try:
+            packed = msgpack.packb({"s": plain, "k": keys}, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            bad_key = _first_bad(keys, "", 0)
+            if bad_key is not None and _first_bad(plain, "", 0) is None:
+                raise Unencodable("idempotency key", bad_key, reason) from e
+            raise Unencodable("state", _locate(typed.inner(plain), ""), reason) from e
+        return self._seal_packed(seq, KIND_CHECKPOINT, packed)
 
     def decode_checkpoint(self, data: bytes, seq: int | None = None) -> Checkpoint:
         """Decode and check a checkpoint, migrating state written by an older schema.
 
         Raises:
             StoreCorrupt: the record fails a check or its state does not validate.
-            IncompatibleRecord: written by a newer format or schema version.
+            IncompatibleRecord: written by a newer format or schema version, or its state has
+                fields the declared state type does not (see :meth:`_refuse_dropped`).
+            MigrationFailed: a migration step raised (the ``__cause__``).
         """
         rec_seq, schema, body = self._open(data, KIND_CHECKPOINT, seq)
         try:
@@ -215,8 +338,14 @@ class Codec:
                         f"from it to {version + 1}",
                         seq=rec_seq,
                     )
-                plain = step(plain)
+                try:
+                    plain = step(plain)
+                except Exception as e:
+                    raise MigrationFailed(
+                        f"migration from schema version {version} to {version + 1} raised "
+                        f"{type(e).__name__}: {e}", seq=rec_seq, from_version=version) from e
             state = self._typed("state").load(plain)
+            self._refuse_dropped("state", plain, state, rec_seq)
             keys = {str(k): int(v) for k, v in body["k"].items()}
         except IncompatibleRecord:
             raise
@@ -228,38 +357,53 @@ class Codec:
     # -- journal entries --------------------------------------------------------------------
 
     def encode_entry(self, seq: int, input: Input[Any, Any, Any], key: str | None) -> bytes:
-        """One committed input, as a journal entry."""
+        """One committed input, as a journal entry (reusing the bytes :meth:`pack` made at
+        submit, when the input carries them).
+
+        Raises:
+            Unencodable: the input or key cannot be written as a record.
+        """
+        try:
+            tail = b"\xc0" if key is None else self._packer().pack(key)
+        except ValueError as e:
+            raise Unencodable("idempotency key", "", f"{type(e).__name__}: {e}") from e
         if isinstance(input, Normal):
-            body: Any = [0, self._typed("input").dump(input.value), key]
-        else:
-            body = [
-                1,
-                [self._typed("tracked_id").dump(input.id),
-                 self._typed("tracked_result").dump(input.result)],
-                key,
-            ]
-        return self._seal(seq, KIND_ENTRY, body)
+            value = input._packed
+            if value is None:
+                value = self.pack("input", input.value)
+            raw = b"".join((self._head, _uint(seq), b"\x01\x93\x00", value, tail))  # kind 1
+            return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
+        ident = self.pack("tracked_id", input.id)
+        result = self.pack("tracked_result", input.result)
+        return self._seal_packed(seq, KIND_ENTRY,
+                                 b"".join((b"\x93\x01\x92", ident, result, tail)))
 
     def decode_entry(self, data: bytes, seq: int | None = None) -> JournalEntry:
         """Decode and check a journal entry.
 
         Raises:
             StoreCorrupt: the record fails a check or does not validate as the declared types.
-            IncompatibleRecord: written by a newer format or schema version.
+            IncompatibleRecord: written by a newer format or schema version, or it has fields
+                the declared types do not.
         """
         rec_seq, schema, body = self._open(data, KIND_ENTRY, seq)
         try:
             tag, payload, key = body
             value: Input[Any, Any, Any]
             if tag == 0:
-                value = Normal(self._typed("input").load(payload))
+                loaded = self._typed("input").load(payload)
+                self._refuse_dropped("input", payload, loaded, rec_seq)
+                value = Normal(loaded)
             elif tag == 1:
-                value = TrackedActionCompleted(
-                    self._typed("tracked_id").load(payload[0]),
-                    self._typed("tracked_result").load(payload[1]),
-                )
+                ident = self._typed("tracked_id").load(payload[0])
+                result = self._typed("tracked_result").load(payload[1])
+                self._refuse_dropped("tracked_id", payload[0], ident, rec_seq)
+                self._refuse_dropped("tracked_result", payload[1], result, rec_seq)
+                value = TrackedActionCompleted(ident, result)
             else:
                 raise ValueError(f"unknown input tag {tag!r}")
+        except IncompatibleRecord:
+            raise
         except (TypeError, ValueError) as e:
             hint = (f" (written under schema {schema}; inputs are not migrated, so a journal "
                     "tail from older code must still validate)") if schema < self.schema_version \
@@ -267,3 +411,378 @@ class Codec:
             raise StoreCorrupt(f"journal entry does not decode as the declared input: {e}{hint}",
                                seq=rec_seq) from e
         return JournalEntry(rec_seq, value, key if isinstance(key, str) else None)
+
+    # -- schema evolution -------------------------------------------------------------------
+
+    def _refuse_dropped(self, what: str, plain: Any, loaded: Any, seq: int) -> None:
+        """Refuse a record whose plain data has fields the declared type no longer has: pydantic
+        ignores unknown keys, so loading it would lose them at the next write, in silence.
+
+        The loaded value is dumped again and compared key by key with what was stored, so every
+        shape (dataclasses, models, nested in lists and dicts, union alternatives) is covered;
+        the cost is paid at load only. Fields named in the machine's ``dropped_fields[what]``
+        may go.
+
+        Raises:
+            IncompatibleRecord: naming the fields (as paths) that would be lost.
+        """
+        typed = self._typed(what)
+        now = typed.dump(loaded)
+        if typed.tagged and isinstance(plain, list) and len(plain) == 2:
+            plain, now = plain[1], now[1]  # compare inside the alternative, not its tag
+        if plain == now or not _lacks(plain, now):  # C-speed equality first: the usual case
+            return
+        missing = list(_missing(plain, now, ""))
+        allowed = self.dropped_fields.get(what, ())
+        missing = [p for p in missing if _last_name(p) not in allowed]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                               if len(missing) > 5 else "")
+            raise IncompatibleRecord(
+                f"the stored {what} has field(s) {shown} that the declared type does not have: "
+                f"loading it would drop them. Write a migration (bump schema_version) that "
+                f"moves or removes them, or declare the loss with "
+                f"dropped_fields = {{{what!r}: (...)}} on the machine",
+                seq=seq,
+            )
+
+
+_KINDS: Final = {KIND_CHECKPOINT: b"\x00", KIND_ENTRY: b"\x01"}  # positive fixints
+
+
+def _uint(n: int) -> bytes:
+    """msgpack's encoding of a non-negative int, as packb writes it (smallest form)."""
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + bytes((n,))
+    if n < 0x10000:
+        return b"\xcd" + struct.pack(">H", n)
+    if n < 0x100000000:
+        return b"\xce" + struct.pack(">I", n)
+    return b"\xcf" + struct.pack(">Q", n)
+
+
+def _mentions_model(tp: Any, seen: set[int]) -> bool:
+    """Whether a value of declared type ``tp`` can hold a pydantic model instance (``Any`` and
+    unresolvable annotations count as yes)."""
+    if tp is Any or isinstance(tp, (str, typing.ForwardRef, typing.TypeVar)):
+        return True
+    if id(tp) in seen:
+        return False
+    seen.add(id(tp))
+    if isinstance(tp, type) and issubclass(tp, pydantic.BaseModel):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return False
+    if origin is typing.Annotated:
+        return _mentions_model(typing.get_args(tp)[0], seen)
+    if isinstance(tp, type) and (dataclasses.is_dataclass(tp)
+                                 or typing_extensions.is_typeddict(tp)):
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:  # an annotation that does not resolve: be safe
+            return True
+        return any(_mentions_model(h, seen) for h in hints.values())
+    return any(_mentions_model(a, seen) for a in typing.get_args(tp) if a is not Ellipsis)
+
+
+def _lacks(stored: Any, now: Any) -> bool:
+    """Whether ``now`` lacks a dict key ``stored`` has, at any depth (no paths: the fast test)."""
+    if isinstance(stored, dict):
+        if not isinstance(now, dict):
+            return False
+        if not now.keys() >= stored.keys():
+            return True
+        return any(isinstance(v, (dict, list)) and _lacks(v, now[k]) for k, v in stored.items())
+    if isinstance(stored, list) and isinstance(now, list) and len(stored) == len(now):
+        return any(isinstance(a, (dict, list)) and _lacks(a, b)
+                   for a, b in zip(stored, now, strict=True))
+    return False
+
+
+def _missing(stored: Any, now: Any, path: str) -> Iterator[str]:
+    """Paths of dict keys in ``stored`` that ``now`` (the same data loaded and dumped again)
+    lacks, at any depth."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        for k, v in stored.items():
+            sub = _join(path, k)
+            if k not in now:
+                yield sub
+            else:
+                yield from _missing(v, now[k], sub)
+    elif isinstance(stored, list) and isinstance(now, list) and len(stored) == len(now):
+        for i, (a, b) in enumerate(zip(stored, now, strict=True)):
+            yield from _missing(a, b, f"{path}[{i}]")
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, str) and key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
+def _loc_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path (``("pending", 3, "user")`` -> ``pending[3].user``)."""
+    path = ""
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
+    return path
+
+
+def _last_name(path: str) -> str:
+    return path.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
+# -- where a value fails to encode (paid on failure only) ------------------------------------
+
+_FIELD_NAME = re.compile(r"field_name='([^']+)'")
+
+
+def _locate(value: Any, message: str) -> str:
+    """The path of the first part of ``value`` that cannot be written, or of the field the
+    pydantic ``message`` names, or ``""``."""
+    found = _first_bad(value, "", 0)
+    if found is not None:
+        return found
+    m = _FIELD_NAME.search(message)
+    return m.group(1) if m else ""
+
+
+def _first_bad(value: Any, path: str, depth: int) -> str | None:
+    if depth > 100:
+        return None
+    if isinstance(value, str):
+        return None if _encodes(value) else path
+    if isinstance(value, bool) or value is None or isinstance(value, (float, bytes,
+                                                                        msgpack.ExtType)):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**64 else path
+    items: Any
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = _join(path, k)
+            if isinstance(k, str) and not _encodes(k):
+                return sub
+            found = _first_bad(v, sub, depth + 1)
+            if found is not None:
+                return found
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value))
+    elif isinstance(value, pydantic.BaseModel):
+        items = iter(value.__dict__.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = ((i, v) for i, v in enumerate(value))
+    else:
+        try:
+            pydantic_core.to_jsonable_python(value)
+        except (TypeError, ValueError):
+            return path
+        return None
+    for k, v in items:
+        found = _first_bad(v, f"{path}[{k}]" if isinstance(k, int) else _join(path, k), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(message: str) -> str:
+    """pydantic's serializer message, first lines only."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return " ".join(lines[:2])
+
+
+# -- values in Any fields keep their container type (format 2) -------------------------------
+#
+# pydantic's JSON mode turns a tuple, set or frozenset it meets where the declared type is
+# ``Any`` into a list, so such a value would come back as a list after a restart. The codec walks
+# the declared type next to the value and its plain data, and at every ``Any`` replaces such
+# containers by msgpack extension types (tuple 1, set 2, frozenset 3), which decode as
+# themselves. Only declared types that contain ``Any`` (or an unparametrized container or a bare
+# TypeVar, which pydantic treats as ``Any``) are walked, and a walk only visits the branches
+# that contain it; everything else is written exactly as format 1 wrote it.
+
+_EXT_TUPLE: Final = 1
+_EXT_SET: Final = 2
+_EXT_FROZENSET: Final = 3
+_BARE = (list, dict, set, frozenset, tuple, collections.abc.Sequence, collections.abc.Mapping,
+         collections.abc.Set, collections.abc.MutableSequence, collections.abc.MutableMapping)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code in (_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET):
+        items = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        if code == _EXT_TUPLE:
+            return tuple(items)
+        return set(items) if code == _EXT_SET else frozenset(items)
+    return msgpack.ExtType(code, data)
+
+
+class _AnyWalk:
+    """Finds the ``Any`` positions of one declared type (computed once per type)."""
+
+    def __init__(self) -> None:
+        self._has_any: dict[int, bool] = {}
+        self._hints: dict[type, dict[str, Any] | None] = {}
+
+    def has_any(self, tp: Any) -> bool:
+        key = id(tp)
+        found = self._has_any.get(key)
+        if found is None:
+            self._has_any[key] = False  # a recursive type: assume no while looking
+            found = self._has_any[key] = self._scan(tp)
+        return found
+
+    def _scan(self, tp: Any) -> bool:
+        if _is_any(tp):
+            return True
+        origin = typing.get_origin(tp)
+        if origin is typing.Literal:
+            return False
+        if origin is typing.Annotated:
+            return self.has_any(typing.get_args(tp)[0])
+        if isinstance(tp, type) and not typing.get_args(tp):
+            if tp in _BARE:
+                return True
+            fields = self.fields(tp)
+            return fields is not None and any(self.has_any(h) for h in fields.values())
+        if isinstance(origin, type) and self.fields(origin) is not None:
+            return True  # a generic dataclass or model: its TypeVar fields are walked as Any
+        return any(self.has_any(a) for a in typing.get_args(tp) if a is not Ellipsis)
+
+    def fields(self, tp: type) -> dict[str, Any] | None:
+        """Field name -> declared type, for a dataclass, model or TypedDict; else None."""
+        if tp in self._hints:
+            return self._hints[tp]
+        hints: dict[str, Any] | None = None
+        if issubclass(tp, pydantic.BaseModel):
+            hints = {n: f.annotation for n, f in tp.model_fields.items()}
+        elif dataclasses.is_dataclass(tp) or typing_extensions.is_typeddict(tp) or (
+                issubclass(tp, tuple) and hasattr(tp, "_fields")):
+            try:
+                hints = typing.get_type_hints(tp)
+            except Exception:  # unresolvable annotations: pydantic would have failed first
+                hints = {}
+            if dataclasses.is_dataclass(tp):
+                names = {f.name for f in dataclasses.fields(tp)}
+                hints = {n: h for n, h in hints.items() if n in names}
+        self._hints[tp] = hints
+        return hints
+
+    def tag(self, tp: Any, value: Any, plain: Any) -> Any:
+        """``plain`` with the containers at ``Any`` positions of ``value`` made extension types
+        (``plain`` is fresh from the dump; it is changed in place where that is possible)."""
+        if not self.has_any(tp):
+            return plain
+        if _is_any(tp):
+            return _tag_any(value, plain)
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Annotated:
+            return self.tag(args[0], value, plain)
+        if origin in (typing.Union, types.UnionType):
+            member = _member(args, value)
+            return plain if member is None else self.tag(member, value, plain)
+        if isinstance(tp, type) and not args:
+            if tp in _BARE:
+                return _tag_any(value, plain)
+            return self._tag_fields(tp, value, plain)
+        cls = origin if isinstance(origin, type) else None
+        if cls is None:
+            return plain
+        if self.fields(cls) is not None:
+            return self._tag_fields(cls, value, plain)
+        if issubclass(cls, collections.abc.Mapping) and isinstance(plain, dict) and \
+                isinstance(value, collections.abc.Mapping) and len(args) == 2:
+            for pk, sub in zip(list(plain), value.values(), strict=False):
+                plain[pk] = self.tag(args[1], sub, plain[pk])
+            return plain
+        if isinstance(plain, list) and isinstance(value, (list, tuple, set, frozenset)):
+            if issubclass(cls, tuple) and not (len(args) == 2 and args[1] is Ellipsis):
+                hints = list(args)
+            else:
+                hints = [args[0]] * len(plain) if args else []
+            for i, (hint, sub) in enumerate(zip(hints, value, strict=False)):
+                plain[i] = self.tag(hint, sub, plain[i])
+        return plain
+
+
+    def _tag_fields(self, tp: type, value: Any, plain: Any) -> Any:
+        fields = self.fields(tp)
+        if not fields:
+            return plain
+        if isinstance(plain, dict):
+            for name, hint in fields.items():
+                if name in plain and self.has_any(hint):
+                    sub = value.get(name) if isinstance(value, dict) else getattr(
+                        value, name, None)
+                    plain[name] = self.tag(hint, sub, plain[name])
+        elif isinstance(plain, list) and isinstance(value, tuple):  # a NamedTuple
+            for i, (hint, sub) in enumerate(zip(fields.values(), value, strict=False)):
+                if i < len(plain) and self.has_any(hint):
+                    plain[i] = self.tag(hint, sub, plain[i])
+        return plain
+
+
+def _is_any(tp: Any) -> bool:
+    return tp is Any or tp is object or isinstance(tp, typing.TypeVar)
+
+
+def _member(args: tuple[Any, ...], value: Any) -> Any:
+    """The union member ``value`` is an instance of (the first that fits), or None."""
+    for a in args:
+        if _is_any(a):
+            return a
+        base = typing.get_origin(a) or a
+        if typing.get_origin(a) is typing.Annotated:
+            base = typing.get_origin(typing.get_args(a)[0]) or typing.get_args(a)[0]
+        if typing_extensions.is_typeddict(base):
+            if isinstance(value, dict):
+                return a
+        elif isinstance(base, type) and isinstance(value, base):
+            return a
+    return None
+
+
+def _tag_any(value: Any, plain: Any) -> Any:
+    """What pydantic's inference made of ``value``, with its tuples, sets and frozensets (at any
+    depth) as extension types."""
+    if isinstance(value, (tuple, set, frozenset)) and isinstance(plain, list):
+        items = [_tag_any(v, p) for v, p in zip(value, plain, strict=False)]
+        if isinstance(value, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, _pack_ext(items))
+        if not all(_hashable(i) for i in items):
+            return items  # a set of dataclasses in an Any field: its plain items are dicts
+        return msgpack.ExtType(_EXT_SET if isinstance(value, set) else _EXT_FROZENSET,
+                               _pack_ext(items))
+    if isinstance(plain, list) and isinstance(value, list):
+        for i, (v, p) in enumerate(zip(value, plain, strict=False)):
+            plain[i] = _tag_any(v, p)
+    elif isinstance(plain, dict):
+        if isinstance(value, dict):
+            for pk, v in zip(list(plain), value.values(), strict=False):
+                plain[pk] = _tag_any(v, plain[pk])
+        elif dataclasses.is_dataclass(value) or isinstance(value, pydantic.BaseModel):
+            for pk in plain:
+                if isinstance(pk, str) and hasattr(value, pk):
+                    plain[pk] = _tag_any(getattr(value, pk), plain[pk])
+    return plain
+
+
+def _hashable(x: Any) -> bool:
+    return not isinstance(x, (dict, list))
+
+
+def _pack_ext(items: list[Any]) -> bytes:
+    return msgpack.packb(items, use_bin_type=True)

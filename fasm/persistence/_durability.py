@@ -163,7 +163,7 @@ def decode_records(codec: Codec, records: StoredRecords, *, store: str, key: str
         )
         journal = tuple(codec.decode_entry(data, seq) for seq, data in records.journal)
     except StoreCorrupt as e:
-        raise e.located(store=store, key=key) from e
+        raise e.located(store=store, key=key) from e.__cause__  # the located copy replaces e
     expected = records.checkpoint_seq + 1
     for entry in journal:
         if entry.seq != expected:

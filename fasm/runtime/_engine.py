@@ -171,7 +171,7 @@ class Engine:
         self._in_flight: dict[Any, Tracked[Any, Any]] = {}
         self._pending: list[Accepted] = []  # accepted, not yet committed, in order
         self._needs_reload = False
-        self._input_adapter: pydantic.TypeAdapter[Any] | None = None
+        self._input_adapter: StrictValidator | None = None
         self._finish = finish
 
     # -- inputs -------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class Engine:
             raise InvalidInput(
                 f"{type(value).__qualname__} is not a valid input for "
                 f"{type(self.machine).__qualname__} (expected {_type_name(self.types.input)}): "
-                f"{e.error_count()} error(s): {e.errors()[0]['msg']}"
+                f"{e.error_count()} error(s): {self._input_adapter.describe(e)}"
             ) from e
 
     # -- transitions --------------------------------------------------------------------------
@@ -406,14 +406,50 @@ def _failed(e: Exception, input: Input[Any, Any, Any]) -> TransitionFailed:
     return err
 
 
-def _strict_adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
-    """A validator that also checks the fields of dataclass instances (pydantic passes instances
-    through unchecked by default, so ``Deposit("a", "lots")`` would reach the stf). A BaseModel
-    type carries its own config and validates at construction, so it is used as it is."""
-    try:
-        return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(revalidate_instances="always"))
-    except pydantic.PydanticUserError:
-        return pydantic.TypeAdapter(tp)
+class StrictValidator:
+    """Strict validation of one declared type that also checks the fields of dataclass
+    instances, whatever the shape: pydantic passes instances through unchecked by default, so
+    ``Deposit("a", "lots")`` would reach the stf and be committed. pydantic refuses ``config=``
+    for a bare dataclass, model or TypedDict, so such a type is validated as the only member of a
+    one-element tuple, where the config reaches it (and the dataclasses nested in it). A model
+    instance keeps its own config (pydantic does not revalidate it, nor the dataclasses inside
+    it); the runtime's encode check at submit (:meth:`~fasm.persistence._codec.Codec.pack`)
+    catches a model built with ``model_construct`` or mutated into a mismatch by reading it
+    back.
+    """
+
+    __slots__ = ("_adapter", "_wrapped")
+
+    def __init__(self, tp: Any) -> None:
+        config = pydantic.ConfigDict(revalidate_instances="always")
+        try:
+            self._adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(tp, config=config)
+            self._wrapped = False
+        except pydantic.PydanticUserError:
+            self._adapter = pydantic.TypeAdapter(tuple[tp], config=config)
+            self._wrapped = True
+
+    def validate_python(self, value: Any, *, strict: bool = True) -> Any:
+        """The validated value (``strict``: no coercion).
+
+        Raises:
+            pydantic.ValidationError: it does not validate.
+        """
+        if self._wrapped:
+            return self._adapter.validate_python((value,), strict=strict)[0]
+        return self._adapter.validate_python(value, strict=strict)
+
+    def describe(self, error: pydantic.ValidationError) -> str:
+        """The first error, with where it is (``amount: Input should be a valid integer``)."""
+        first = error.errors()[0]
+        loc = first["loc"][1:] if self._wrapped else first["loc"]
+        where = ".".join(str(p) for p in loc)
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+
+
+def _strict_adapter(tp: Any) -> StrictValidator:
+    """The strict validator of ``tp`` (see :class:`StrictValidator`)."""
+    return StrictValidator(tp)
 
 
 def _type_name(tp: Any) -> str:

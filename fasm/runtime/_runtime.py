@@ -25,10 +25,12 @@ from .._timer import Timer, TimerFired
 from ..errors import (
     DefinitionError,
     FasmError,
+    InvalidInput,
     Rejected,
     RuntimeClosed,
     StoreError,
 )
+from ..persistence._codec import Codec, Unencodable
 from ..persistence._durability import Durability
 from ..persistence._store import Store
 from ..persistence._txn import Database
@@ -40,6 +42,7 @@ from ._engine import (
     Failed,
     Release,
     Rollback,
+    StrictValidator,
     _strict_adapter,
     input_kind,
 )
@@ -208,7 +211,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._rng = random.Random(seed)
         self._executors = self._check_executors(dict(executors or {}))
         self._handlers = self._check_handlers(dict(handlers or {}))
-        self._result_adapter: pydantic.TypeAdapter[Any] | None = None
+        self._result_adapter: StrictValidator | None = None
+        self._codec: Codec | None = None  # checks submits and results encode (made at need)
         self._engine: Engine | None = None
         self._status = "new"
         self._failure: BaseException | None = None
@@ -328,7 +332,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             The committed outcome.
 
         Raises:
-            InvalidInput: ``value`` is not of the declared input type (nothing ran).
+            InvalidInput: ``value`` is not of the declared input type, field for field, or it
+                or the key cannot be written as a record (a lone surrogate, an int outside
+                msgpack's 64 bits, an arbitrary object in an ``Any`` field), or the key is not a
+                ``str`` or holds NUL. Nothing ran and the runtime goes on.
             Rejected: the stf refused the input (state unchanged).
             TransitionFailed: the stf raised something else, or (under ``Snapshot``) left a state
                 that cannot be encoded, the message naming the field (state unchanged).
@@ -337,7 +344,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             StoreError: the commit could not be made durable; the runtime stops.
         """
         engine = self._require_running()
-        item = _Submit(Normal(engine.validate(value)), idempotency_key)
+        item = _Submit(self._checked(engine.validate(value)), _checked_key(idempotency_key))
         send = self._send
         assert send is not None
         try:
@@ -352,6 +359,26 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             raise item.error
         assert item.outcome is not None
         return cast(Committed[TId, TA, U], item.outcome)
+
+    def _checked(self, value: Any) -> Normal[Any]:
+        """The input, with its record bytes made now: one that cannot be written is refused
+        here, alone, instead of failing its whole group's commit later. The journal reuses the
+        bytes, so the check costs nothing extra there."""
+        codec = self._codec_()
+        try:
+            packed = codec.pack("input", value)
+        except (Unencodable, TypeError) as e:
+            raise InvalidInput(
+                f"{type(value).__qualname__} cannot be committed for "
+                f"{type(self.machine).__qualname__}: {e}") from e
+        normal = Normal(value)
+        object.__setattr__(normal, "_packed", packed)  # frozen: set once, before it is shared
+        return normal
+
+    def _codec_(self) -> Codec:
+        if self._codec is None:
+            self._codec = Codec(type(self.machine))
+        return self._codec
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -589,6 +616,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             return result
 
     def _check_result(self, result: Any) -> None:
+        """A result that does not validate field for field, or cannot be written as a record,
+        fails its attempt (retried like an executor exception) instead of reaching the store."""
         if self._result_adapter is None:
             self._result_adapter = _strict_adapter(self.types.tracked_result)
         try:
@@ -596,8 +625,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         except pydantic.ValidationError as e:
             raise TypeError(
                 f"executor returned {type(result).__qualname__}, not the machine's tracked "
-                f"result type: {e.errors()[0]['msg']}"
+                f"result type: {self._result_adapter.describe(e)}"
             ) from e
+        try:
+            self._codec_().pack("tracked_result", result)
+        except Unencodable as e:
+            raise TypeError(f"executor returned {type(result).__qualname__}, which cannot be "
+                            f"committed: {e}") from e
 
     def _context(self, action_id: Any, attempt: int, deadline: float | None) -> ActionContext:
         return ActionContext(
@@ -771,6 +805,29 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._failure is not None:
             return RuntimeClosed(f"the runtime stopped after a failure: {self._failure!r}")
         return RuntimeClosed(f"the runtime is {self._status}; it accepts no input")
+
+
+def _checked_key(key: Any) -> str | None:
+    """An idempotency key every store keeps as it was given: a ``str`` (an int key would be
+    deduplicated within a run and forgotten after a restart) of valid Unicode without NUL
+    (SQLite and PostgreSQL text cannot hold lone surrogates, PostgreSQL text no NUL; refused on
+    every store alike, so behaviour does not depend on the backend).
+
+    Raises:
+        InvalidInput: the key is refused; nothing ran.
+    """
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise InvalidInput(f"idempotency_key must be a str, got {type(key).__qualname__}")
+    if "\x00" in key:
+        raise InvalidInput("idempotency_key cannot hold NUL ('\\x00')")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"idempotency_key is not valid Unicode (lone surrogate at "
+                           f"index {e.start})") from e
+    return key
 
 
 def _lookup(table: Mapping[type[Any], Any], cls: type[Any]) -> Any:

@@ -7,12 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pydantic
-
 from .._machine import StateMachine, type_members
 from ..persistence._codec import Codec
 from ..persistence._durability import Durability
-from ..runtime._engine import Engine, Rollback
+from ..runtime._engine import Engine, Rollback, StrictValidator
 from ._checks import Invariant, StateTools
 from ._sim_config import Checks, FaultPlan, SimExecutor, lookup
 
@@ -38,7 +36,7 @@ class Setup:
     codec: Codec = field(init=False)
     tools: StateTools = field(init=False)
     validator: Engine = field(init=False)
-    results: pydantic.TypeAdapter[Any] | None = field(init=False)
+    results: StrictValidator | None = field(init=False)
 
     def __post_init__(self) -> None:
         types = type(self.machine).machine_types()
@@ -73,10 +71,7 @@ def _declares(tp: Any) -> bool:
     return bool(type_members(tp))
 
 
-def _strict_adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
+def _strict_adapter(tp: Any) -> StrictValidator:
     # As the Runtime checks executor results: dataclass instances are revalidated too.
-    try:
-        return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(revalidate_instances="always"))
-    except pydantic.PydanticUserError:
-        return pydantic.TypeAdapter(tp)
+    return StrictValidator(tp)
 

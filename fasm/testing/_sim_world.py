@@ -229,7 +229,8 @@ class Run(Verifier):
         self.nones = 0
         try:
             value = self.s.validator.validate(value)
-        except InvalidInput as e:
+            self.s.codec.pack("input", value)  # as Runtime.submit: refused if it cannot be written
+        except (InvalidInput, Unencodable) as e:
             raise Violation("input", f"the input source produced {short(value)}, which the "
                                      f"machine does not accept: {e}") from e
         self.submits += 1
@@ -319,11 +320,15 @@ class Run(Verifier):
             return
         try:
             s.results.validate_python(result, strict=True)
+            s.codec.pack("tracked_result", result)  # as the Runtime checks results
             s.remember_valid_result(result)
         except pydantic.ValidationError as e:
             raise Violation("executor", f"the simulated executor for {short(action)} returned "
                                         f"{short(result)}, not the machine's tracked result "
-                                        f"type: {e.errors()[0]['msg']}") from e
+                                        f"type: {s.results.describe(e)}") from e
+        except Unencodable as e:
+            raise Violation("executor", f"the simulated executor for {short(action)} returned "
+                                        f"{short(result)}, which cannot be committed: {e}") from e
 
     # -- start and crash (ObjectHost._recover, then restore) --------------------------------------
 

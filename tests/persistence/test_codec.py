@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgpack
 import pydantic
 import pytest
+from typing_extensions import TypedDict
 
 from fasm import Normal, StateMachine, TrackedActionCompleted
-from fasm.errors import IncompatibleRecord, StoreCorrupt
+from fasm.errors import IncompatibleRecord, MigrationFailed, StoreCorrupt
 from fasm.persistence import Codec
-from fasm.persistence._codec import FORMAT_VERSION
+from fasm.persistence._codec import FORMAT_VERSION, Unencodable
+
+T = TypeVar("T")
 
 
 class Color(Enum):
@@ -154,7 +158,7 @@ def _reseal(data: bytes, **changes: Any) -> bytes:
 def test_newer_format_or_schema_is_refused_never_half_read() -> None:
     codec = Codec(Shop)
     data = codec.encode_checkpoint(1, sample(), {})
-    with pytest.raises(IncompatibleRecord, match="format 2 is newer"):
+    with pytest.raises(IncompatibleRecord, match=f"format {FORMAT_VERSION + 1} is newer"):
         codec.decode_checkpoint(_reseal(data, f0=FORMAT_VERSION + 1), 1)
     with pytest.raises(IncompatibleRecord, match="schema version 2 is newer"):
         codec.decode_checkpoint(_reseal(data, f2=2), 1)
@@ -221,3 +225,280 @@ def test_state_that_does_not_validate_is_corrupt_not_half_loaded() -> None:
     data = Codec(Wide).encode_checkpoint(1, {"x": "y"}, {})
     with pytest.raises(StoreCorrupt, match="does not decode as the declared state"):
         Codec(NarrowM).decode_checkpoint(data, 1)
+
+
+# -- records made from bytes packed at submit, where a value cannot be written ----------------
+
+
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32])
+def test_an_entry_from_prepacked_bytes_is_byte_for_byte_the_packed_envelope(seq: int) -> None:
+    """The runtime packs an input's body once at submit and the journal reuses it: the record
+    must be exactly what packing the whole envelope gives, so format 1 is unchanged."""
+    codec = Codec(Shop)
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for value, key in ((Normal(Add(Item("a", Decimal(1), t))), "k"), (Normal(Remove(3)), None),
+                       (TrackedActionCompleted(9, Err(9)), "ß")):
+        payload: Any = (
+            [0, codec._typed("input").dump(value.value), key] if isinstance(value, Normal)
+            else [1, [9, ["Err", {"id": 9}]], key])
+        whole = msgpack.packb([FORMAT_VERSION, "tests.shop", 1, seq, 1, payload],
+                              use_bin_type=True)
+        assert codec.encode_entry(seq, value, key)[:-4] == whole
+        if isinstance(value, Normal):
+            packed = Normal(value.value)
+            object.__setattr__(packed, "_packed", codec.pack("input", value.value))
+            assert codec.encode_entry(seq, packed, key)[:-4] == whole
+        assert codec.decode_entry(codec.encode_entry(seq, value, key), seq).input == value
+
+
+@dataclass
+class Pending:
+    user: str
+
+
+@dataclass
+class Book:
+    pending: list[Pending]
+    extra: Any = None
+
+
+def test_unencodable_names_the_field_that_does_not_encode() -> None:
+    class Books(StateMachine[Book, int]):
+        machine_name = "tests.books"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    codec = Codec(Books)
+    book = Book([Pending("a")] * 3 + [Pending("\ud800")])
+    with pytest.raises(Unencodable) as info:
+        codec.encode_checkpoint(1, book, {})
+    assert (info.value.what, info.value.path) == ("state", "pending[3].user")
+    with pytest.raises(Unencodable) as info:
+        codec.encode_checkpoint(1, Book([], extra={"n": [1, 2**64]}), {})
+    assert info.value.path == "extra.n[1]"
+    with pytest.raises(Unencodable) as info:
+        codec.encode_checkpoint(1, Book([], extra=object()), {})
+    assert info.value.path == "extra"
+
+
+class Tagged(StateMachine[dict[str, Ok | Err], Ok | Err]):
+    machine_name = "tests.tagged"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class OkWide:
+    id: int
+    gone: str = "x"
+
+
+class TaggedWide(StateMachine[dict[str, OkWide | Err], OkWide | Err]):
+    machine_name = "tests.tagged"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+@dataclass
+class V1:
+    accounts: dict[str, dict[str, Any]]
+    rows: list[Model]
+
+
+class Row(pydantic.BaseModel):
+    n: int
+
+
+@dataclass
+class V2:
+    accounts: dict[str, dict[str, Any]]
+    rows: list[Row]
+
+
+def test_fields_the_type_no_longer_has_are_refused_at_every_depth() -> None:
+    wide = Codec(TaggedWide)
+    OkWide.__qualname__ = "Ok"  # the same class name, as after removing a field in place
+    try:
+        entry = wide.encode_entry(1, Normal(OkWide(1)), None)
+    finally:
+        OkWide.__qualname__ = "OkWide"
+    narrow = Codec(Tagged)
+    with pytest.raises(IncompatibleRecord, match=r"stored input has field\(s\) gone"):
+        narrow.decode_entry(entry, 1)
+
+    class Declared(Tagged):
+        dropped_fields = {"input": ("gone",)}  # noqa: RUF012
+
+    assert Codec(Declared).decode_entry(entry, 1).input == Normal(Ok(1))
+
+    class M1(StateMachine[V1, int]):
+        machine_name = "tests.depth"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    class M2(StateMachine[V2, int]):
+        machine_name = "tests.depth"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    data = Codec(M1).encode_checkpoint(3, V1({"a": {"x": 1}}, [Model(n=1), Model(n=2)]), {})
+    with pytest.raises(IncompatibleRecord, match=r"rows\[0\]\.tags, rows\[1\]\.tags") as info:
+        Codec(M2).decode_checkpoint(data, 3)
+    assert "migration" in str(info.value) and "dropped_fields" in str(info.value)
+    assert "accounts" not in str(info.value)  # a dict of Any keeps what it holds
+
+
+def test_a_migration_that_raises_is_migration_failed() -> None:
+    @dataclass
+    class V:
+        n: int
+
+    class M1(StateMachine[V, int]):
+        machine_name = "tests.mig"
+
+        async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+        async def restore(self, state: Any, actions: Any) -> None: ...
+
+    class M2(M1):
+        schema_version = 2
+        migrations = {1: lambda d: d["missing"]}  # noqa: RUF012
+
+    data = Codec(M1).encode_checkpoint(4, V(1), {})
+    with pytest.raises(MigrationFailed, match="from schema version 1 to 2") as info:
+        Codec(M2).decode_checkpoint(data, 4)
+    assert (info.value.seq, info.value.from_version) == (4, 1)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+# -- containers in Any fields keep their type (format 2); format 1 is still read --------------
+
+
+@dataclass
+class Loose:
+    anything: Any
+    bag: dict[str, Any] = field(default_factory=dict)
+    rows: list[Any] = field(default_factory=list)
+    bare: tuple = ()  # type: ignore[type-arg]
+    typed: set[str] = field(default_factory=set)
+    maybe: Item | None = None
+
+
+class LooseM(StateMachine[Loose, Loose | Remove]):
+    machine_name = "tests.loose"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+def loose() -> Loose:
+    return Loose(
+        anything=(1, "a", (2, 3), [4, (5,)], {"k": {6, 7}}, frozenset({8})),
+        bag={"s": {"x"}, "t": (1, 2), "f": frozenset({(1, 2)}), "d": {"in": (3,)}},
+        rows=[(1,), {2}, [3, (4,)]],
+        bare=(1, (2,)),
+        typed={"y"},
+    )
+
+
+def test_tuples_and_sets_in_any_fields_round_trip_as_themselves() -> None:
+    codec = Codec(LooseM)
+    cp = codec.decode_checkpoint(codec.encode_checkpoint(2, loose(), {}), 2)
+    assert cp.state == loose()
+    assert type(cp.state.anything) is tuple and type(cp.state.anything[5]) is frozenset
+    assert type(cp.state.bag["s"]) is set and type(cp.state.rows[0]) is tuple
+    entry = codec.decode_entry(codec.encode_entry(3, Normal(loose()), None), 3)
+    assert entry.input == Normal(loose())
+    assert type(entry.input.value.bag["t"]) is tuple  # type: ignore[union-attr]
+
+
+def test_a_format_1_record_is_still_read() -> None:
+    codec = Codec(Shop)
+    data = codec.encode_checkpoint(1, sample(), {"k": 1})
+    assert msgpack.unpackb(data[:-4])[0] == FORMAT_VERSION == 2
+    old = _reseal(data, f0=1)
+    assert codec.decode_checkpoint(old, 1).state == sample()
+    entry = _reseal(codec.encode_entry(2, Normal(Remove(3)), "k"), f0=1)
+    assert codec.decode_entry(entry, 2).input == Normal(Remove(3))
+
+
+def test_a_failed_pack_leaves_the_codec_writing_correct_bytes() -> None:
+    """The codec keeps one msgpack Packer per thread; a value that fails half-way must not
+    leave bytes behind in it for the next record."""
+    codec = Codec(Shop)
+    for bad in (Remove(2**64),):
+        with pytest.raises(Unencodable):
+            codec.pack("input", bad)
+    assert codec.pack("input", Remove(1)) == msgpack.packb(["Remove", {"id": 1}],
+                                                            use_bin_type=True)
+
+
+class AnyTD(TypedDict):
+    a: Any
+
+
+class AnyNT(NamedTuple):
+    x: Any
+    y: int
+
+
+class AnyModel(pydantic.BaseModel):
+    z: Any = None
+    w: list[Any] = []
+
+
+@dataclass
+class AnyNode:
+    v: Any
+    kids: list[AnyNode] = field(default_factory=list)
+
+
+@dataclass
+class AnyBox(Generic[T]):
+    item: T
+
+
+@dataclass
+class Shapes:
+    o: Any | None = None
+    la: list[Any] = field(default_factory=list)
+    di: dict[int, Any] = field(default_factory=dict)
+    ta: tuple[Any, ...] = ()
+    un: int | list[Any] = 0
+    td: AnyTD | None = None
+    nt: AnyNT | None = None
+    pm: AnyModel = field(default_factory=AnyModel)
+    node: AnyNode | None = None
+    box: AnyBox[Any] | None = None
+    seq: Sequence[Any] = ()
+    mp: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ShapesM(StateMachine[Shapes, int]):
+    machine_name = "tests.shapes"
+
+    async def stf(self, state: Any, input: Any, actions: Any) -> None: ...
+
+    async def restore(self, state: Any, actions: Any) -> None: ...
+
+
+def test_any_positions_are_found_in_every_shape() -> None:
+    state = Shapes(o=(1,), la=[None, (2,), {3}], di={1: (4,)}, ta=((5,), 6), un=[(7,)],
+                   td={"a": (8,)}, nt=AnyNT((9,), 1), pm=AnyModel(z=(10,), w=[{11}]),
+                   node=AnyNode((12,), [AnyNode({13})]), box=AnyBox((14,)), seq=[(15,)],
+                   mp={"k": frozenset({16})})
+    codec = Codec(ShapesM)
+    got = codec.decode_checkpoint(codec.encode_checkpoint(1, state, {}), 1).state
+    for name in ("o", "la", "di", "ta", "un", "td", "nt", "pm", "node", "box", "seq", "mp"):
+        assert repr(getattr(got, name)) == repr(getattr(state, name)), name

@@ -95,6 +95,22 @@ def test_invalid_input_from_the_source_is_reported() -> None:
     assert "does not accept" in failure.message
 
 
+def test_input_that_cannot_be_written_is_reported_like_the_runtime_refuses_it() -> None:
+    report = desk_sim(inputs=lambda rng, state: Place(qty=2**64, customer="ada")).run(seeds=1)
+    assert report.failures[0].check == "input"
+    assert "cannot be encoded" in report.failures[0].message
+    report = desk_sim(inputs=lambda rng, state: Place(qty=1, customer="\ud800")).run(seeds=1)
+    assert report.failures[0].check == "input"
+    assert "input at customer cannot be encoded" in report.failures[0].message
+
+
+def test_executor_result_that_cannot_be_written_is_reported() -> None:
+    report = desk_sim(executors={Ship: lambda a: Lost("\ud800"),
+                                 Call: lambda a: Shipped()}).run(seeds=1)
+    assert report.failures[0].check == "executor"
+    assert "cannot be committed" in report.failures[0].message
+
+
 def test_wrong_executor_result_type_is_reported() -> None:
     report = desk_sim(executors={Ship: lambda a: "shipped", Call: lambda a: Shipped()}).run(
         seeds=1)
