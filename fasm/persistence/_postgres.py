@@ -104,10 +104,11 @@ class Secrets:
         self._words = sorted((w for w in words if w), key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
-        """``text`` with every occurrence of the password replaced by ``***``."""
+        """``text`` with every occurrence of the password replaced by ``***``, on one line
+        (libpq's messages end with hints on lines of their own)."""
         for word in self._words:
             text = text.replace(word, "***")
-        return text
+        return " ".join(text.split())
 
     def leaks(self, text: str) -> bool:
         """Whether ``text`` holds the password."""

@@ -166,9 +166,11 @@ class DatabaseHost:
         for attempt in self._attempts():
             try:
                 return self.database._load_sync(self.key)
-            except (TransactionConflict, StoreUnavailable) as e:
-                if attempt == self.database.max_attempts:
-                    raise e.located(store=self.description, key=self.key) from e
+            except Abort as abort:
+                # Not again when the driver gave up (its reconnect budget is spent already).
+                if not abort.retry or attempt == self.database.max_attempts:
+                    raise abort.error.located(store=self.description,
+                                              key=self.key) from abort.error
                 time.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 

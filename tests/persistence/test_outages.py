@@ -138,6 +138,16 @@ async def test_a_server_restart_while_idle_is_ridden_out(
 
 @pytest.mark.anyio
 @pytest.mark.postgres
+async def test_a_start_during_an_outage_waits_for_the_server(target: Target,
+                                                             proxy: CommitCutter) -> None:
+    restart(proxy, 1.5)  # open, acquire and load meet a server that refuses connections
+    async with target.runtime(proxy.dsn) as rt:
+        assert (await rt.submit(target.input(2))).seq == 1
+    assert await target.total() == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.postgres
 async def test_an_outage_longer_than_the_budget_is_unavailable(
         target: Target, proxy: CommitCutter) -> None:
     with pytest.raises(StoreUnavailable, match="whole reconnect budget"):
