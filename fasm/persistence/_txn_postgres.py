@@ -497,6 +497,10 @@ class _PgDriver:
             return Failure("contention")
         if state.startswith("08") or state in _LOST:
             return Failure("lost")
+        if not state and isinstance(error, psycopg.OperationalError):
+            # libpq's own report of a connection that failed (no SQLSTATE: the server never
+            # answered), as _resolve re-raises it once a lost COMMIT turned out not to commit.
+            return Failure("lost")
         if state.startswith(("53", "58")):  # insufficient resources, system error
             return Failure("unavailable")
         return None

@@ -22,7 +22,7 @@ import pytest
 
 from fasm import Normal, StateMachine
 from fasm.errors import RuntimeClosed, StoreConflict, StoreUnavailable
-from fasm.persistence import SQLiteStore, Store
+from fasm.persistence import SQLiteDatabase, SQLiteStore, Store
 from fasm.runtime import Runtime
 
 KEY = "order/42"
@@ -293,16 +293,31 @@ class Holder:
 
 
 @pytest.mark.anyio
-async def test_a_write_lock_held_longer_than_busy_timeout_is_waited_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["store", "database"])
+async def test_a_write_lock_held_longer_than_busy_timeout_is_waited_out(tmp_path: Path,
+                                                                        kind: str) -> None:
+    """SQLiteStore waits as SQLiteDatabase does: ``max_attempts`` attempts (5 by default) of
+    ``busy_timeout`` each."""
     path = tmp_path / "s.db"
-    store = SQLiteStore(path, busy_timeout=0.5)  # 5 attempts (the default): 2.5 s in all
-    async with counter(store) as rt:
-        await rt.submit(1)
+    if kind == "database":
+        await create_schema(SQLiteDatabase(path))
+        async with SQLiteDatabase(path) as db, db.transaction() as tx:
+            await tx.execute("INSERT INTO accounts VALUES ('ada', 10)")
+        rt = ledger(SQLiteDatabase(path, busy_timeout=0.5))
+    else:
+        rt = counter(SQLiteStore(path, busy_timeout=0.5))
+    amount: Callable[[int], Any] = (lambda n: n) if kind == "store" else (
+        lambda n: Deposit("ada", n))
+    async with rt:
+        await rt.submit(amount(1))
         holder = Holder(path)
         threading.Timer(1.2, holder.release).start()  # more than one busy_timeout
-        assert (await rt.submit(2)).seq == 2
+        assert (await rt.submit(amount(2))).seq == 2
         assert rt.running
-    assert await committed_total(SQLiteStore(path)) == (3, 2)
+    if kind == "store":
+        assert await committed_total(SQLiteStore(path)) == (3, 2)
+    else:
+        assert (await balances(SQLiteDatabase(path)))["ada"] == 13
 
 
 @pytest.mark.anyio
