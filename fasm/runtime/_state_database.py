@@ -19,8 +19,9 @@ engine forgets the group's accepted steps and the whole group runs again on a fr
 (safe, because the stf is deterministic: on the same data it does the same; on data another
 writer changed, it does what that data calls for). After ``max_attempts`` the submitters get
 :class:`~fasm.errors.TransactionConflict` and the runtime goes on. A lost connection is retried the
-same way on a new connection; when none can be had, the runtime stops with
-:class:`~fasm.errors.StoreUnavailable`. Nothing uncommitted is ever acknowledged.
+same way on a new connection (the driver keeps trying to connect for its reconnect budget); when
+none can be had, the runtime stops with :class:`~fasm.errors.StoreUnavailable`. Nothing uncommitted
+is ever acknowledged.
 
 Tracked actions in flight are not written: ``restore`` finds them in the user's own rows, read in
 a read-only transaction, as invariant 4 requires (tracked actions are stored in state when they
