@@ -213,7 +213,11 @@ class _PgDriver:
                 conn = psycopg.connect(self._dsn, autocommit=True, application_name=self._app,
                                        connect_timeout=timeout)
                 if self._lock_timeout is not None:
-                    conn.execute(f"SET lock_timeout = '{int(self._lock_timeout * 1000)}ms'")
+                    try:
+                        conn.execute(f"SET lock_timeout = '{int(self._lock_timeout * 1000)}ms'")
+                    except BaseException:
+                        conn.close()
+                        raise
             except psycopg.Error as e:
                 failure = e
             else:
@@ -305,8 +309,8 @@ class _PgDriver:
         except psycopg.Error as e:
             self._drop()
             if isinstance(e, psycopg.errors.UndefinedColumn | psycopg.errors.DatatypeMismatch):
-                raise StoreCorrupt(f"the tables are not fasm's: {e}",
-                                   store=self.description) from e
+                raise StoreCorrupt(f"the tables are not fasm's: {self._secrets.scrub(str(e))}",
+                                   store=self.description) from self._secrets.cause(e)
             error = StoreUnavailable(
                 f"cannot open the database: {type(e).__name__}: {self._secrets.scrub(str(e))}",
                 store=self.description)
@@ -342,16 +346,20 @@ class _PgDriver:
     def acquire(self, key: str) -> None:
         if "\0" in key:
             raise ValueError("PostgreSQL text cannot hold NUL characters, so keys cannot either")
-        try:
-            conn = self._connection()
-            if key in self._held:
-                return
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)",
-                               (self._key_lock(key),)).fetchone()
-        except psycopg.Error as e:
-            error = StoreUnavailable(f"cannot lock the key: {self._secrets.scrub(str(e))}",
-                                     store=self.description, key=key)
-            raise error from self._secrets.cause(e)
+        for attempt in (1, 2):
+            try:
+                conn = self._connection()
+                if key in self._held:
+                    return
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                   (self._key_lock(key),)).fetchone()
+                break
+            except psycopg.Error as e:
+                if attempt == 1 and self.classify(e) == Failure("lost"):
+                    continue  # a stale connection: the next _connection() reconnects
+                error = StoreUnavailable(f"cannot lock the key: {self._secrets.scrub(str(e))}",
+                                         store=self.description, key=key)
+                raise error from self._secrets.cause(e)
         if row is None or not row[0]:
             raise StoreConflict("key is held by another runtime or process",
                                 store=self.description, key=key)
