@@ -53,6 +53,7 @@ _MAX_DELAY = 1.0
 _TRANSIENT_FATAL = ("the database system is", "too many clients", "connection slots",
                     "terminating connection", "cannot connect now")
 _TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300"}
+_SECRET_PARAMS = ("password", "sslpassword")  # the client key's passphrase is a secret too
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {meta} (name text PRIMARY KEY, value text NOT NULL)",
     "CREATE TABLE IF NOT EXISTS {keys} (key text PRIMARY KEY, seq bigint NOT NULL, "
@@ -72,7 +73,8 @@ def safe_dsn(dsn: str) -> str:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.Error:
         return "<unparsable dsn>"
-    params.pop("password", None)
+    for secret in _SECRET_PARAMS:
+        params.pop(secret, None)
     return psycopg.conninfo.make_conninfo("", **params)
 
 
@@ -95,11 +97,11 @@ class Secrets:
         if params is None:  # raised here, outside the handler, so nothing chains psycopg's text
             raise ValueError("the DSN is not a valid libpq connection string or URL (its text "
                              "is not shown, since it may hold a password)")
-        words = {str(params.get("password") or "")}
+        words = {str(params.get(name) or "") for name in _SECRET_PARAMS}
         # The raw spellings too, in case a message quotes the string rather than the value.
         words.update(m.group(1) for m in re.finditer(r"://[^:/@]*:([^@]*)@", dsn))
         words.update(m.group(1) or m.group(2) for m in
-                     re.finditer(r"password\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(\S+))?", dsn)
+                     re.finditer(r"(?:ssl)?password\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(\S+))?", dsn)
                      if m.group(1) or m.group(2))
         self._words = sorted((w for w in words if w), key=len, reverse=True)
 

@@ -237,6 +237,7 @@ def dsns(pg_dsn: str, port: int) -> list[str]:
         f"host={host} port={port} user={user} password={SECRET} dbname=test",
         f"host={host} port={port} user={user} password='{SECRET}' dbname=test",
         f"postgresql://{user}@{host}:{port}/test?password={SECRET}",
+        f"host={host} port={port} user={user} sslpassword={SECRET} dbname=test",
     ]
 
 
