@@ -21,7 +21,10 @@ works on asyncio and trio alike.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -36,12 +39,21 @@ from ._sqlite import records_from_rows
 from ._store import StoredRecords, check_commit_args
 from ._worker import Worker
 
-__all__ = ("PostgresStore",)
+__all__ = ("PostgresStore", "Secrets", "is_transient", "safe_dsn")
+
+log = logging.getLogger("fasm.persistence")
 
 _FORMAT = "1"
 _T = TypeVar("_T")
 _RELOCK_TIMEOUT = "2s"  # waiting for our own dead session to let go of its locks
 _RESOLVE_TIMEOUT = "10s"
+_FIRST_DELAY = 0.05  # seconds before the first reconnect attempt; doubles up to _MAX_DELAY
+_MAX_DELAY = 1.0
+# What a server says while it restarts, or when it is too busy to take a session now.
+_TRANSIENT_FATAL = ("the database system is", "too many clients", "connection slots",
+                    "terminating connection", "cannot connect now")
+_TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300"}
+_SECRET_PARAMS = ("password", "sslpassword")  # the client key's passphrase is a secret too
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {meta} (name text PRIMARY KEY, value text NOT NULL)",
     "CREATE TABLE IF NOT EXISTS {keys} (key text PRIMARY KEY, seq bigint NOT NULL, "
@@ -56,13 +68,86 @@ def _crc(data: bytes) -> int:
 
 
 def safe_dsn(dsn: str) -> str:
-    """The connection string without its password, for messages."""
+    """The connection string without its password, for messages (URL or keyword form)."""
     try:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.Error:
         return "<unparsable dsn>"
-    params.pop("password", None)
+    for secret in _SECRET_PARAMS:
+        params.pop(secret, None)
     return psycopg.conninfo.make_conninfo("", **params)
+
+
+class Secrets:
+    """What must never appear in a message: the DSN's password, however it is written.
+
+    psycopg's own error text may echo parts of the connection string (a DSN it cannot parse is
+    quoted word by word), so every message, log line and chained driver error of a PostgreSQL
+    store or database goes through :meth:`scrub` or :meth:`cause`.
+
+    Raises:
+        ValueError: the DSN cannot be parsed (its text is not shown: it may hold a password).
+    """
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error:
+            params = None
+        if params is None:  # raised here, outside the handler, so nothing chains psycopg's text
+            raise ValueError("the DSN is not a valid libpq connection string or URL (its text "
+                             "is not shown, since it may hold a password)")
+        words = {str(params.get(name) or "") for name in _SECRET_PARAMS}
+        # The raw spellings too, in case a message quotes the string rather than the value.
+        words.update(m.group(1) for m in re.finditer(r"://[^:/@]*:([^@]*)@", dsn))
+        words.update(m.group(1) or m.group(2) for m in
+                     re.finditer(r"(?:ssl)?password\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(\S+))?", dsn)
+                     if m.group(1) or m.group(2))
+        self._words = sorted((w for w in words if w), key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of the password replaced by ``***``, on one line
+        (libpq's messages end with hints on lines of their own)."""
+        for word in self._words:
+            text = text.replace(word, "***")
+        return " ".join(text.split())
+
+    def leaks(self, text: str) -> bool:
+        """Whether ``text`` holds the password."""
+        return any(word in text for word in self._words)
+
+    def cause(self, error: BaseException) -> BaseException:
+        """``error`` to chain as a cause, or, when its text (or its chain's) holds the password,
+        a plain error of the same kind with the password scrubbed and no chain."""
+        seen: BaseException | None = error
+        while seen is not None:
+            if self.leaks(str(seen)):
+                kind = type(error) if isinstance(error, psycopg.Error) else psycopg.Error
+                try:
+                    return kind(self.scrub(str(error)))
+                except Exception:  # an exception class that wants other arguments
+                    return psycopg.Error(self.scrub(str(error)))
+            seen = seen.__cause__ or seen.__context__
+        return error
+
+
+def is_transient(error: psycopg.Error) -> bool:
+    """Whether a failure to connect is one that time cures (the server restarting, the network
+    down, no free connection slot) rather than a wrong database, user or password.
+
+    libpq reports no SQLSTATE for a failed connection, so this reads its text: a server that
+    answered with ``FATAL`` refused the session for good unless it said it is starting or
+    shutting down or full. (A server whose messages are translated is treated as transient: the
+    reconnect budget then bounds the wait.)"""
+    if error.sqlstate is not None:
+        return error.sqlstate.startswith("08") or error.sqlstate in _TRANSIENT_STATES
+    text = str(error)
+    return "FATAL:" not in text or any(part in text for part in _TRANSIENT_FATAL)
+
+
+class _Lost(StoreUnavailable):
+    """Internal: the connection broke or could not be made, and nothing was committed: the call
+    may be made again on a new connection, within the reconnect budget."""
 
 
 def _hash(*parts: str) -> bytes:
@@ -77,23 +162,37 @@ class PostgresStore:
         schema: the schema holding the tables; created when missing.
         table_prefix: prefix of the three table names.
         connect_timeout: seconds to wait for a connection.
+        reconnect_budget: seconds the store keeps trying to reach the server after losing its
+            connection (or not getting one) before a call gives up with
+            :class:`StoreUnavailable`: long enough by default to ride out an ordinary server
+            restart or failover. The call that met the outage waits meanwhile, and so do the
+            runtime's submitters, whose inputs stay queued; 0 gives up at once.
 
     What a user should know:
 
     * ``acquire`` takes ``pg_try_advisory_lock`` on a 64-bit hash of schema, prefix and key,
       held by this store's session: exclusive across store objects and processes, and released
       by the server when the session ends (a killed process never leaves a key locked).
-    * A lost connection makes the call that meets it raise :class:`StoreUnavailable`; the next
-      call reconnects. The session's advisory locks die with it, so on reconnecting the store
-      ends its old session if the server still runs it and takes every held key's lock again.
-      A key that another store object took in the meantime is lost: ``commit`` on it raises
-      :class:`StoreConflict` until it is acquired again. Whatever happened while the lock was
-      down, ``commit`` is fenced by ``expected_seq`` inside the transaction, so a stale writer
-      can never overwrite a newer commit.
-    * If the connection drops while ``COMMIT`` is in flight, the store reconnects at once and
-      looks for the commit's token: found, the commit returns normally; absent, it raises
-      :class:`StoreUnavailable` (nothing committed). Only when the database cannot be reached
-      again is the outcome unknown; the error then says so, and a later ``load`` tells.
+    * A lost connection is ridden out: the call that meets it (``open``, ``acquire``, ``load``,
+      ``commit``) reconnects, with backoff from 50 ms doubling to 1 s, for up to
+      ``reconnect_budget`` seconds, then runs again on the new session (logged at WARNING on
+      the ``fasm.persistence`` logger, once per outage); when the budget is spent it raises
+      :class:`StoreUnavailable` saying so. A server that refuses the session for good (no such
+      database, user or password) fails at once. The session's advisory locks die with it, so
+      on reconnecting the store ends its old session if the server still runs it and takes
+      every held key's lock again. A key that another store object took in the meantime is
+      lost: ``commit`` on it raises :class:`StoreConflict` until it is acquired again, never a
+      second writer. Whatever happened while the lock was down, ``commit`` is fenced by
+      ``expected_seq`` inside the transaction, so a stale writer can never overwrite a newer
+      commit.
+    * If the connection drops while ``COMMIT`` is in flight, the store reconnects (within the
+      same budget) and looks for the commit's token: found, the commit returns normally;
+      absent, nothing committed and the commit runs again. Only when the database cannot be
+      reached again within the budget is the outcome unknown; the error then says so, and a
+      later ``load`` tells. It is never guessed.
+    * The DSN's password never appears in a message, a description, a log line or a chained
+      driver error (psycopg's own text is scrubbed); a DSN that cannot be parsed is refused
+      with ValueError at construction, without quoting it.
     * Keys cannot contain NUL characters (PostgreSQL ``text`` cannot hold them): ValueError.
     """
 
@@ -104,11 +203,17 @@ class PostgresStore:
         schema: str = "public",
         table_prefix: str = "fasm_",
         connect_timeout: float = 10.0,
+        reconnect_budget: float = 30.0,
     ) -> None:
+        if reconnect_budget < 0:
+            raise ValueError("reconnect_budget must be >= 0")
+        self._secrets = Secrets(dsn)
         self._dsn = dsn
         self._schema = schema
         self._prefix = table_prefix
         self._connect_timeout = max(1, round(connect_timeout))
+        self._reconnect_budget = reconnect_budget
+        self._deadline: float | None = None  # when the current outage's budget is spent
         self._app = f"fasm-store-{uuid.uuid4().hex[:12]}"
         self._keys = sql.Identifier(schema, f"{table_prefix}keys")
         self._journal = sql.Identifier(schema, f"{table_prefix}journal")
@@ -144,14 +249,67 @@ class PostgresStore:
 
     def _translate(self, e: psycopg.Error, doing: str, key: str | None = None,
                    seq: int | None = None) -> StoreError:
+        text = self._secrets.scrub(str(e))
         if isinstance(e, psycopg.errors.DataCorrupted | psycopg.errors.IndexCorrupted):
-            return StoreCorrupt(f"{doing}: the database reports corruption: {e}",
-                                store=self.description, key=key, seq=seq)
-        if isinstance(e, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
-            return StoreCorrupt(f"{doing}: the tables are missing or are not a fasm store ({e})",
-                                store=self.description, key=key, seq=seq)
-        return StoreUnavailable(f"{doing}: {type(e).__name__}: {e}", store=self.description,
-                                key=key, seq=seq)
+            error: StoreError = StoreCorrupt(f"{doing}: the database reports corruption: {text}",
+                                             store=self.description, key=key, seq=seq)
+        elif isinstance(e, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+            error = StoreCorrupt(f"{doing}: the tables are missing or are not a fasm store "
+                                 f"({text})", store=self.description, key=key, seq=seq)
+        elif self._is_lost(e):
+            error = _Lost(f"{doing}: connection lost: {type(e).__name__}: {text}",
+                          store=self.description, key=key, seq=seq)
+        else:
+            error = StoreUnavailable(f"{doing}: {type(e).__name__}: {text}",
+                                     store=self.description, key=key, seq=seq)
+        error.__cause__ = self._secrets.cause(e)
+        return error
+
+    def _is_lost(self, e: psycopg.Error) -> bool:
+        """Whether ``e`` means the session is gone (so nothing it had open committed)."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            return True
+        state = e.sqlstate or ""
+        return state.startswith("08") or state in _TRANSIENT_STATES
+
+    def _riding(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)``, run again on a new connection while it meets a lost one, until the
+        reconnect budget is spent (then StoreUnavailable, saying so)."""
+        self._deadline = None
+        started = time.monotonic()
+        delay = _FIRST_DELAY
+        try:
+            while True:
+                try:
+                    result = fn(*args)
+                except _Lost as lost:
+                    now = time.monotonic()
+                    if self._deadline is None:
+                        self._deadline = now + self._reconnect_budget
+                        log.warning("%s: %s%s; reconnecting for up to %gs",
+                                    self.description, lost.message,
+                                    "" if lost.key is None else f" (key={lost.key!r})",
+                                    self._reconnect_budget)
+                    if now >= self._deadline:
+                        error = StoreUnavailable(
+                            f"{lost.message}; the database stayed unreachable for the whole "
+                            f"reconnect budget ({self._reconnect_budget:g}s)",
+                            store=self.description, key=lost.key, seq=lost.seq)
+                        raise error from lost.__cause__
+                    time.sleep(min(delay, self._deadline - now))
+                    delay = min(delay * 2, _MAX_DELAY)
+                    continue
+                if self._deadline is not None:
+                    log.warning("%s: reconnected after %.1fs", self.description,
+                                time.monotonic() - started)
+                return result
+        finally:
+            self._deadline = None
+
+    def _remaining(self) -> float | None:
+        """Seconds left of the current outage's budget, or None outside an outage."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     @staticmethod
     def _check_key(key: str) -> None:
@@ -161,13 +319,22 @@ class PostgresStore:
     # -- connection -------------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
+        timeout = self._connect_timeout
+        remaining = self._remaining()
+        if remaining is not None:  # an attempt never runs far past the budget
+            timeout = max(1, min(timeout, round(remaining)))
         try:
             conn = psycopg.connect(self._dsn, autocommit=True, application_name=self._app,
-                                   connect_timeout=self._connect_timeout)
+                                   connect_timeout=timeout)
         except psycopg.Error as e:
-            raise StoreUnavailable(f"cannot connect: {e}", store=self.description) from e
-        self._conn, self._pid = conn, conn.info.backend_pid
-        return conn
+            kind = _Lost if is_transient(e) else StoreUnavailable
+            error = kind(f"cannot connect: {self._secrets.scrub(str(e))}",
+                         store=self.description)
+            cause = self._secrets.cause(e)
+        else:
+            self._conn, self._pid = conn, conn.info.backend_pid
+            return conn
+        raise error from cause  # outside the handler: psycopg's own error is not the context
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -199,8 +366,9 @@ class PostgresStore:
                         self._lost.add(k)
             conn.execute("SET lock_timeout = 0")
         except psycopg.Error as e:
+            error = self._translate(e, "cannot restore the session after reconnecting", key)
             self._drop_connection()
-            raise self._translate(e, "cannot restore the session after reconnecting", key) from e
+            raise error from error.__cause__
         return conn
 
     def _end_session(self, conn: psycopg.Connection[Any], pid: int | None) -> None:
@@ -223,7 +391,7 @@ class PostgresStore:
             StoreUnavailable: the server cannot be reached or the tables cannot be created.
             StoreCorrupt: the tables hold a format this code does not know.
         """
-        await self._run(self._open_sync)
+        await self._run(self._riding, self._open_sync)
 
     def _open_sync(self) -> None:
         if self._opened:
@@ -245,8 +413,9 @@ class PostgresStore:
                 if row is None or row[0] != _FORMAT:
                     raise StoreCorrupt(f"unknown store format {row!r}", store=self.description)
         except psycopg.Error as e:
+            error = self._translate(e, "cannot prepare the tables")
             self._drop_connection()
-            raise self._translate(e, "cannot prepare the tables") from e
+            raise error from error.__cause__
         except BaseException:
             self._drop_connection()
             raise
@@ -285,7 +454,7 @@ class PostgresStore:
             StoreUnavailable: the server cannot be reached.
         """
         self._check_key(key)
-        await self._run(self._acquire_sync, key)
+        await self._run(self._riding, self._acquire_sync, key)
 
     def _acquire_sync(self, key: str) -> None:
         conn = self._connection(key)
@@ -295,7 +464,8 @@ class PostgresStore:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)",
                                (self._session_key(key),)).fetchone()
         except psycopg.Error as e:
-            raise self._translate(e, "cannot lock the key", key) from e
+            error = self._translate(e, "cannot lock the key", key)
+            raise error from error.__cause__
         if row is None or not row[0]:
             raise StoreConflict("key is held by another store object or process",
                                 store=self.description, key=key)
@@ -331,7 +501,7 @@ class PostgresStore:
             StoreUnavailable: the server cannot be reached.
         """
         self._check_key(key)
-        return await self._run(self._load_sync, key)
+        return await self._run(self._riding, self._load_sync, key)
 
     def _load_sync(self, key: str) -> StoredRecords | None:
         conn = self._connection(key)
@@ -348,7 +518,8 @@ class PostgresStore:
                     sql.SQL("SELECT 1 FROM {} WHERE key = %s LIMIT 1").format(self._journal),
                     (key,)).fetchone() is not None
         except psycopg.Error as e:
-            raise self._translate(e, "cannot load", key) from e
+            error = self._translate(e, "cannot load", key)
+            raise error from error.__cause__
         if orphans:
             raise StoreCorrupt("the key has journal rows but its row in the keys table is "
                                "missing (deleted behind the store's back)",
@@ -379,7 +550,8 @@ class PostgresStore:
         """
         self._check_key(key)
         check_commit_args(expected_seq, seq, entries, checkpoint)
-        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+        await self._run(self._riding, self._commit_sync, key, expected_seq, seq, entries,
+                        checkpoint)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
                      checkpoint: bytes | None) -> None:
@@ -415,7 +587,8 @@ class PostgresStore:
             if committing and (conn.broken or conn.closed):
                 self._resolve(key, seq, token, e)
                 return
-            raise self._translate(e, "commit failed, nothing committed", key, seq) from e
+            error = self._translate(e, "commit failed, nothing committed", key, seq)
+            raise error from error.__cause__
 
     def _write(self, conn: psycopg.Connection[Any], key: str, expected_seq: int, seq: int,
                entries: Sequence[bytes], checkpoint: bytes | None, token: uuid.UUID) -> None:
@@ -442,23 +615,42 @@ class PostgresStore:
     def _resolve(self, key: str, seq: int, token: uuid.UUID, error: psycopg.Error) -> None:
         """The connection died while COMMIT was in flight: find out whether it committed.
 
-        Returns when it did; raises StoreUnavailable when it did not or cannot be known.
+        Returns when it did; raises _Lost (nothing committed: the commit may run again) when it
+        did not; StoreUnavailable when it cannot be known within the reconnect budget.
         """
-        try:
-            conn = self._connection(key)  # also ends the old session if the server still has it
-            with conn.transaction():
-                conn.execute(f"SET LOCAL lock_timeout = '{_RESOLVE_TIMEOUT}'")
-                # Waits until the old transaction, if still running, has ended either way.
-                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._xact_key(key))
-                row = conn.execute(sql.SQL("SELECT last_commit FROM {} WHERE key = %s")
-                                   .format(self._keys), (key,)).fetchone()
-        except (psycopg.Error, StoreError) as e:
-            raise StoreUnavailable(
-                f"connection lost while COMMIT was in flight ({error}) and the outcome cannot be "
-                f"checked now ({e}); load the key once the database is reachable to see whether "
-                "it committed", store=self.description, key=key, seq=seq) from error
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self._reconnect_budget
+        text = self._secrets.scrub(str(error))
+        cause = self._secrets.cause(error)
+        delay = _FIRST_DELAY
+        while True:
+            try:
+                conn = self._connection(key)  # also ends the old session if the server has it
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = '{_RESOLVE_TIMEOUT}'")
+                    # Waits until the old transaction, if still running, has ended either way.
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._xact_key(key))
+                    row = conn.execute(sql.SQL("SELECT last_commit FROM {} WHERE key = %s")
+                                       .format(self._keys), (key,)).fetchone()
+                break
+            except (psycopg.Error, StoreError) as e:
+                why = self._secrets.scrub(str(e))
+                if isinstance(e, StoreError) and not isinstance(e, _Lost):
+                    gave_up = True
+                else:
+                    remaining = self._remaining() or 0.0
+                    gave_up = remaining <= 0
+                    if not gave_up:
+                        time.sleep(min(delay, remaining))
+                        delay = min(delay * 2, _MAX_DELAY)
+                        continue
+            unknown = StoreUnavailable(
+                f"connection lost while COMMIT was in flight ({text}) and the outcome cannot be "
+                f"checked now ({why}); load the key once the database is reachable to see "
+                "whether it committed", store=self.description, key=key, seq=seq)
+            raise unknown from cause
         if row is not None and row[0] == token:
             return
-        raise StoreUnavailable(f"connection lost during COMMIT ({error}); checked after "
-                               "reconnecting: nothing committed", store=self.description,
-                               key=key, seq=seq) from error
+        lost = _Lost(f"connection lost during COMMIT ({text}); checked after reconnecting: "
+                     "nothing committed", store=self.description, key=key, seq=seq)
+        raise lost from cause

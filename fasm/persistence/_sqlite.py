@@ -27,6 +27,7 @@ used from the event loop's thread instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -41,6 +42,8 @@ from ._store import StoredRecords, check_commit_args
 from ._worker import Worker
 
 __all__ = ("SQLiteStore", "connect", "records_from_rows")
+
+log = logging.getLogger("fasm.persistence")
 
 _FORMAT = "3"  # 2: checkpoints moved out of fasm_keys; 3: appends leave fasm_keys alone
 _UPGRADABLE = ("2",)  # formats whose data is valid as it is under _FORMAT
@@ -71,6 +74,11 @@ def connect(path: str | os.PathLike[str], busy_timeout: float,
     conn.execute("PRAGMA journal_mode = WAL").fetchone()
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
+
+
+class _Busy(StoreUnavailable):
+    """Internal: another connection holds the write lock (SQLITE_BUSY); nothing was done, so
+    the call may be made again."""
 
 
 def _crc(data: bytes) -> int:
@@ -141,14 +149,22 @@ class SQLiteStore:
             fsyncs only at checkpoints of the WAL: a commit survives a crash of the process, but
             the last commits before a power loss or OS crash may be lost (never torn). ``"OFF"``
             never fsyncs: for tests and throwaway data.
-        busy_timeout: seconds to wait for another connection's write lock before giving up
-            with :class:`StoreUnavailable` ("database is locked").
+        busy_timeout: seconds one attempt waits for another connection's write lock (SQLite's
+            busy handler).
+        max_attempts: how many attempts a call makes while another connection or process
+            holds the write lock (a backup, an open ``sqlite3`` shell in a transaction) before
+            giving up with :class:`StoreUnavailable` ("database is locked by another
+            process"): the store waits up to ``busy_timeout * max_attempts`` seconds in all,
+            25 by default, as :class:`~fasm.persistence.SQLiteDatabase` does with the same two
+            options. Meanwhile the call waits, and so do the runtime's submitters, whose inputs
+            stay queued.
         inline: run every call (its statements and its commit's fsync) on the event loop's
             thread instead of the store's worker thread. It saves the hand-off to the thread and
             back, which on a virtual machine can cost nearly as much as a fast disk's fsync (a
             sequential submitter's throughput rose by 60% in bench/bench_persistence.py); the
             price is that every other task of the loop waits for each commit, fsync included,
-            and for up to ``busy_timeout`` when another process holds the write lock. For a
+            and for up to ``busy_timeout * max_attempts`` when another process holds the
+            write lock. For a
             process that does little else (a batch job, a single-purpose worker), on a fast
             local disk.
 
@@ -176,10 +192,16 @@ class SQLiteStore:
         *,
         synchronous: Literal["FULL", "NORMAL", "OFF"] = "FULL",
         busy_timeout: float = 5.0,
+        max_attempts: int = 5,
         inline: bool = False,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "OFF"):
             raise ValueError(f"synchronous must be FULL, NORMAL or OFF, not {synchronous!r}")
+        if busy_timeout < 0:
+            raise ValueError("busy_timeout must be >= 0")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self._max_attempts = max_attempts
         self._path = os.fspath(path)
         self._memory = self._path == ":memory:"
         self._synchronous = synchronous
@@ -208,11 +230,31 @@ class SQLiteStore:
             return StoreCorrupt(f"{doing}: the database file is damaged or not an SQLite "
                                 f"database ({text})", store=self.description, key=key, seq=seq)
         if "locked" in text or "busy" in text:
-            return StoreUnavailable(f"{doing}: database is locked by another connection (waited "
-                                    f"{self._busy_timeout}s)", store=self.description, key=key,
-                                    seq=seq)
+            return _Busy(f"{doing}: the database is locked by another process or connection",
+                         store=self.description, key=key, seq=seq)
         return StoreUnavailable(f"{doing}: {type(e).__name__}: {text}", store=self.description,
                                 key=key, seq=seq)
+
+    def _patient(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)``, made again while another connection holds the write lock, up to
+        ``max_attempts`` times (each waits ``busy_timeout`` in SQLite's busy handler)."""
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                return fn(*args)
+            except _Busy as busy:
+                if attempt == 1 and self._max_attempts > 1:
+                    log.warning("%s: %s (key=%r); waiting up to %gs more", self.description,
+                                busy.message, busy.key,
+                                self._busy_timeout * (self._max_attempts - 1))
+                if attempt == self._max_attempts:
+                    waited = self._busy_timeout * self._max_attempts
+                    error = StoreUnavailable(
+                        f"{busy.message}: database is locked by another process (waited "
+                        f"{waited:g}s: {self._max_attempts} attempts of busy_timeout="
+                        f"{self._busy_timeout:g}s)", store=self.description, key=busy.key,
+                        seq=busy.seq)
+                    raise error from busy.__cause__
+        raise AssertionError("unreachable")
 
     def _connection(self, key: str | None) -> sqlite3.Connection:
         if self._conn is None:
@@ -225,10 +267,11 @@ class SQLiteStore:
         """Open the database, switch it to WAL mode and create the tables.
 
         Raises:
-            StoreUnavailable: the file cannot be opened, or the database stays locked.
+            StoreUnavailable: the file cannot be opened, or the database stays locked for
+                ``busy_timeout * max_attempts`` seconds.
             StoreCorrupt: the file is not an SQLite database, or not one this code can read.
         """
-        await self._run(self._open_sync)
+        await self._run(self._patient, self._open_sync)
 
     def _open_sync(self) -> None:
         if self._conn is not None:
@@ -361,7 +404,7 @@ class SQLiteStore:
             StoreCorrupt: a record fails its CRC-32, entries are missing, or the file is damaged.
             StoreUnavailable: the database cannot be read (closed, locked, I/O error).
         """
-        return await self._run(self._load_sync, key)
+        return await self._run(self._patient, self._load_sync, key)
 
     def _load_sync(self, key: str) -> StoredRecords | None:
         conn = self._connection(key)
@@ -405,12 +448,14 @@ class SQLiteStore:
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``; nothing written.
-            StoreUnavailable: the database is locked, closed or failing; nothing committed.
+            StoreUnavailable: the database stays locked (for ``busy_timeout * max_attempts``
+                seconds), is closed or failing; nothing committed.
             StoreCorrupt: the database file is damaged.
             ValueError: the arguments break the commit rules.
         """
         check_commit_args(expected_seq, seq, entries, checkpoint)
-        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+        await self._run(self._patient, self._commit_sync, key, expected_seq, seq, entries,
+                        checkpoint)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
                      checkpoint: bytes | None) -> None:

@@ -346,8 +346,14 @@ class Database:
         return found
 
     def _load_sync(self, key: str) -> tuple[int, list[tuple[str, int]]]:
-        """Register ``key`` if new and read its sequence number and idempotency keys."""
-        session = Session(self, write=True)
+        """Register ``key`` if new and read its sequence number and idempotency keys.
+
+        Raises:
+            Abort: the transaction is lost; its ``retry`` says whether reading again may help
+                (contention, a lost connection) or not (the database stayed unreachable for the
+                driver's whole reconnect budget, a key taken by another process).
+        """
+        session = Session(self, write=True, runtime=True)
         try:
             session._ensure_open()
             session._queued.append(Stmt(self._sql("machine_create"), (key,)))

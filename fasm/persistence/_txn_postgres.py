@@ -14,8 +14,10 @@ group on one worker thread, and the code works on asyncio and trio alike.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,13 +26,16 @@ import psycopg
 import psycopg.pq
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._postgres import safe_dsn
+from ._postgres import Secrets, is_transient, safe_dsn
 from ._txn import Database, Failure, Fetch, Stmt
 
 __all__ = ("PostgresDatabase", "to_pyformat")
 
 _RELOCK_TIMEOUT = "2s"  # waiting for our own dead session to let go of its locks
 _RESOLVE_TIMEOUT = "10s"
+_FIRST_DELAY = 0.05  # seconds before the first reconnect attempt; doubles up to _MAX_DELAY
+_MAX_DELAY = 1.0
+log = logging.getLogger("fasm.persistence")
 _ISOLATIONS = ("serializable", "repeatable read", "read committed")
 _DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
@@ -138,8 +143,11 @@ class _PgDriver:
     commit_token = True
 
     def __init__(self, dsn: str, schema: str, prefix: str, isolation: str,
-                 lock_timeout: float | None, connect_timeout: float) -> None:
+                 lock_timeout: float | None, connect_timeout: float,
+                 reconnect_budget: float) -> None:
+        self._secrets = Secrets(dsn)
         self._dsn = dsn
+        self._reconnect_budget = reconnect_budget
         self._schema = schema
         self._prefix = prefix
         self._isolation = isolation.upper()
@@ -188,20 +196,60 @@ class _PgDriver:
     # -- connection -------------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(self._dsn, autocommit=True, application_name=self._app,
-                               connect_timeout=self._connect_timeout)
-        if self._lock_timeout is not None:
-            conn.execute(f"SET lock_timeout = '{int(self._lock_timeout * 1000)}ms'")
-        self._conn, self._pid = conn, conn.info.backend_pid
-        return conn
+        """A new connection, trying again with backoff while the server cannot be reached, for
+        up to the reconnect budget.
+
+        Raises:
+            StoreUnavailable: the budget is spent, or the server refused the session for good
+                (no such database, user or password).
+        """
+        deadline: float | None = None
+        delay = _FIRST_DELAY
+        while True:
+            timeout = self._connect_timeout
+            if deadline is not None:  # an attempt never runs far past the budget
+                timeout = max(1, min(timeout, round(deadline - time.monotonic())))
+            try:
+                conn = psycopg.connect(self._dsn, autocommit=True, application_name=self._app,
+                                       connect_timeout=timeout)
+                if self._lock_timeout is not None:
+                    try:
+                        conn.execute(f"SET lock_timeout = '{int(self._lock_timeout * 1000)}ms'")
+                    except BaseException:
+                        conn.close()
+                        raise
+            except psycopg.Error as e:
+                failure = e
+            else:
+                if deadline is not None:
+                    log.warning("%s: reconnected after %.1fs", self.description,
+                                time.monotonic() - deadline + self._reconnect_budget)
+                self._conn, self._pid = conn, conn.info.backend_pid
+                return conn
+            now = time.monotonic()
+            text = self._secrets.scrub(str(failure))
+            if deadline is None and is_transient(failure):
+                deadline = now + self._reconnect_budget
+                log.warning("%s: cannot connect (%s); trying again for up to %gs",
+                            self.description, text, self._reconnect_budget)
+            if deadline is None or now >= deadline:
+                spent = "" if deadline is None else (
+                    f"; the database stayed unreachable for the whole reconnect budget "
+                    f"({self._reconnect_budget:g}s)")
+                error = StoreUnavailable(f"cannot connect: {text}{spent}",
+                                         store=self.description)
+                raise error from self._secrets.cause(failure)
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, _MAX_DELAY)
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The live connection; after a lost one, a new session holding the same keys.
 
         Raises:
-            StoreUnavailable: the database is not open.
+            StoreUnavailable: the database is not open, or cannot be reached again within the
+                reconnect budget.
             StoreConflict: another process took a held key while the connection was down.
-            psycopg.Error: the database cannot be reached (a ``lost`` failure).
+            psycopg.Error: the new connection broke too (a ``lost`` failure).
         """
         if not self._opened:
             raise StoreUnavailable("the database is not open", store=self.description)
@@ -249,8 +297,8 @@ class _PgDriver:
     def open(self) -> None:
         if self._opened and self._conn is not None and not self._conn.broken:
             return
+        conn = self._connect()
         try:
-            conn = self._connect()
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (self._ns,))
                 if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
@@ -261,10 +309,12 @@ class _PgDriver:
         except psycopg.Error as e:
             self._drop()
             if isinstance(e, psycopg.errors.UndefinedColumn | psycopg.errors.DatatypeMismatch):
-                raise StoreCorrupt(f"the tables are not fasm's: {e}",
-                                   store=self.description) from e
-            raise StoreUnavailable(f"cannot open the database: {type(e).__name__}: {e}",
-                                   store=self.description) from e
+                raise StoreCorrupt(f"the tables are not fasm's: {self._secrets.scrub(str(e))}",
+                                   store=self.description) from self._secrets.cause(e)
+            error = StoreUnavailable(
+                f"cannot open the database: {type(e).__name__}: {self._secrets.scrub(str(e))}",
+                store=self.description)
+            raise error from self._secrets.cause(e)
         self._opened = True
 
     def _schema_sql(self) -> list[str]:
@@ -296,15 +346,20 @@ class _PgDriver:
     def acquire(self, key: str) -> None:
         if "\0" in key:
             raise ValueError("PostgreSQL text cannot hold NUL characters, so keys cannot either")
-        try:
-            conn = self._connection()
-            if key in self._held:
-                return
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)",
-                               (self._key_lock(key),)).fetchone()
-        except psycopg.Error as e:
-            raise StoreUnavailable(f"cannot lock the key: {e}", store=self.description,
-                                   key=key) from e
+        for attempt in (1, 2):
+            try:
+                conn = self._connection()
+                if key in self._held:
+                    return
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                   (self._key_lock(key),)).fetchone()
+                break
+            except psycopg.Error as e:
+                if attempt == 1 and self.classify(e) == Failure("lost"):
+                    continue  # a stale connection: the next _connection() reconnects
+                error = StoreUnavailable(f"cannot lock the key: {self._secrets.scrub(str(e))}",
+                                         store=self.description, key=key)
+                raise error from self._secrets.cause(e)
         if row is None or not row[0]:
             raise StoreConflict("key is held by another runtime or process",
                                 store=self.description, key=key)
@@ -387,8 +442,9 @@ class _PgDriver:
         Returns when it did; re-raises ``error`` (a lost connection: nothing committed) when it
         did not; raises StoreUnavailable when it cannot be known.
         """
+        text = self._secrets.scrub(str(error))
         if token is None:
-            raise StoreUnavailable(f"connection lost during COMMIT ({error}); whether it "
+            raise StoreUnavailable(f"connection lost during COMMIT ({text}); whether it "
                                    "committed is unknown", store=self.description) from error
         key, expected = token
         try:
@@ -398,11 +454,13 @@ class _PgDriver:
                 # Waits until the old transaction, if still running, has ended either way.
                 row = conn.execute(f"SELECT last_commit FROM {self.table('machines')} "
                                    "WHERE key = %s FOR UPDATE", (key,)).fetchone()
-        except (psycopg.Error, StoreConflict) as e:
+        except (psycopg.Error, StoreConflict, StoreUnavailable) as e:
+            # (_connection rode out the outage for the whole reconnect budget already.)
             raise StoreUnavailable(
-                f"connection lost while COMMIT was in flight ({error}) and the outcome cannot be "
-                f"checked now ({e}); restart once the database is reachable: the runtime resumes "
-                "from whatever committed", store=self.description, key=key) from error
+                f"connection lost while COMMIT was in flight ({text}) and the outcome cannot be "
+                f"checked now ({self._secrets.scrub(str(e))}); restart once the database is "
+                "reachable: the runtime resumes from whatever committed",
+                store=self.description, key=key) from self._secrets.cause(error)
         if row is not None and row[0] == expected:
             return
         raise error
@@ -447,6 +505,10 @@ class _PgDriver:
             return Failure("contention")
         if state.startswith("08") or state in _LOST:
             return Failure("lost")
+        if not state and isinstance(error, psycopg.OperationalError):
+            # libpq's own report of a connection that failed (no SQLSTATE: the server never
+            # answered), as _resolve re-raises it once a lost COMMIT turned out not to commit.
+            return Failure("lost")
         if state.startswith(("53", "58")):  # insufficient resources, system error
             return Failure("unavailable")
         return None
@@ -468,6 +530,12 @@ class PostgresDatabase(Database):
         lock_timeout: seconds a statement waits for a row lock before the attempt counts as
             contention (None: wait forever, which can make a stop wait as long).
         connect_timeout: seconds to wait for a connection.
+        reconnect_budget: seconds the driver keeps trying to reach the server when it cannot
+            connect (after losing its connection, or at open), with backoff from 50 ms doubling
+            to 1 s, before the runtime stops with :class:`~fasm.errors.StoreUnavailable`: long
+            enough by default to ride out an ordinary server restart. Submitters' inputs wait
+            in the runtime's queue meanwhile. A server that refuses the session for good (no
+            such database, user or password) fails at once.
         max_attempts: how many times the runtime runs a group the database keeps aborting
             (serialization failure, deadlock, lock timeout) or loses the connection in, before
             answering :class:`~fasm.errors.TransactionConflict` (contention) or stopping with
@@ -477,12 +545,17 @@ class PostgresDatabase(Database):
 
     * One connection, owned by whoever opened the object. A machine key is locked with a session
       advisory lock, so two runtimes never drive one key; a killed process's lock dies with its
-      session. After a lost connection the driver reconnects, ends its old session if the server
-      still has it, and takes the key's lock again.
+      session. After a lost connection the driver reconnects (for up to ``reconnect_budget``),
+      ends its old session if the server still has it, and takes the key's lock again; if
+      another process took the key meanwhile, the runtime stops with
+      :class:`~fasm.errors.StoreConflict` rather than become a second writer. The group then
+      runs again on the new session, its first statement checking the machine's stored seq.
     * If the connection breaks while COMMIT is in flight, the driver reconnects and looks for the
       commit's token in the machine's row: found, the group committed; absent, it did not and is
-      run again. Only when the database cannot be reached is the outcome unknown; the runtime
-      then stops without acknowledging anything.
+      run again. Only when the database cannot be reached within the budget is the outcome
+      unknown; the runtime then stops without acknowledging anything.
+    * The DSN's password never appears in a message, a description, a log line or a chained
+      driver error; a DSN that cannot be parsed is refused with ValueError, without quoting it.
     * Placeholders ``?`` and ``:name`` are rewritten to psycopg's; PostgreSQL's ``?``, ``?|``
       and ``?&`` jsonb operators therefore cannot be written literally (use ``jsonb_exists``,
       ``jsonb_exists_any``, ``jsonb_exists_all``), nor can a slice bound named like a parameter
@@ -500,13 +573,17 @@ class PostgresDatabase(Database):
         isolation: Literal["serializable", "repeatable read", "read committed"] = "serializable",
         lock_timeout: float | None = 5.0,
         connect_timeout: float = 10.0,
+        reconnect_budget: float = 30.0,
         max_attempts: int = 5,
     ) -> None:
         if isolation not in _ISOLATIONS:
             raise ValueError(f"isolation must be one of {_ISOLATIONS}, not {isolation!r}")
         if lock_timeout is not None and lock_timeout <= 0:
             raise ValueError("lock_timeout must be > 0 or None")
-        self._pg = _PgDriver(dsn, schema, table_prefix, isolation, lock_timeout, connect_timeout)
+        if reconnect_budget < 0:
+            raise ValueError("reconnect_budget must be >= 0")
+        self._pg = _PgDriver(dsn, schema, table_prefix, isolation, lock_timeout, connect_timeout,
+                             reconnect_budget)
         super().__init__(self._pg, max_attempts=max_attempts)
 
     @property

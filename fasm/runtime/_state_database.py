@@ -19,8 +19,9 @@ engine forgets the group's accepted steps and the whole group runs again on a fr
 (safe, because the stf is deterministic: on the same data it does the same; on data another
 writer changed, it does what that data calls for). After ``max_attempts`` the submitters get
 :class:`~fasm.errors.TransactionConflict` and the runtime goes on. A lost connection is retried the
-same way on a new connection; when none can be had, the runtime stops with
-:class:`~fasm.errors.StoreUnavailable`. Nothing uncommitted is ever acknowledged.
+same way on a new connection (the driver keeps trying to connect for its reconnect budget); when
+none can be had, the runtime stops with :class:`~fasm.errors.StoreUnavailable`. Nothing uncommitted
+is ever acknowledged.
 
 Tracked actions in flight are not written: ``restore`` finds them in the user's own rows, read in
 a read-only transaction, as invariant 4 requires (tracked actions are stored in state when they
@@ -166,9 +167,11 @@ class DatabaseHost:
         for attempt in self._attempts():
             try:
                 return self.database._load_sync(self.key)
-            except (TransactionConflict, StoreUnavailable) as e:
-                if attempt == self.database.max_attempts:
-                    raise e.located(store=self.description, key=self.key) from e
+            except Abort as abort:
+                # Not again when the driver gave up (its reconnect budget is spent already).
+                if not abort.retry or attempt == self.database.max_attempts:
+                    raise abort.error.located(store=self.description,
+                                              key=self.key) from abort.error
                 time.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 

@@ -181,7 +181,7 @@ async def test_commit_cut_before_the_server_saw_it_is_run_again(
 async def test_commit_outcome_unknown_stops_the_runtime_without_acknowledging(
         db_at: Callable[..., PostgresDatabase], cutter: CommitCutter) -> None:
     with pytest.raises(StoreUnavailable, match="outcome cannot be checked"):
-        async with runtime(db_at(cutter.dsn)) as rt:
+        async with runtime(db_at(cutter.dsn, reconnect_budget=1)) as rt:
             await rt.submit(Deposit("ada", 1))
             cutter.mode, cutter.refuse = "after", True
             with pytest.raises(StoreUnavailable, match="outcome cannot be checked"):
