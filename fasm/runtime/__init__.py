@@ -12,6 +12,7 @@ from ._events import ActionCompleted as ActionCompleted
 from ._events import ActionDispatched as ActionDispatched
 from ._events import ActionFailed as ActionFailed
 from ._events import ActionRetried as ActionRetried
+from ._events import ActionSlow as ActionSlow
 from ._events import HandlerFailed as HandlerFailed
 from ._events import Listener as Listener
 from ._events import RuntimeEvent as RuntimeEvent
@@ -32,6 +33,7 @@ __all__ = (
     "ActionDispatched",
     "ActionFailed",
     "ActionRetried",
+    "ActionSlow",
     "Clock",
     "Committed",
     "Executor",

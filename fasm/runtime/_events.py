@@ -15,6 +15,7 @@ __all__ = (
     "ActionDispatched",
     "ActionFailed",
     "ActionRetried",
+    "ActionSlow",
     "HandlerFailed",
     "Listener",
     "RuntimeEvent",
@@ -114,6 +115,18 @@ class TransactionRetried:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class ActionSlow:
+    """Attempt ``attempt`` of a tracked action has been running for ``elapsed`` seconds (clock
+    time) without returning: reported once it passes the runtime's ``slow_action_after``, then
+    each time the elapsed time doubles. Nothing is cancelled: it says that work may be hung."""
+
+    key: str
+    action_id: Any
+    attempt: int
+    elapsed: float
+
+
 RuntimeEvent: TypeAlias = (
     TransitionCommitted
     | TransitionRejected
@@ -123,6 +136,7 @@ RuntimeEvent: TypeAlias = (
     | ActionFailed
     | HandlerFailed
     | TransactionRetried
+    | ActionSlow
 )
 
 Listener: TypeAlias = Callable[[RuntimeEvent], None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ class RetryPolicy:
     """When and how often a failed executor call is tried again.
 
     The delay before attempt ``n + 1`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))``
-    scaled by a random factor in ``[1 - jitter, 1 + jitter]``.
+    scaled by a random factor in ``[1 - jitter, 1 + jitter]``, for any ``n``: once the growth
+    passes ``max_backoff`` it stays there, however many attempts fail (retries that never stop
+    never overflow).
 
     Args:
         max_attempts: give up after this many attempts (needs ``on_exhausted`` on the executor,
@@ -75,8 +78,12 @@ class RetryPolicy:
             raise DefinitionError("timeout must be > 0 or None")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        """The pause after failed attempt number ``attempt``."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        """The pause after failed attempt number ``attempt`` (1 or more; any size)."""
+        try:
+            growth = self.multiplier ** (attempt - 1)
+        except OverflowError:  # 2.0 ** 1024 does not fit a float; it is past any cap anyway
+            growth = math.inf
+        base = min(self.max_backoff, self.initial_backoff * growth) if self.initial_backoff else 0.0
         return max(0.0, base * (1 + rng.uniform(-self.jitter, self.jitter)))
 
 
@@ -163,3 +170,34 @@ async def with_deadline(clock: Clock, deadline: float | None, awaitable: Any) ->
         raise TimeoutError(f"deadline {deadline} passed")
     return result
 
+
+
+async def watch_slow(clock: Clock, awaitable: Any, after: float,
+                     report: Callable[[float], None]) -> Any:
+    """Await ``awaitable``; once it has run ``after`` seconds of clock time, call
+    ``report(elapsed)``, and again each time the elapsed time doubles. It is never cancelled
+    for being slow: this only makes hung work visible."""
+    started = clock.now()
+    result: Any = None
+    error: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watchdog() -> None:
+            wait = after
+            while True:
+                await clock.sleep_until(started + wait)
+                report(clock.now() - started)
+                wait *= 2
+
+        tg.start_soon(watchdog)
+        try:
+            result = await awaitable
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as e:
+            error = e  # raised bare below, not wrapped in the task group's exception group
+        finally:
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
