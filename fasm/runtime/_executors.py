@@ -171,33 +171,3 @@ async def with_deadline(clock: Clock, deadline: float | None, awaitable: Any) ->
     return result
 
 
-
-async def watch_slow(clock: Clock, awaitable: Any, after: float,
-                     report: Callable[[float], None]) -> Any:
-    """Await ``awaitable``; once it has run ``after`` seconds of clock time, call
-    ``report(elapsed)``, and again each time the elapsed time doubles. It is never cancelled
-    for being slow: this only makes hung work visible."""
-    started = clock.now()
-    result: Any = None
-    error: BaseException | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def watchdog() -> None:
-            wait = after
-            while True:
-                await clock.sleep_until(started + wait)
-                report(clock.now() - started)
-                wait *= 2
-
-        tg.start_soon(watchdog)
-        try:
-            result = await awaitable
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as e:
-            error = e  # raised bare below, not wrapped in the task group's exception group
-        finally:
-            tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return result

@@ -63,7 +63,6 @@ from ._executors import (
     ExecutorFn,
     Handler,
     acquire_all,
-    watch_slow,
     with_deadline,
 )
 from ._host import StateHost
@@ -117,6 +116,15 @@ class _Submit:
     def answer(self, outcome: Committed[Any, Any, Any] | None, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
         self.done.set()
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """An executor call running now: reported slow at ``report_at`` (clock time)."""
+
+    attempt: int
+    started: float
+    report_at: float
 
 
 @dataclass(eq=False, slots=True)
@@ -247,7 +255,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._work_stop: anyio.Event | None = None  # made in __aenter__ (needs a loop)
         self._work_done: anyio.Event | None = None
         self._abandoned = False
-        self._calls: dict[Any, int] = {}  # executor calls running now: action id -> attempt
+        self._calls: dict[Any, _Call] = {}  # executor calls running now, by action id
+        self._watch_wake: anyio.Event | None = None  # the slow watchdog waits for a first call
+        self._watch_sleep: anyio.CancelScope | None = None  # ... or sleeps until _watch_due
+        self._watch_due = math.inf
         self._send: MemoryObjectSendStream[_Item] | None = None
         self._receive: MemoryObjectReceiveStream[_Item] | None = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -437,6 +448,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         try:
             async with anyio.create_task_group() as work:
                 self._work = work
+                if self._slow_action_after is not None:
+                    work.start_soon(self._guarded, self._watch_slow, self._slow_action_after)
                 ready.set()
                 await self._work_stop.wait()
                 work.cancel_scope.cancel()
@@ -671,26 +684,52 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     async def _attempt(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any], attempt: int,
                        deadline: float | None) -> Any:
-        """One executor call: under its deadline, reported while slow, listed in ``_calls`` while
-        it runs (so that a stop that abandons it can say which)."""
-        call = with_deadline(self.clock, deadline,
-                             spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
+        """One executor call, under its deadline, listed in ``_calls`` while it runs: for the
+        slow watchdog, and so that a stop that abandons it can say which."""
+        now = self.clock.now()
         after = self._slow_action_after
-        self._calls[tracked.id] = attempt
+        call = _Call(attempt, now, now + after if after is not None else math.inf)
+        self._calls[tracked.id] = call
+        if self._watch_wake is not None:
+            self._watch_wake.set()
+        elif call.report_at < self._watch_due and self._watch_sleep is not None:
+            self._watch_sleep.cancel()
         try:
-            if after is None:
-                result = await call
-            else:
-                result = await watch_slow(self.clock, call, after,
-                                          lambda elapsed: self._slow(tracked.id, attempt, elapsed))
+            result = await with_deadline(
+                self.clock, deadline,
+                spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
         except Exception:
             # A call that ignored a stop's cancellation and ended late reports nothing more.
             await anyio.lowlevel.checkpoint_if_cancelled()
             raise
         finally:
             del self._calls[tracked.id]
+            if not self._calls and self._watch_sleep is not None:
+                self._watch_sleep.cancel()  # nothing to watch: leave no deadline on the clock
         await anyio.lowlevel.checkpoint_if_cancelled()
         return result
+
+    async def _watch_slow(self, after: float) -> None:
+        """One task watches every running executor call: a call that has run ``after`` seconds
+        (clock time) is reported (``_slow``), then again each time its running time doubles.
+        It sleeps only while calls run, until the next report is due."""
+        clock = self.clock
+        while True:
+            if not self._calls:
+                self._watch_wake = wake = anyio.Event()
+                await wake.wait()
+                self._watch_wake = None
+                continue
+            now = clock.now()
+            for action_id, call in list(self._calls.items()):
+                if call.report_at <= now:
+                    self._slow(action_id, call.attempt, now - call.started)
+                    while call.report_at <= now:
+                        call.report_at = call.started + 2 * (call.report_at - call.started)
+            self._watch_due = min(call.report_at for call in self._calls.values())
+            with anyio.CancelScope() as self._watch_sleep:
+                await clock.sleep_until(self._watch_due)
+            self._watch_sleep, self._watch_due = None, math.inf
 
     def _slow(self, action_id: Any, attempt: int, elapsed: float) -> None:
         log.warning("tracked action %r attempt %d has been running for %.1fs (slow_action_after="
