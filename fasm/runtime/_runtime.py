@@ -469,6 +469,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert self._receive is not None
         receive = self._receive
         max_group = self._max_group
+        batch: list[_Item] = []
         try:
             while True:
                 try:
@@ -484,7 +485,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 await self._process(batch)
                 self._notify_progress()
         except BaseException as e:
-            self._fail(e)
+            self._fail(e, batch)
             if _fatal(e):
                 # Raised out of this task, a SystemExit or KeyboardInterrupt would stop asyncio's
                 # event loop itself; the runtime crashes instead and __aexit__ raises it.
@@ -579,8 +580,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         else:
             log.warning("stf raised on %s: %r", kind, step.error.__cause__, extra=extra)
 
-    def _fail(self, error: BaseException) -> None:
-        """The driver is leaving abnormally: answer everyone still queued, refuse new input."""
+    def _fail(self, error: BaseException, batch: Sequence[_Item] = ()) -> None:
+        """The driver is leaving abnormally: answer everyone still queued or in the ``batch``
+        it was on (committed or not, unacknowledged), refuse new input."""
         if not isinstance(error, anyio.get_cancelled_exc_class()) and self._failure is None:
             self._failure = error
             self._status = "failed"
@@ -592,6 +594,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         closed = self._closed()
         closed.__cause__ = self._failure
         assert self._receive is not None
+        for item in batch:
+            if isinstance(item, _Submit) and not item.done.is_set():
+                item.answer(None, closed)
         while True:
             try:
                 item = self._receive.receive_nowait()

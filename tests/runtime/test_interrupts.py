@@ -356,3 +356,39 @@ async def test_an_executor_or_handler_that_raises_them_crashes_the_runtime(
         await again.wait_idle()
         expected = [7, 1007]  # the job was pending (executor) or completed (handler) exactly once
         assert again.state.items == expected and again.state.jobs == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_listener_that_raises_them_leaves_no_submitter_waiting(kind: str) -> None:
+    """Raised after the commit (the transition is durable) and before the submitter was answered:
+    a crash between the two. The submitter, in a task outside the runtime's block, is answered
+    with RuntimeClosed instead of waiting for ever."""
+    store = MemoryStore()
+    answers: list[BaseException | int] = []
+
+    def listener(event: Any) -> None:
+        if type(event).__name__ == "TransitionCommitted":
+            raise KINDS[kind](kind)
+
+    async def submitter(rt: Runtime[Any, Any, Any, Any, Any, Any]) -> None:
+        try:
+            answers.append((await rt.submit(Add(1))).seq)
+        except Exception as e:
+            answers.append(e)
+
+    left: BaseException | None = None
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            try:
+                async with Runtime(Quitter(), initial_state=Box, store=store,
+                                   executors={Job: done_job}, handlers={Ping: quiet},
+                                   clock=ManualClock(), listeners=[listener]) as rt:
+                    tg.start_soon(submitter, rt)
+                    await anyio.sleep_forever()
+            except KINDS[kind] as e:
+                left = e
+    assert type(left) is KINDS[kind]
+    assert len(answers) == 1 and isinstance(answers[0], RuntimeClosed)
+    async with Runtime(Quitter(), initial_state=Box, store=store, executors={Job: done_job},
+                       handlers={Ping: quiet}, clock=ManualClock()) as again:
+        assert again.state.items == [1]  # durable, though never acknowledged
