@@ -57,7 +57,11 @@ class RetryPolicy:
         max_attempts: give up after this many attempts (needs ``on_exhausted`` on the executor,
             which turns the failure into a result). None: never give up; retries go on at
             ``max_backoff`` and each failure is reported to listeners.
-        timeout: seconds an attempt may take (clock time); None for no limit.
+        timeout: seconds an attempt may take (clock time), after which it is cancelled and
+            retried; None (the default) for no limit. There is no default because a retry
+            re-sends the call: safe only when the outside system honours
+            ``ctx.idempotency_key`` (a slow provider that succeeds would otherwise charge twice).
+            The runtime's ``slow_action_after`` reports long attempts without cancelling them.
     """
 
     max_attempts: int | None = None

@@ -431,6 +431,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             await ready.wait()
             self._tg.start_soon(self._drive)
         except BaseException as e:
+            self._end_work()  # the detached work task must not outlive a failed start
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(type(e), e, e.__traceback__)
             raise
