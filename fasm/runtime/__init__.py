@@ -12,6 +12,7 @@ from ._events import ActionCompleted as ActionCompleted
 from ._events import ActionDispatched as ActionDispatched
 from ._events import ActionFailed as ActionFailed
 from ._events import ActionRetried as ActionRetried
+from ._events import ActionSlow as ActionSlow
 from ._events import CheckpointFailed as CheckpointFailed
 from ._events import HandlerFailed as HandlerFailed
 from ._events import Listener as Listener
@@ -34,6 +35,7 @@ __all__ = (
     "ActionFailed",
     "ActionRetried",
     "CheckpointFailed",
+    "ActionSlow",
     "Clock",
     "Committed",
     "Executor",

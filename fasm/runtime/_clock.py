@@ -84,4 +84,9 @@ class ManualClock:
             return
         event = anyio.Event()
         heapq.heappush(self._sleepers, (deadline, next(self._counter), event))
-        await event.wait()
+        try:
+            await event.wait()
+        finally:
+            # A sleeper cancelled early (a finished attempt's watchdog) is no longer waiting:
+            # ``next_deadline`` and ``sleepers`` skip set events, so it does not linger there.
+            event.set()

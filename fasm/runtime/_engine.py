@@ -44,6 +44,14 @@ Rule 8 - transactional state: when ``state`` is a database transaction, the data
   :meth:`Engine.abandon` forgets them and the caller runs the same inputs again on a fresh
   transaction. They may now end differently, because another writer changed the database in
   between: that is new state, not nondeterminism.
+Rule 9 - an stf interrupted by something that is not an ``Exception`` (``KeyboardInterrupt``,
+  ``SystemExit``, a cancellation) has not failed: the process is being stopped in the middle of
+  a transition, whose mutations may be half done. Nothing rolls them back here; the engine
+  records the input in :attr:`Engine.interrupted`, lets the exception through unchanged, and
+  refuses every later step. The caller stops (the committed state in the store is intact, and a
+  new engine starts from it), unless the state was a transaction abandoned as a whole, which
+  takes the half-done work with it (:meth:`Engine.abandon`, rule 8). ``restore`` and ``replay``
+  let such exceptions through unchanged too.
 """
 
 from __future__ import annotations
@@ -173,6 +181,8 @@ class Engine:
         self._needs_reload = False
         self._input_adapter: StrictValidator | None = None
         self._finish = finish
+        self.interrupted: Input[Any, Any, Any] | None = None
+        """The input whose stf was interrupted by a non-``Exception`` (rule 9), if one was."""
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -205,10 +215,15 @@ class Engine:
         """Run one input through stf (rules 1, 3, 6).
 
         Raises:
-            RuntimeError: a reload was required and not done (a bug in the caller).
+            RuntimeError: a reload was required and not done, or an earlier step was interrupted
+                (a bug in the caller).
+            BaseException: what interrupted the stf, if it was not an ``Exception`` (rule 9).
         """
         if self._needs_reload:
             raise RuntimeError("engine needs reset() after a failed transition")
+        if self.interrupted is not None:
+            raise RuntimeError("an stf was interrupted mid-transition; its state may be half done: "
+                               "start a new engine from the committed state")
         if idempotency_key is not None:
             seen = self._keys.get(idempotency_key)
             if seen is not None:
@@ -228,6 +243,9 @@ class Engine:
                 self.rollback == "trust-rejected" and not isinstance(e, Rejected))
             self._needs_reload = reload
             return Failed(input, error, reload)
+        except BaseException:
+            self.interrupted = input  # rule 9: not a failed transition; the caller stops
+            raise
         self.seq += 1
         if idempotency_key is not None:
             self._remember(idempotency_key, self.seq)
@@ -301,6 +319,7 @@ class Engine:
         self.seq = self.committed_seq
         self._keys = OrderedDict(idempotency)
         self._needs_reload = False
+        self.interrupted = None  # what it did went with the transaction
         self._actions.clear()
 
     # -- restore and replay -------------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = (
     "ActionFailed",
     "ActionRetried",
     "CheckpointFailed",
+    "ActionSlow",
     "HandlerFailed",
     "Listener",
     "RuntimeEvent",
@@ -144,6 +145,18 @@ class CheckpointFailed:
     refused: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ActionSlow:
+    """Attempt ``attempt`` of a tracked action has been running for ``elapsed`` seconds (clock
+    time) without returning: reported once it passes the runtime's ``slow_action_after``, then
+    each time the elapsed time doubles. Nothing is cancelled: it says that work may be hung."""
+
+    key: str
+    action_id: Any
+    attempt: int
+    elapsed: float
+
+
 RuntimeEvent: TypeAlias = (
     TransitionCommitted
     | TransitionRejected
@@ -154,6 +167,7 @@ RuntimeEvent: TypeAlias = (
     | HandlerFailed
     | TransactionRetried
     | CheckpointFailed
+    | ActionSlow
 )
 
 Listener: TypeAlias = Callable[[RuntimeEvent], None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,13 +49,19 @@ class RetryPolicy:
     """When and how often a failed executor call is tried again.
 
     The delay before attempt ``n + 1`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))``
-    scaled by a random factor in ``[1 - jitter, 1 + jitter]``.
+    scaled by a random factor in ``[1 - jitter, 1 + jitter]``, for any ``n``: once the growth
+    passes ``max_backoff`` it stays there, however many attempts fail (retries that never stop
+    never overflow).
 
     Args:
         max_attempts: give up after this many attempts (needs ``on_exhausted`` on the executor,
             which turns the failure into a result). None: never give up; retries go on at
             ``max_backoff`` and each failure is reported to listeners.
-        timeout: seconds an attempt may take (clock time); None for no limit.
+        timeout: seconds an attempt may take (clock time), after which it is cancelled and
+            retried; None (the default) for no limit. There is no default because a retry
+            re-sends the call: safe only when the outside system honours
+            ``ctx.idempotency_key`` (a slow provider that succeeds would otherwise charge twice).
+            The runtime's ``slow_action_after`` reports long attempts without cancelling them.
     """
 
     max_attempts: int | None = None
@@ -75,8 +82,12 @@ class RetryPolicy:
             raise DefinitionError("timeout must be > 0 or None")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        """The pause after failed attempt number ``attempt``."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        """The pause after failed attempt number ``attempt`` (1 or more; any size)."""
+        try:
+            growth = self.multiplier ** (attempt - 1)
+        except OverflowError:  # 2.0 ** 1024 does not fit a float; it is past any cap anyway
+            growth = math.inf
+        base = min(self.max_backoff, self.initial_backoff * growth) if self.initial_backoff else 0.0
         return max(0.0, base * (1 + rng.uniform(-self.jitter, self.jitter)))
 
 
@@ -162,4 +173,5 @@ async def with_deadline(clock: Clock, deadline: float | None, awaitable: Any) ->
     if timed_out:
         raise TimeoutError(f"deadline {deadline} passed")
     return result
+
 

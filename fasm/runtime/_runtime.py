@@ -7,8 +7,9 @@ through a store, or a database transaction. The loop here knows only the host's 
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast
@@ -51,6 +52,7 @@ from ._events import (
     ActionDispatched,
     ActionFailed,
     ActionRetried,
+    ActionSlow,
     HandlerFailed,
     Listener,
     RuntimeEvent,
@@ -58,10 +60,21 @@ from ._events import (
     TransitionCommitted,
     TransitionRejected,
 )
-from ._executors import ActionContext, Executor, ExecutorFn, Handler, acquire_all, with_deadline
+from ._executors import (
+    ActionContext,
+    Executor,
+    ExecutorFn,
+    Handler,
+    acquire_all,
+    with_deadline,
+)
 from ._host import StateHost
 from ._state_database import DatabaseHost
 from ._state_object import ObjectHost
+from ._tasks import fatal as _fatal
+from ._tasks import leaves as _leaves
+from ._tasks import real_error as _real
+from ._tasks import spawn_detached as _spawn_detached
 
 __all__ = ("Committed", "Runtime")
 
@@ -73,6 +86,11 @@ TId = TypeVar("TId")
 TA = TypeVar("TA")
 TR = TypeVar("TR")
 U = TypeVar("U")
+
+_ABANDON_AFTER = 0.5
+"""Seconds (real time) a stop waits for cancelled executors and handlers to return before it
+abandons them. Cancelled work that responds is gone in microseconds; what is still running after
+this is stuck where cancellation cannot reach it (a blocking call in a worker thread)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +119,15 @@ class _Submit:
     def answer(self, outcome: Committed[Any, Any, Any] | None, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
         self.done.set()
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """An executor call running now: reported slow at ``report_at`` (clock time)."""
+
+    attempt: int
+    started: float
+    report_at: float
 
 
 @dataclass(eq=False, slots=True)
@@ -153,7 +180,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         max_group: most transitions committed in one store write (group commit).
         max_in_flight: most executor calls running at once (timers are not counted).
         handler_timeout: seconds (clock time) a handler may run before it is cancelled.
-        shutdown_grace: seconds (real time) that stop waits for in-flight work before cancelling.
+        shutdown_grace: seconds (real time) that stop waits for in-flight work before cancelling
+            it. Stop returns within about ``shutdown_grace`` plus half a second (and the time to
+            commit what is queued): executor calls that do not respond to the cancellation (a
+            blocking call in a worker thread) are abandoned, logged, and left running.
+        slow_action_after: seconds (clock time) after which an executor attempt that has not
+            returned is reported as slow (an ``ActionSlow`` event and a WARNING log), then again
+            each time its running time doubles; None turns it off. It only reports: attempts
+            have no default timeout (see ``RetryPolicy.timeout``).
         rollback: how a failed stf is undone: ``"reload"`` (default for a state object),
             ``"copy"``, ``"trust-rejected"`` or ``"trust"`` (see docs/runtime.md and
             :mod:`fasm.runtime._engine`). With ``database=`` it is ``"trust"``: the database
@@ -187,6 +221,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         max_in_flight: int = 1000,
         handler_timeout: float = 30.0,
         shutdown_grace: float = 5.0,
+        slow_action_after: float | None = 60.0,
         rollback: Rollback | None = None,
         idempotency_window: int = 1000,
         listeners: Sequence[Listener] = (),
@@ -202,6 +237,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 raise DefinitionError(f"{name} must be >= {low}, got {value}")
         if handler_timeout <= 0 or shutdown_grace < 0:
             raise DefinitionError("handler_timeout must be > 0 and shutdown_grace >= 0")
+        if slow_action_after is not None and not slow_action_after > 0:
+            raise DefinitionError(f"slow_action_after must be > 0 or None, got {slow_action_after}")
+        self._slow_action_after = slow_action_after
         self._queue_size = queue_size
         self._max_group = max_group
         self._max_in_flight = max_in_flight
@@ -219,6 +257,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._tg: anyio.abc.TaskGroup | None = None
         self._work: anyio.abc.TaskGroup | None = None
         self._work_stop: anyio.Event | None = None  # made in __aenter__ (needs a loop)
+        self._work_done: anyio.Event | None = None
+        self._abandoned = False
+        self._calls: dict[Any, _Call] = {}  # executor calls running now, by action id
+        self._watch_wake: anyio.Event | None = None  # the slow watchdog waits for a first call
+        self._watch_sleep: anyio.CancelScope | None = None  # ... or sleeps until _watch_due
+        self._watch_due = math.inf
         self._send: MemoryObjectSendStream[_Item] | None = None
         self._receive: MemoryObjectReceiveStream[_Item] | None = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -342,6 +386,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             RuntimeClosed: the runtime is not running (chained to the store error that stopped
                 it, if one did).
             StoreError: the commit could not be made durable; the runtime stops.
+            SystemExit, KeyboardInterrupt: raised by the stf on this input, as themselves (the
+                transition may be half done: nothing of its group is committed, and the runtime
+                stops as if the process had been killed).
         """
         engine = self._require_running()
         item = _Submit(self._checked(engine.validate(value)), _checked_key(idempotency_key))
@@ -402,13 +449,17 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             if spec.concurrency is not None
         }
         self._work_stop = anyio.Event()
+        self._work_done = anyio.Event()
         self._driver_done = anyio.Event()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
-            await self._tg.start(self._host_work)
+            ready = anyio.Event()
+            _spawn_detached(self._host_work, ready)
+            await ready.wait()
             self._tg.start_soon(self._drive)
         except BaseException as e:
+            self._end_work()  # the detached work task must not outlive a failed start
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(type(e), e, e.__traceback__)
             raise
@@ -418,13 +469,28 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                                            "fasm_restored": len(release.tracked)})
         return self
 
-    async def _host_work(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as work:
-            self._work = work
-            task_status.started()
-            assert self._work_stop is not None
-            await self._work_stop.wait()
-            work.cancel_scope.cancel()
+    async def _host_work(self, ready: anyio.Event) -> None:
+        """The task group of executors and handlers. It runs in a task of its own that no task
+        group of the runtime waits for (see :func:`_spawn_detached`), so that a stop can abandon
+        a call stuck where cancellation cannot reach it instead of waiting for it."""
+        assert self._work_stop is not None and self._work_done is not None
+        try:
+            async with anyio.create_task_group() as work:
+                self._work = work
+                if self._slow_action_after is not None:
+                    work.start_soon(self._guarded, self._watch_slow, self._slow_action_after)
+                ready.set()
+                await self._work_stop.wait()
+                work.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as e:
+            # A bug in the runtime's own work code: stop as a crash, and raise it from the
+            # ``async with`` (this task belongs to no task group that would).
+            self._crash(_real(e))
+        finally:
+            ready.set()
+            self._work_done.set()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -432,6 +498,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert self._receive is not None
         receive = self._receive
         max_group = self._max_group
+        batch: list[_Item] = []
         try:
             while True:
                 try:
@@ -447,7 +514,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 await self._process(batch)
                 self._notify_progress()
         except BaseException as e:
-            self._fail(e)
+            self._fail(e, batch)
+            if _fatal(e):
+                # Raised out of this task, a SystemExit or KeyboardInterrupt would stop asyncio's
+                # event loop itself; the runtime crashes instead and __aexit__ raises it.
+                self._crash(e)
+                return
             raise
         finally:
             if self._progress is not None:
@@ -459,7 +531,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         engine = self._require_engine()
         try:
             result = await self._host.run(engine, [(item.input, item.key) for item in batch])
-        except BaseException as e:
+        except Exception as e:
             # Nothing of the group is acknowledged: the runtime stops (see _drive).
             error = e if isinstance(e, FasmError) else StoreError(
                 f"store commit raised {e!r}", store=self._host.description, key=self.key)
@@ -469,6 +541,18 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             if error is e:
                 raise
             raise error from e
+        except BaseException as e:
+            # Not a store failure: a SystemExit or KeyboardInterrupt (the stf's, when the engine
+            # names the input it interrupted), or a cancellation (a crash). Nothing of the group
+            # is acknowledged; it goes on as itself, to the submitter whose stf raised it too.
+            closed = RuntimeClosed(f"the runtime stopped after {e!r}; nothing of this group of "
+                                   "transitions was committed")
+            closed.__cause__ = e
+            culprit = engine.interrupted if _fatal(e) else None
+            for item in batch:
+                if isinstance(item, _Submit) and not item.done.is_set():
+                    item.answer(None, e if item.input is culprit else closed)
+            raise
         for attempt, retried in result.retries:
             self._emit(TransactionRetried(self.key, attempt, len(batch), retried))
         for event in result.events:
@@ -527,8 +611,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         else:
             log.warning("stf raised on %s: %r", kind, step.error.__cause__, extra=extra)
 
-    def _fail(self, error: BaseException) -> None:
-        """The driver is leaving abnormally: answer everyone still queued, refuse new input."""
+    def _fail(self, error: BaseException, batch: Sequence[_Item] = ()) -> None:
+        """The driver is leaving abnormally: answer everyone still queued or in the ``batch``
+        it was on (committed or not, unacknowledged), refuse new input."""
         if not isinstance(error, anyio.get_cancelled_exc_class()) and self._failure is None:
             self._failure = error
             self._status = "failed"
@@ -536,9 +621,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                       extra={"fasm_key": self.key})
         elif self._status == "running":
             self._status = "stopping"
+        self._end_work()  # cancel executors and handlers now, as a crash would
         closed = self._closed()
         closed.__cause__ = self._failure
         assert self._receive is not None
+        for item in batch:
+            if isinstance(item, _Submit) and not item.done.is_set():
+                item.answer(None, closed)
         while True:
             try:
                 item = self._receive.receive_nowait()
@@ -553,15 +642,31 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     def _dispatch(self, release: Release) -> None:
         work = self._work
         assert work is not None
+        if anyio.current_effective_deadline() == -math.inf:
+            # The runtime is being cancelled (a crash), and its work runs in a task of its own
+            # that the cancellation does not reach: start nothing more, as if the process died
+            # here. The actions are in flight in the state, so restore re-emits them.
+            return
         for action in release.already_in_flight:
             log.debug("tracked action %r already in flight; not dispatched again", action.id,
                       extra={"fasm_key": self.key, "fasm_action_id": action.id})
         for tracked in release.tracked:
             self._emit(ActionDispatched(self.key, tracked.id, tracked.action))
-            work.start_soon(self._run_action, tracked)
+            work.start_soon(self._guarded, self._run_action, tracked)
         for seq, untracked in release.untracked:
             self._handlers_running += 1  # counted now: a stop must wait for it from here on
-            work.start_soon(self._run_handler, seq, untracked)
+            work.start_soon(self._guarded, self._run_handler, seq, untracked)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run an executor's or handler's task. A SystemExit or KeyboardInterrupt from user code
+        crashes the runtime like one from an stf (raised out of the task, it would stop
+        asyncio's event loop itself); ``async with`` raises it."""
+        try:
+            await fn(*args)
+        except BaseException as e:
+            if not _fatal(e):
+                raise
+            self._crash(_real(e))
 
     async def _run_action(self, tracked: Tracked[Any, Any]) -> None:
         cls = type(tracked.action)
@@ -588,9 +693,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             attempt += 1
             deadline = None if policy.timeout is None else self.clock.now() + policy.timeout
             try:
-                result = await with_deadline(
-                    self.clock, deadline,
-                    spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
+                result = await self._attempt(tracked, spec, attempt, deadline)
                 self._check_result(result)
             except Exception as e:
                 if policy.max_attempts is not None and attempt >= policy.max_attempts:
@@ -614,6 +717,62 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 continue
             self._emit(ActionCompleted(self.key, tracked.id, attempt))
             return result
+
+    async def _attempt(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any], attempt: int,
+                       deadline: float | None) -> Any:
+        """One executor call, under its deadline, listed in ``_calls`` while it runs: for the
+        slow watchdog, and so that a stop that abandons it can say which."""
+        now = self.clock.now()
+        after = self._slow_action_after
+        call = _Call(attempt, now, now + after if after is not None else math.inf)
+        self._calls[tracked.id] = call
+        if self._watch_wake is not None:
+            self._watch_wake.set()
+        elif call.report_at < self._watch_due and self._watch_sleep is not None:
+            self._watch_sleep.cancel()
+        try:
+            result = await with_deadline(
+                self.clock, deadline,
+                spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
+        except Exception:
+            # A call that ignored a stop's cancellation and ended late reports nothing more.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            raise
+        finally:
+            del self._calls[tracked.id]
+            if not self._calls and self._watch_sleep is not None:
+                self._watch_sleep.cancel()  # nothing to watch: leave no deadline on the clock
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return result
+
+    async def _watch_slow(self, after: float) -> None:
+        """One task watches every running executor call: a call that has run ``after`` seconds
+        (clock time) is reported (``_slow``), then again each time its running time doubles.
+        It sleeps only while calls run, until the next report is due."""
+        clock = self.clock
+        while True:
+            if not self._calls:
+                self._watch_wake = wake = anyio.Event()
+                await wake.wait()
+                self._watch_wake = None
+                continue
+            now = clock.now()
+            for action_id, call in list(self._calls.items()):
+                if call.report_at <= now:
+                    self._slow(action_id, call.attempt, now - call.started)
+                    while call.report_at <= now:
+                        call.report_at = call.started + 2 * (call.report_at - call.started)
+            self._watch_due = min(call.report_at for call in self._calls.values())
+            with anyio.CancelScope() as self._watch_sleep:
+                await clock.sleep_until(self._watch_due)
+            self._watch_sleep, self._watch_due = None, math.inf
+
+    def _slow(self, action_id: Any, attempt: int, elapsed: float) -> None:
+        log.warning("tracked action %r attempt %d has been running for %.1fs (slow_action_after="
+                    "%ss); it is not cancelled", action_id, attempt, elapsed,
+                    self._slow_action_after, extra={"fasm_key": self.key,
+                                                    "fasm_action_id": action_id})
+        self._emit(ActionSlow(self.key, action_id, attempt, elapsed))
 
     def _check_result(self, result: Any) -> None:
         """A result that does not validate field for field, or cannot be written as a record,
@@ -701,10 +860,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 tg.cancel_scope.cancel()
                 self._end_work()
             try:
-                await tg.__aexit__(exc_type, exc, tb)
+                swallowed = await tg.__aexit__(exc_type, exc, tb)
             except BaseExceptionGroup as group:
                 raise self._unwrap(group) from None
-            if self._failure is not None and exc is None:
+            finally:
+                await self._wait_work()
+            # ``swallowed``: the body was cancelled by the runtime's own crash (see _crash).
+            if self._failure is not None and (exc is None or swallowed):
                 raise self._failure
         finally:
             if self._status != "failed":
@@ -720,6 +882,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         executors finish within ``shutdown_grace`` seconds, cancel what is left (restore
         re-emits it on the next start), and wait until the last queued input is committed.
 
+        It returns within about ``shutdown_grace`` plus half a second, and the time to commit
+        what is queued: an executor call or handler that does not return within half a second
+        of being cancelled (a blocking call in a worker thread ignores cancellation) is
+        abandoned and logged. It may still be running, in its thread; its action stays in
+        flight in the state, so restore re-emits it on the next start, and a result it returns
+        now is not committed.
+
         Leaving the ``async with`` block calls it; call it earlier to stop from inside. The store
         is closed when the block is left.
         """
@@ -729,6 +898,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._end_work()
         if self._driver_done is not None:
             await self._driver_done.wait()
+        await self._wait_work()
 
     def _end_work(self) -> None:
         """Cancel executors and handlers, and let the driver finish what is queued."""
@@ -736,6 +906,42 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._work_stop.set()
         if self._send is not None:
             self._send.close()
+
+    async def _wait_work(self) -> None:
+        """After ``_end_work``: give cancelled executors and handlers ``_ABANDON_AFTER`` seconds
+        to return, then abandon what is left (it runs in a task nothing waits for)."""
+        done = self._work_done
+        if done is None or done.is_set() or self._abandoned:
+            return
+        with anyio.move_on_after(_ABANDON_AFTER, shield=True):
+            await done.wait()
+        if done.is_set():
+            return
+        self._abandoned = True
+        log.warning("stop abandoned %d executor call(s) (action ids %s) and %d handler(s) that did "
+                    "not return within %.1fs of being cancelled (a blocking call in a worker "
+                    "thread ignores cancellation); they may still be running. Their actions stay "
+                    "in flight in the state: restore re-emits them on the next start",
+                    len(self._calls), ", ".join(repr(i) for i in self._calls) or "none",
+                    self._handlers_running, _ABANDON_AFTER, extra={"fasm_key": self.key})
+
+    def _crash(self, error: BaseException) -> None:
+        """Stop as if the process had been killed: a SystemExit or KeyboardInterrupt from user
+        code (a transition may be half done, an executor is being told to exit), or a bug in the
+        runtime's work. Nothing more is committed or acknowledged, executors and handlers are
+        cancelled at once, the ``async with`` body is cancelled, and leaving it raises
+        ``error``."""
+        if self._status == "stopped":
+            log.error("%r raised after the runtime stopped", error, extra={"fasm_key": self.key})
+            return
+        if self._failure is None:
+            self._failure = error
+            self._status = "failed"
+            log.error("runtime stopped by %r; it accepts no more input", error,
+                      extra={"fasm_key": self.key})
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        self._end_work()
 
     async def wait_idle(self, *, include_timers: bool = False) -> None:
         """Return once no input is queued, no tracked action is in flight (timers are not
@@ -839,10 +1045,3 @@ def _lookup(table: Mapping[type[Any], Any], cls: type[Any]) -> Any:
         if found is not None:
             return found
     return None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out

@@ -248,7 +248,7 @@ class ObjectHost:
         try:
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
                                     entries=plan.entries, checkpoint=plan.checkpoint)
-        except BaseException as e:
+        except Exception as e:  # a KeyboardInterrupt or a cancellation goes on as itself
             error = e if isinstance(e, FasmError) else StoreError(
                 f"store commit raised {e!r}", store=self.store.description, key=self.key,
                 seq=plan.seq)
