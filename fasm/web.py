@@ -66,7 +66,7 @@ TA = TypeVar("TA")
 TR = TypeVar("TR")
 U = TypeVar("U")
 
-AnyRuntime = Runtime[Any, Any, Any, Any, Any, Any]
+_AnyRuntime = Runtime[Any, Any, Any, Any, Any, Any]
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 """The request header :func:`idempotency_key` reads (the IETF draft's name)."""
@@ -85,7 +85,7 @@ def terminate_process() -> None:
 
 
 def lifespan(
-    factory: Callable[[], AnyRuntime],
+    factory: Callable[[], Runtime[Any, Any, Any, Any, Any, Any]],
     *,
     state_key: str = "runtime",
     shutdown_grace: float | None = None,
@@ -133,7 +133,7 @@ def lifespan(
     if shutdown_grace is not None and shutdown_grace < 0:
         raise DefinitionError(f"shutdown_grace must be >= 0, got {shutdown_grace}")
 
-    async def watch(runtime: AnyRuntime) -> None:
+    async def watch(runtime: _AnyRuntime) -> None:
         failure = await runtime.wait_failed()
         if failure is None:
             return
