@@ -106,7 +106,11 @@ class _Typed:
         # mutated after validation is caught by its serializer's type check ("error" costs about
         # 1 us a value, so it is only asked for where the declared type can hold a model).
         self.models = _mentions_model(tp, set())
-        self._check: Any = "error" if self.models else True
+        # The state is never validated on its way in (the stf builds it), so its serializer's
+        # type check is what stands between a mistyped field (``state.balance = "x"``) and a
+        # checkpoint that would not load: always "error" there (it costs no more than the
+        # warning it replaces: 7.7 against 10.7 ms for 10,000 dataclass entries, best of 5).
+        self._check: Any = "error" if self.models or what == "state" else True
         self._whole = pydantic.TypeAdapter(tp) if members else None
         self._by_name: dict[str, pydantic.TypeAdapter[Any]] = {}
         self._by_type: dict[type, tuple[str, pydantic.TypeAdapter[Any]]] = {}
@@ -306,7 +310,7 @@ class Codec:
                 state (``"pending[3].user"``), found only after the failure.
         """
         typed = self._typed("state")
-        plain = typed.tag_any(self._walk, state, typed.dump(state))
+        plain = typed.tag_any(self._walk, state, typed.dump(state, check=True))
         keys = dict(idempotency)
         try:
             packed = msgpack.packb({"s": plain, "k": keys}, use_bin_type=True)
