@@ -224,10 +224,13 @@ def test_kill9_under_concurrent_posts_loses_nothing_and_charges_once(tmp_path: P
         by_payment.setdefault(c["payment"], []).append(c)
     assert set(by_payment) == set(payments), "a charge without a payment, or a payment never sent"
     for pid, payment in payments.items():
+        assert len(by_payment[pid]) == 1, f"payment {pid} charged twice: {by_payment[pid]}"
         [charge] = by_payment[pid]
         if payment["status"] == "confirmed":
             assert charge["ok"] and charge["txn"] == payment["txn"], (pid, payment, charge)
         else:
             assert not charge["ok"], (pid, payment, charge)
     resent = sum(c["requests"] - 1 for c in charges)
+    print(f"{len(load.acked)} acknowledged, {load.failed} failed tries retried, {resent} charges "
+          f"re-sent, {sum(c['ok'] for c in charges)} charged")
     assert resent > 0, "no charge was ever re-sent: the retries and kills tested nothing"
