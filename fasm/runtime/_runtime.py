@@ -70,6 +70,7 @@ TId = TypeVar("TId")
 TA = TypeVar("TA")
 TR = TypeVar("TR")
 U = TypeVar("U")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,25 @@ class _Result:
 
 
 _Item = _Submit | _Result
+
+
+@dataclass(eq=False, slots=True)
+class _Read:
+    fn: Callable[[Any], Any]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+    def run(self, state: Any) -> None:
+        try:
+            self.value = self.fn(state)
+        except Exception as e:  # the reader's error, raised in the reader's task
+            self.error = e
+        self.done.set()
+
+    def refuse(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
 
 
 async def _timer_executor(clock: Clock, action: Timer) -> TimerFired:
@@ -222,6 +242,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._progress: anyio.Event | None = None
         self._handlers_running = 0
         self._driver_done: anyio.Event | None = None
+        # Reads wait while a group is between its stf and its commit (the live state is then
+        # ahead of the durable one); the driver runs them as soon as the group is durable.
+        self._in_group = False
+        self._reads: list[_Read] = []
         self.store: Store | None = None
         """The store of a state-object runtime (None with ``database=``)."""
         self.durability: Durability | None = None
@@ -288,13 +312,85 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     @property
     def state(self) -> S:
-        """The live state (the last accepted transition's). Read it; never mutate it.
+        """The live state: the last *accepted* transition's, which may not be durable yet.
 
-        Read it again after every await rather than keeping a reference: a rollback with
-        ``rollback="reload"`` replaces the state object with the reloaded one. With
-        ``database=`` it is the transaction of the last group, already ended: read the database
-        through ``database.transaction(readonly=True)`` instead."""
+        While a group of inputs waits for its commit, ``state`` already shows their changes; if
+        the commit then fails (or the process dies) those changes never happened, and whoever
+        read them saw something that was undone. To answer anyone outside the process (an HTTP
+        GET, a report), use :meth:`read`, which sees only durable transitions. ``state`` is for
+        tests, debugging, and code that runs after the runtime stopped.
+
+        Read it; never mutate it. Read it again after every await rather than keeping a
+        reference: a rollback with ``rollback="reload"`` replaces the state object with the
+        reloaded one. With ``database=`` it is the transaction of the last group, already ended:
+        read the database through ``database.transaction(readonly=True)`` instead."""
         return cast(S, self._require_engine().state)
+
+    async def read(self, fn: Callable[[S], R]) -> R:
+        """Run ``fn`` on the state as of the last durable transition and return its result.
+
+        This is how to serve reads: what ``fn`` sees has been committed, so a crash cannot undo
+        it. When no group of inputs is waiting for its commit, ``fn`` runs at once; otherwise it
+        runs as soon as that group is durable, before the next group starts, so reads never
+        starve under load (a read waits at most for one commit). ``fn`` is synchronous and must
+        not mutate the state or keep references into it; return plain values or copies.
+
+        Args:
+            fn: ``fn(state) -> value``, called once on the runtime's task.
+
+        Returns:
+            What ``fn`` returned.
+
+        Raises:
+            RuntimeClosed: the runtime was never started, or it failed (chained to the error
+                that stopped it): its live state may then hold a group that was never
+                committed. After a normal stop, reads still work.
+            DefinitionError: the runtime keeps its state in a database (``database=``): read it
+                through ``async with rt.database.transaction(readonly=True) as txn:``, which sees
+                committed data only.
+            Exception: whatever ``fn`` raised.
+        """
+        engine = self._require_engine()
+        if self.database is not None:
+            raise DefinitionError(
+                "Runtime.read serves a state-object runtime; with database= read committed data "
+                "through 'async with rt.database.transaction(readonly=True) as txn:'")
+        if self._status == "failed":
+            raise self._closed() from self._failure
+        if not self._in_group:
+            return fn(cast(S, engine.state))
+        if self._driver_done is not None and self._driver_done.is_set():
+            # Cancelled (a crash) between a group's stf and its commit: nothing durable to show.
+            raise self._closed() from self._failure
+        read = _Read(fn)
+        self._reads.append(read)
+        await read.done.wait()
+        if read.error is not None:
+            raise read.error
+        return cast(R, read.value)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the runtime (a store that cannot commit, a bug in the
+        runtime), or None while it is healthy or after a normal stop."""
+        return self._failure
+
+    async def wait_failed(self) -> BaseException | None:
+        """Wait until the runtime stops taking input on its own or by a stop, and return the
+        error that stopped it, or None for a normal stop.
+
+        A failure does not cancel the body of ``async with runtime``: the runtime refuses input
+        from then on (submits raise :class:`RuntimeClosed` chained to the error) and the error is
+        raised when the block is left. Run this in a task to learn of the failure at once and
+        end the block (a web service stops its server; see :mod:`fasm.web`).
+
+        Raises:
+            RuntimeClosed: the runtime has not been started.
+        """
+        if self._driver_done is None:
+            raise RuntimeClosed("the runtime has not been started (use 'async with Runtime(...)')")
+        await self._driver_done.wait()
+        return self._failure
 
     @property
     def seq(self) -> int:
@@ -417,8 +513,16 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                self._in_group = True
                 await self._process(batch)
+                self._in_group = False
+                self._run_reads()
                 self._notify_progress()
+        except Exception as e:
+            # A failure does not cancel the body of ``async with``: the runtime refuses input
+            # from here on, wait_failed() reports it, and __aexit__ raises it.
+            self._fail(e)
+            self._end_work()
         except BaseException as e:
             self._fail(e)
             raise
@@ -475,6 +579,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             else:
                 item.answer(None, step)
 
+    def _run_reads(self) -> None:
+        """Answer the reads that waited for the group just committed (the live state is the
+        durable one now)."""
+        reads, self._reads = self._reads, []
+        state = self._require_engine().state
+        for read in reads:
+            read.run(state)
+
     def _redeliver(self, item: _Result, error: StoreError) -> None:
         """A result the database kept refusing to commit (contention) goes back in the queue:
         it is still in flight, and dropping it would stall its action until a restart."""
@@ -511,6 +623,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._status = "stopping"
         closed = self._closed()
         closed.__cause__ = self._failure
+        # Reads still queued waited for a group whose commit never finished.
+        reads, self._reads = self._reads, []
+        for read in reads:
+            read.refuse(closed)
         assert self._receive is not None
         while True:
             try:

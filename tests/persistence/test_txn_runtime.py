@@ -575,3 +575,15 @@ async def test_random_groups_agree_with_a_model(schema: DatabaseFactory, seed: i
     assert [p[:3] for p in await payouts(schema())] == payouts_
     async with schema() as again, again.transaction(readonly=True) as tx:
         assert dict(await tx.kv.range(NOTES)) == notes
+
+
+async def test_read_points_a_database_runtime_to_a_read_only_transaction(
+    schema: DatabaseFactory,
+) -> None:
+    async with runtime(schema()) as rt:
+        await rt.submit(Open("ada", 100))
+        with pytest.raises(DefinitionError, match=r"transaction\(readonly=True\)"):
+            await rt.read(lambda txn: txn)
+        assert rt.database is not None
+        async with rt.database.transaction(readonly=True) as txn:
+            assert await txn.fetchval("SELECT balance FROM accounts WHERE name = 'ada'") == 100
