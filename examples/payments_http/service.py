@@ -37,10 +37,10 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import httpx
@@ -75,9 +75,6 @@ log = logging.getLogger("examples.payments_http")
 
 ACCOUNTS = {"ada": 10**9, "bob": 10**9, "cyd": 10**9, "dee": 100}
 """The accounts the service opens on its first start (name -> credit)."""
-
-T = TypeVar("T")
-
 
 class ProviderError(Exception):
     """The provider did not answer with an outcome (it failed, timed out or was unreachable);
@@ -127,9 +124,6 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
                       store=SQLiteStore(data / "payments.db"),
                       executors={Charge: executor, CheckStatus: executor})
 
-    async def read(fn: Callable[[Payments], T]) -> T:
-        return fn(runtime.state)  # TODO: rt.read (committed)
-
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal client
@@ -168,28 +162,29 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
                                           "Idempotency-Key"}, 503)
         replayed = committed.duplicate or not committed.actions
 
-        def found(s: Payments) -> tuple[int, Payment] | None:
+        def made_by_key(s: Payments) -> dict[str, Any] | None:  # a copy, not the live object
             pid = s.requests.get(key)
-            return None if pid is None else (pid, s.payments[pid])
+            return None if pid is None else payment_json(pid, s.payments[pid])
 
-        hit = await read(found)
-        assert hit is not None, "a committed Pay has its request key in the state"
-        pid, payment = hit
-        if (payment.account, payment.amount) != (body.get("account"), body.get("amount")):
+        payment = await runtime.read(made_by_key)  # committed: our transition is in it
+        assert payment is not None, "a committed Pay has its request key in the state"
+        if (payment["account"], payment["amount"]) != (body.get("account"), body.get("amount")):
+            # the runtime's own window answered a duplicate key without running the stf
             error = KeyReused(f"Idempotency-Key {key!r} was used for another payment")
             return JSONResponse({"error": type(error).__name__, "detail": str(error)}, 409)
-        return JSONResponse({**payment_json(pid, payment), "replayed": replayed}, 201)
+        return JSONResponse({**payment, "replayed": replayed}, 201)
 
     async def get_payment(request: Request) -> JSONResponse:
         pid = request.path_params["pid"]
 
-        def find(s: Payments) -> Payment | None:
-            return s.payments.get(pid)
+        def find(s: Payments) -> dict[str, Any] | None:
+            payment = s.payments.get(pid)
+            return None if payment is None else payment_json(pid, payment)
 
-        payment = await read(find)
+        payment = await runtime.read(find)
         if payment is None:
             return JSONResponse({"error": f"no payment {pid}"}, 404)
-        return JSONResponse(payment_json(pid, payment))
+        return JSONResponse(payment)
 
     async def health(request: Request) -> JSONResponse:
         def counts(s: Payments) -> dict[str, int]:
@@ -197,7 +192,7 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
             return {"payments": len(s.payments), "pending": by_status["pending"],
                     "confirmed": by_status["confirmed"], "declined": by_status["declined"]}
 
-        return JSONResponse({"status": "ok", **await read(counts)})
+        return JSONResponse({"status": "ok", **await runtime.read(counts)})
 
     return Starlette(routes=[Route("/payments", pay, methods=["POST"]),
                              Route("/payments/{pid:int}", get_payment, methods=["GET"]),
