@@ -124,6 +124,25 @@ class Load:
 
     acked: dict[str, tuple[int, str, int]] = field(default_factory=dict)
     failed: int = 0  # requests with no answer (connection refused or cut, 503): retried
+    seen: dict[int, tuple[str, int]] = field(default_factory=dict)  # GET 200s: id -> payment
+    top: int = -1  # the highest payment id acknowledged so far
+    abort: bool = False  # the test failed: clients stop retrying
+
+
+async def reader_loop(url: str, load: Load, stop: asyncio.Event) -> None:
+    """GET the ids just above the highest acknowledged one, which are being committed right now:
+    a read that showed a payment a crash then undid would be caught by the final check."""
+    async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
+        while not stop.is_set():
+            for pid in range(load.top + 1, load.top + 4):
+                try:
+                    r = await client.get(f"/payments/{pid}")
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.02)
+                    continue
+                if r.status_code == 200:
+                    got = r.json()
+                    load.seen.setdefault(pid, (got["account"], got["amount"]))
 
 
 async def client_loop(url: str, load: Load, stop: asyncio.Event, rng: random.Random,
@@ -136,6 +155,8 @@ async def client_loop(url: str, load: Load, stop: asyncio.Event, rng: random.Ran
             key, n = f"w{worker}-{n}", n + 1
             body = {"account": rng.choice(["ada", "bob", "cyd"]), "amount": rng.randint(1, 99)}
             for _ in range(2000):  # bounded; each failed try waits 20 ms
+                if load.abort:
+                    return
                 try:
                     r = await client.post("/payments", json=body,
                                           headers={"Idempotency-Key": key})
@@ -145,6 +166,7 @@ async def client_loop(url: str, load: Load, stop: asyncio.Event, rng: random.Ran
                     got = r.json()
                     assert (got["account"], got["amount"]) == (body["account"], body["amount"])
                     load.acked[key] = (got["id"], got["account"], got["amount"])
+                    load.top = max(load.top, got["id"])
                     break
                 assert r is None or r.status_code == 503, r.text
                 load.failed += 1
@@ -154,13 +176,14 @@ async def client_loop(url: str, load: Load, stop: asyncio.Event, rng: random.Ran
 
 
 async def kill_loop(service: Server, load: Load, *, kills: int, clients: int,
-                    seed: int) -> int:
-    """Run ``clients`` client loops while killing and restarting the service ``kills`` times;
-    return how many kills hit while requests were in flight."""
+                    seed: int) -> None:
+    """Run ``clients`` client loops and two readers while killing the service at random moments
+    and restarting it, ``kills`` times."""
     rng = random.Random(seed)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(client_loop(service.url, load, stop, random.Random(seed + i), i))
              for i in range(clients)]
+    tasks += [asyncio.create_task(reader_loop(service.url, load, stop)) for _ in range(2)]
     try:
         for _ in range(kills):
             before = len(load.acked)
@@ -173,17 +196,19 @@ async def kill_loop(service: Server, load: Load, *, kills: int, clients: int,
             await asyncio.sleep(rng.uniform(0.0, 0.2))
             await asyncio.to_thread(service.start)
         await asyncio.sleep(0.3)
+    except BaseException:
+        load.abort = True
+        raise
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
-    return kills
 
 
 @pytest.mark.slow
 def test_kill9_under_concurrent_posts_loses_nothing_and_charges_once(tmp_path: Path) -> None:
-    """Every payment acknowledged with 2xx survives 4 kill -9s; after the service drains, none is
-    pending, every payment id belongs to exactly one request, and the provider charged each
-    payment once, with the outcome the service recorded."""
+    """Every payment acknowledged with 2xx, or shown by a GET, survives 4 kill -9s; after the
+    service drains, none is pending, every payment id belongs to exactly one request, and the
+    provider charged each payment once, with the outcome the service recorded."""
     with provider_server(tmp_path / "provider.db", seed=5, failure_rate=0.1, decline_rate=0.05,
                          log=tmp_path / "provider.log") as provider:
         provider.start()
@@ -215,6 +240,10 @@ def test_kill9_under_concurrent_posts_loses_nothing_and_charges_once(tmp_path: P
     for key, (pid, account, amount) in load.acked.items():
         assert pid in payments, f"{key}: payment {pid} acknowledged, then lost"
         assert (payments[pid]["account"], payments[pid]["amount"]) == (account, amount), key
+    # every payment a GET showed is on record as shown: reads never saw an undone transition
+    for pid, shown in load.seen.items():
+        assert pid in payments and (payments[pid]["account"], payments[pid]["amount"]) == shown, \
+            f"GET showed payment {pid} as {shown}, a crash undid it: {payments.get(pid)}"
     # every payment on record was acknowledged (clients retry until they are), none is pending
     assert set(payments) == set(pids)
     assert {p["status"] for p in payments.values()} <= {"confirmed", "declined"}
@@ -232,5 +261,5 @@ def test_kill9_under_concurrent_posts_loses_nothing_and_charges_once(tmp_path: P
             assert not charge["ok"], (pid, payment, charge)
     resent = sum(c["requests"] - 1 for c in charges)
     print(f"{len(load.acked)} acknowledged, {load.failed} failed tries retried, {resent} charges "
-          f"re-sent, {sum(c['ok'] for c in charges)} charged")
+          f"re-sent, {sum(c['ok'] for c in charges)} charged, {len(load.seen)} read ahead")
     assert resent > 0, "no charge was ever re-sent: the retries and kills tested nothing"
