@@ -23,6 +23,7 @@ __all__ = (
     "IncompatibleRecord",
     "InvalidInput",
     "NondeterminismError",
+    "OutcomeUnknown",
     "Rejected",
     "RestoreFailed",
     "RuntimeClosed",
@@ -99,6 +100,23 @@ class RuntimeClosed(FasmError):
 
     Inputs submitted now are refused; nothing is lost that a previous ``submit`` acknowledged.
     """
+
+
+class OutcomeUnknown(FasmError):
+    """A submit did not answer within its timeout (:func:`fasm.web.submit`): the input may still
+    commit, or may never have been queued. Retrying with the same idempotency key is safe: a
+    transition already committed with it is not run again.
+
+    Attributes:
+        idempotency_key: the key to retry with (None: the submit had none, and a retry may run
+            the input twice).
+        timeout: the seconds that passed.
+    """
+
+    def __init__(self, message: str, *, idempotency_key: str | None, timeout: float) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+        self.timeout = timeout
 
 
 class NondeterminismError(FasmError):

@@ -35,6 +35,7 @@ import fasm.errors
 import fasm.persistence
 import fasm.runtime
 import fasm.testing
+import fasm.web
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([*ROOT.glob("docs/*.md"), ROOT / "README.md"])
@@ -238,7 +239,7 @@ def test_api_reference_is_up_to_date() -> None:
 
 
 @pytest.mark.parametrize("module", [fasm, fasm.errors, fasm.runtime, fasm.persistence,
-                                    fasm.testing], ids=lambda m: m.__name__)
+                                    fasm.testing, fasm.web], ids=lambda m: m.__name__)
 def test_api_reference_names_every_public_name(module: ModuleType) -> None:
     page = (ROOT / "docs" / "api.md").read_text()
     section = page.split(f"## `{module.__name__}`\n", 1)[1].split("\n## `", 1)[0]
