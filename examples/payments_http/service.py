@@ -18,11 +18,13 @@ and talk to it:
 ``POST /payments`` answers 201 with ``{"id": ..., "status": "pending", ...}`` once the payment is
 durable (the charge runs after the answer, through the runtime's executor); the same
 ``Idempotency-Key`` again answers 201 with the same payment, marked ``"replayed": true``, at any
-later time (the key is kept in the machine's state). A refusal (unknown account, not enough
-credit, a key reused for another payment) is 409, a body that is not a payment 422, a missing
-key 400; when the runtime cannot answer in time the outcome is unknown (503): retry with the same
-key. ``GET /payments/{id}`` and ``GET /health`` read committed state only, never a transition a
-crash could still undo.
+later time (the key is kept in the machine's state). Errors are answered by
+``fasm.web.http_error``: a refusal (unknown account, not enough credit, a key reused for another
+payment) is 409, a body that is not a payment 422 (a missing key 400); when the runtime cannot
+answer in time the outcome is unknown (504): retry with the same key; a runtime that is stopping
+or has failed answers 503 (and ``fasm.web.lifespan`` then stops the server, which exits 1 for the
+process manager to restart it). ``GET /payments/{id}`` and ``GET /health`` read committed state
+(``Runtime.read``), never a transition a crash could still undo.
 
 The executor calls the provider with one ``httpx.AsyncClient`` whose pool holds as many
 connections as the executor may run calls at once (``--concurrency``), so no call waits for a
@@ -42,15 +44,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fasm import InvalidInput, Rejected
-from fasm.errors import RuntimeClosed
+from fasm import web
+from fasm.errors import FasmError
 from fasm.persistence import SQLiteStore
 from fasm.runtime import ActionContext, Executor, RetryPolicy, Runtime
 
@@ -76,6 +77,9 @@ log = logging.getLogger("examples.payments_http")
 ACCOUNTS = {"ada": 10**9, "bob": 10**9, "cyd": 10**9, "dee": 100}
 """The accounts the service opens on its first start (name -> credit)."""
 
+PaymentsRuntime = Runtime[Payments, Any, int, Any, PaymentResult, Any]
+
+
 class ProviderError(Exception):
     """The provider did not answer with an outcome (it failed, timed out or was unreachable);
     the runtime tries again with the same idempotency key."""
@@ -95,8 +99,8 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
         provider: the provider's base URL.
         concurrency: most charges in flight at once: the executor's ``concurrency`` and the
             size of the HTTP pool to the provider.
-        submit_timeout: seconds a POST waits for its transition before answering 503
-            (outcome unknown).
+        submit_timeout: seconds a POST waits for its transition before answering 504
+            (outcome unknown: retry with the same key).
     """
     data.mkdir(parents=True, exist_ok=True)
     client: httpx.AsyncClient | None = None
@@ -118,48 +122,52 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
             return Declined(str(response.json()["reason"]))
         raise ProviderError(f"provider answered {response.status_code}")
 
-    executor = Executor(charge, concurrency=concurrency,
-                        retry=RetryPolicy(initial_backoff=0.05, max_backoff=2.0, timeout=10.0))
-    runtime = Runtime(PaymentsMachine(), initial_state=Payments, key="payments",
-                      store=SQLiteStore(data / "payments.db"),
-                      executors={Charge: executor, CheckStatus: executor})
+    def make_runtime() -> PaymentsRuntime:
+        # The attempt timeout starts when the call does; the pool has a connection for every
+        # call the executor lets run, so no attempt spends its timeout waiting for one.
+        executor = Executor(charge, concurrency=concurrency,
+                            retry=RetryPolicy(initial_backoff=0.05, max_backoff=2.0,
+                                              timeout=10.0))
+        return Runtime(PaymentsMachine(), initial_state=Payments, key="payments",
+                       store=SQLiteStore(data / "payments.db"),
+                       executors={Charge: executor, CheckStatus: executor})
+
+    runtime_lifespan = web.lifespan(make_runtime)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # fasm.web.lifespan runs the runtime; around it, the HTTP client its executor uses
+        # (opened first, closed last) and, once it runs, the accounts of a first start.
         nonlocal client
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(base_url=provider, limits=limits,
-                                     timeout=httpx.Timeout(5.0)) as client, runtime:
+                                     timeout=httpx.Timeout(5.0)) as client, \
+                runtime_lifespan(app) as state:
+            runtime: PaymentsRuntime = state["runtime"]
             for account, credit in ACCOUNTS.items():
                 try:
                     await runtime.submit(OpenAccount(account, credit),
                                          idempotency_key=f"open-{account}")
                 except AccountExists:
                     pass  # opened by an earlier run
-            yield
+            yield state
 
-    async def pay(request: Request) -> JSONResponse:
-        key = request.headers.get("idempotency-key")
-        if not key:
-            return JSONResponse({"error": "an Idempotency-Key header is required"}, 400)
+    async def pay(request: Request) -> Response:
+        runtime: PaymentsRuntime = request.state.runtime
+        key = web.idempotency_key(request.headers)
+        if key is None:
+            return JSONResponse({"error": "MissingKey",
+                                 "message": "an Idempotency-Key header is required"}, 400)
         try:
             body = await request.json()
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            return JSONResponse({"error": "the body must be a JSON object"}, 422)
-        try:
-            with anyio.fail_after(submit_timeout):
-                committed = await runtime.submit(
-                    Pay(body.get("account"), body.get("amount"), key),  # type: ignore[arg-type]
-                    idempotency_key=key)
-        except InvalidInput as e:
-            return JSONResponse({"error": str(e)}, 422)
-        except Rejected as e:
-            return JSONResponse({"error": type(e).__name__, "detail": str(e)}, 409)
-        except (RuntimeClosed, TimeoutError):
-            return JSONResponse({"error": "outcome unknown: retry with the same "
-                                          "Idempotency-Key"}, 503)
+            return JSONResponse({"error": "InvalidBody",
+                                 "message": "the body must be a JSON object"}, 422)
+        # Pay's fields are checked strictly by the runtime: a wrong type is InvalidInput (422).
+        committed = await web.submit(runtime, Pay(body.get("account"), body.get("amount"), key),
+                                     idempotency_key=key, timeout=submit_timeout)
         replayed = committed.duplicate or not committed.actions
 
         def made_by_key(s: Payments) -> dict[str, Any] | None:  # a copy, not the live object
@@ -169,12 +177,12 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
         payment = await runtime.read(made_by_key)  # committed: our transition is in it
         assert payment is not None, "a committed Pay has its request key in the state"
         if (payment["account"], payment["amount"]) != (body.get("account"), body.get("amount")):
-            # the runtime's own window answered a duplicate key without running the stf
-            error = KeyReused(f"Idempotency-Key {key!r} was used for another payment")
-            return JSONResponse({"error": type(error).__name__, "detail": str(error)}, 409)
+            # the runtime's window answered a duplicate key without running the stf
+            raise KeyReused(f"Idempotency-Key {key!r} was used for another payment")
         return JSONResponse({**payment, "replayed": replayed}, 201)
 
-    async def get_payment(request: Request) -> JSONResponse:
+    async def get_payment(request: Request) -> Response:
+        runtime: PaymentsRuntime = request.state.runtime
         pid = request.path_params["pid"]
 
         def find(s: Payments) -> dict[str, Any] | None:
@@ -183,10 +191,12 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
 
         payment = await runtime.read(find)
         if payment is None:
-            return JSONResponse({"error": f"no payment {pid}"}, 404)
+            return JSONResponse({"error": "NotFound", "message": f"no payment {pid}"}, 404)
         return JSONResponse(payment)
 
-    async def health(request: Request) -> JSONResponse:
+    async def health(request: Request) -> Response:
+        runtime: PaymentsRuntime = request.state.runtime
+
         def counts(s: Payments) -> dict[str, int]:
             by_status = Counter(p.status for p in s.payments.values())
             return {"payments": len(s.payments), "pending": by_status["pending"],
@@ -194,10 +204,16 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
 
         return JSONResponse({"status": "ok", **await runtime.read(counts)})
 
+    async def fasm_error(request: Request, exc: Exception) -> Response:
+        answer = web.http_error(exc)
+        if answer is None:
+            raise exc
+        return JSONResponse(answer.body, answer.status, headers=answer.headers)
+
     return Starlette(routes=[Route("/payments", pay, methods=["POST"]),
                              Route("/payments/{pid:int}", get_payment, methods=["GET"]),
                              Route("/health", health, methods=["GET"])],
-                     lifespan=lifespan)
+                     exception_handlers={FasmError: fasm_error}, lifespan=lifespan)
 
 
 def main() -> None:
@@ -211,7 +227,11 @@ def main() -> None:
     ap.add_argument("--provider", default="http://127.0.0.1:8001", help="provider base URL")
     ap.add_argument("--concurrency", type=int, default=32, help="charges in flight at once")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s [%(fasm_context)s] "
+                                           "%(message)s"))
+    handler.addFilter(web.LogContext())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     app = make_app(args.data, args.provider, concurrency=args.concurrency)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

@@ -168,7 +168,7 @@ async def client_loop(url: str, load: Load, stop: asyncio.Event, rng: random.Ran
                     load.acked[key] = (got["id"], got["account"], got["amount"])
                     load.top = max(load.top, got["id"])
                     break
-                assert r is None or r.status_code == 503, r.text
+                assert r is None or r.status_code in (503, 504), r.text
                 load.failed += 1
                 await asyncio.sleep(0.02)
             else:
