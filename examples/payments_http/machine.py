@@ -40,7 +40,8 @@ from fasm import (
 
 __all__ = (
     "AccountExists", "Charge", "Charged", "CheckStatus", "Declined", "InsufficientCredit",
-    "KeyReused", "OpenAccount", "Pay", "Payment", "Payments", "PaymentsMachine", "UnknownAccount",
+    "KeyReused", "OpenAccount", "Pay", "Payment", "PaymentRequest", "PaymentResult", "Payments",
+    "PaymentsMachine", "UnknownAccount",
 )
 
 

@@ -166,8 +166,10 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
             return JSONResponse({"error": "InvalidBody",
                                  "message": "the body must be a JSON object"}, 422)
         # Pay's fields are checked strictly by the runtime: a wrong type is InvalidInput (422).
-        committed = await web.submit(runtime, Pay(body.get("account"), body.get("amount"), key),
-                                     idempotency_key=key, timeout=submit_timeout)
+        account: Any = body.get("account")
+        amount: Any = body.get("amount")
+        committed = await web.submit(runtime, Pay(account, amount, key), idempotency_key=key,
+                                     timeout=submit_timeout)
         replayed = committed.duplicate or not committed.actions
 
         def made_by_key(s: Payments) -> dict[str, Any] | None:  # a copy, not the live object
@@ -176,7 +178,7 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
 
         payment = await runtime.read(made_by_key)  # committed: our transition is in it
         assert payment is not None, "a committed Pay has its request key in the state"
-        if (payment["account"], payment["amount"]) != (body.get("account"), body.get("amount")):
+        if (payment["account"], payment["amount"]) != (account, amount):
             # the runtime's window answered a duplicate key without running the stf
             raise KeyReused(f"Idempotency-Key {key!r} was used for another payment")
         return JSONResponse({**payment, "replayed": replayed}, 201)
