@@ -103,7 +103,8 @@ def main() -> None:
     seconds = 2.0 if args.quick else args.seconds
     drain = 20.0 if args.quick else args.drain
     print(f"payments over HTTP on SQLite: {seconds:g} s per run, executor concurrency "
-          f"{args.concurrency}, {os.cpu_count()} cores shared by clients, service and provider")
+          f"{args.concurrency}, {os.cpu_count()} cores shared by clients, service and provider "
+          f"(load average {os.getloadavg()[0]:.1f} at the start)")
     header = (f"{'clients':>7} {'requests/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>6} "
               f"{'acknowledged':>12} {'settled':>9} {'backlog':>8} {'drain s':>8}")
     print(header)
