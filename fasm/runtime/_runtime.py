@@ -376,8 +376,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         return self._failure
 
     async def wait_failed(self) -> BaseException | None:
-        """Wait until the runtime stops taking input on its own or by a stop, and return the
-        error that stopped it, or None for a normal stop.
+        """Return the error that stopped the runtime as soon as it fails, or None once it has
+        stopped normally (so a task watching it never outlives it).
 
         A failure does not cancel the body of ``async with runtime``: the runtime refuses input
         from then on (submits raise :class:`RuntimeClosed` chained to the error) and the error is
