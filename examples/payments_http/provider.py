@@ -5,9 +5,10 @@
 ``POST /charges`` with a JSON body ``{"payment": 7, "account": "ada", "amount": 25}`` and an
 ``Idempotency-Key`` header charges the card, or declines it, and records the outcome under the
 key in its own SQLite file; a request with a key it has seen returns the recorded outcome and
-charges nothing (the way real providers treat idempotency keys). Every request is counted, so a
-test can see that re-sent charges arrived and were not charged again. ``GET /charges`` lists
-what it recorded, ``GET /health`` answers once it has started.
+charges nothing (the way real providers treat idempotency keys), and a known key sent with other
+parameters is refused (422) rather than answered with another charge's outcome. Every request is
+counted, so a test can see that re-sent charges arrived and were not charged again.
+``GET /charges`` lists what it recorded, ``GET /health`` answers once it has started.
 
 It imitates a real provider's manners: some latency (``--latency``), some transient failures
 (``--failure-rate``, answered 503, some before anything is recorded and some after the
@@ -67,9 +68,15 @@ class Ledger:
 
     def charge(self, key: str, payment: int, account: str, amount: int) -> dict[str, Any] | None:
         """The recorded outcome for ``key``, charging first if it is new; None: a transient
-        failure, before the charge (nothing recorded) or after it (the answer lost)."""
-        row = self.db.execute("SELECT ok, txn, reason FROM charges WHERE key = ?",
-                              (key,)).fetchone()
+        failure, before the charge (nothing recorded) or after it (the answer lost).
+
+        Raises:
+            KeyError: ``key`` was recorded for a charge with other parameters.
+        """
+        row = self.db.execute("SELECT ok, txn, reason, payment, account, amount FROM charges "
+                              "WHERE key = ?", (key,)).fetchone()
+        if row is not None and tuple(row[3:]) != (payment, account, amount):
+            raise KeyError(key)  # the key of another charge: refuse, as real providers do
         if row is not None:
             self.db.execute("UPDATE charges SET requests = requests + 1 WHERE key = ?", (key,))
             return {"ok": bool(row[0]), "txn": row[1], "reason": row[2], "replayed": True}
@@ -115,8 +122,12 @@ def make_app(db: Path, *, seed: int | None = None, failure_rate: float = 0.05,
             return JSONResponse({"error": "an Idempotency-Key header and a JSON object"}, 400)
         await asyncio.sleep(rng.uniform(*latency))
         assert ledger is not None
-        outcome = ledger.charge(key, int(body["payment"]), str(body["account"]),
-                                int(body["amount"]))
+        try:
+            outcome = ledger.charge(key, int(body["payment"]), str(body["account"]),
+                                    int(body["amount"]))
+        except KeyError:
+            return JSONResponse({"error": f"Idempotency-Key {key!r} was used for another "
+                                          "charge"}, 422)
         if outcome is None:
             return JSONResponse({"error": "try again"}, 503)
         return JSONResponse(outcome, 200 if outcome["ok"] else 402)

@@ -31,7 +31,11 @@ connections as the executor may run calls at once (``--concurrency``), so no cal
 connection while holding an executor slot, and ``restore``'s re-sent charges after a crash go
 out ``--concurrency`` at a time. The provider's idempotency key is the one fasm gives the
 executor (``ActionContext.idempotency_key``), the same for every retry and restart of a charge,
-so a charge re-sent after a kill -9 is never charged twice.
+so a charge re-sent after a kill -9 is never charged twice. That key is made of the machine's
+name, its key and the action id (the payment id), so keep the service's data directory and the
+provider's ledger together: a fresh data directory against an old ledger would send the keys of
+old charges again (the provider refuses a known key with other parameters, 422, and the executor
+records that payment as declined: nothing was charged for it).
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
             return Charged(str(response.json()["txn"]))
         if response.status_code == 402:
             return Declined(str(response.json()["reason"]))
+        if response.status_code == 422:  # the key of another charge: this one was not charged
+            return Declined(f"provider refused the charge: {response.json()['error']}")
         raise ProviderError(f"provider answered {response.status_code}")
 
     def make_runtime() -> PaymentsRuntime:

@@ -115,6 +115,25 @@ def test_unknown_payment_is_404(pair: Pair) -> None:
     assert pair.client.get("/payments/999999").status_code == 404
 
 
+def test_fresh_data_directory_against_an_old_ledger_charges_nothing(pair: Pair,
+                                                                    tmp_path: Path) -> None:
+    """A new data directory reuses payment ids, hence the provider's keys: the provider refuses
+    a known key with other parameters, and the payment is declined, not given another's charge."""
+    first = pay(pair.client, "old-ledger-1", {"account": "ada", "amount": 3}).json()
+    settled(pair.client, first["id"])
+    settled(pair.client, 0)
+    with service_server(tmp_path / "fresh", pair.provider.url, concurrency=2,
+                        log=tmp_path / "fresh.log") as fresh:
+        fresh.start()
+        with httpx.Client(base_url=fresh.url, timeout=10.0) as client:
+            r = pay(client, "fresh-1", {"account": "dee", "amount": 1})
+            assert r.status_code == 201 and r.json()["id"] == 0
+            payment = settled(client, 0)
+    assert payment["status"] == "declined" and payment["txn"] is None, payment
+    [old] = [c for c in httpx.get(pair.provider.url + "/charges").json() if c["payment"] == 0]
+    assert old["account"] != "dee", "the old charge was overwritten"
+
+
 # -- kill -9 over HTTP ---------------------------------------------------------------------------
 
 
