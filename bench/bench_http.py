@@ -12,6 +12,11 @@ one after another with its own Idempotency-Key, and prints one table row:
   provider), and the backlog (acknowledged, still pending);
 * how long the service then took to settle that backlog (``drain s``; capped at ``--drain``).
 
+A second table repeats the largest client count, then kills the service with SIGKILL when the load
+stops and restarts it with its backlog: how long until it answers, until the backlog is settled,
+and until a graceful stop after that, and how many charges the provider received twice (and
+charged once).
+
 The provider answers in 2-20 ms and fails 5 % of calls (retried under the same key). Clients,
 service and provider share this machine's cores, so the figures are for this machine only.
 """
@@ -64,7 +69,25 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
-def run_one(tmp: Path, clients: int, seconds: float, concurrency: int, drain: float) -> str:
+def drain_backlog(client: httpx.Client, drain: float) -> tuple[dict[str, int], float]:
+    """Poll ``/health`` until nothing is pending (at most ``drain`` s): the last health and the
+    seconds it took."""
+    start = time.perf_counter()
+    health: dict[str, int] = client.get("/health").json()
+    while health["pending"] and time.perf_counter() - start < drain:
+        time.sleep(0.1)
+        health = client.get("/health").json()
+    return health, time.perf_counter() - start
+
+
+def seconds_text(value: float, pending: int, cap: float) -> str:
+    return f"{value:>8.1f}" if not pending else f"{'>' + format(cap, 'g'):>8}"
+
+
+def run_one(tmp: Path, clients: int, seconds: float, concurrency: int, drain: float,
+            restart: bool) -> str:
+    """One run; with ``restart``, kill -9 the service when the load stops and time its restart
+    with the backlog (the second table), else let it drain (the first)."""
     with provider_server(tmp / "provider.db", seed=1, failure_rate=0.05,
                          log=tmp / "provider.log") as provider:
         provider.start()
@@ -76,18 +99,30 @@ def run_one(tmp: Path, clients: int, seconds: float, concurrency: int, drain: fl
             elapsed = time.perf_counter() - start
             with httpx.Client(base_url=service.url, timeout=30.0) as client:
                 end = client.get("/health").json()
-                drain_start = time.perf_counter()
-                health = end
-                while health["pending"] and time.perf_counter() - drain_start < drain:
-                    time.sleep(0.1)
-                    health = client.get("/health").json()
-                drained = time.perf_counter() - drain_start
+                if restart:
+                    service.kill()
+                    restart_start = time.perf_counter()
+                    service.start(timeout=120.0)
+                    ready = time.perf_counter() - restart_start
+                    at_restart = client.get("/health").json()
+                health, drained = drain_backlog(client, drain)
+                stop_start = time.perf_counter()
+            service.stop()
+            stopped = time.perf_counter() - stop_start
+            charges = httpx.get(provider.url + "/charges").json()
+    if restart:
+        resent = sum(c["requests"] - 1 for c in charges)
+        charged = sum(1 for c in charges if c["ok"])
+        once = "yes" if charged == health["confirmed"] and not health["pending"] else "NO"
+        return (f"{clients:>7} {end['payments']:>12,} {at_restart['pending']:>8,} "
+                f"{ready:>7.1f} {seconds_text(drained, health['pending'], drain)} "
+                f"{stopped:>6.1f} {resent:>7,} {once:>12}")
     settled = end["confirmed"] + end["declined"]
-    drain_text = f"{drained:>8.1f}" if not health["pending"] else f"{'>' + str(drain):>8}"
     return (f"{clients:>7} {len(latencies) / elapsed:>10,.0f} "
             f"{percentile(latencies, 0.50) * 1000:>8.1f} "
             f"{percentile(latencies, 0.99) * 1000:>8.1f} {other:>6} {end['payments']:>12,} "
-            f"{settled:>9,} {end['pending']:>8,} {drain_text}")
+            f"{settled:>9,} {end['pending']:>8,} "
+            f"{seconds_text(drained, health['pending'], drain)}")
 
 
 def main() -> None:
@@ -109,12 +144,25 @@ def main() -> None:
               f"{'acknowledged':>12} {'settled':>9} {'backlog':>8} {'drain s':>8}")
     print(header)
     print("-" * len(header))
-    for clients in (int(c) for c in args.clients.split(",")):
+    counts = [int(c) for c in args.clients.split(",")]
+    for clients in counts:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            print(run_one(Path(tmp), clients, seconds, args.concurrency, drain), flush=True)
+            print(run_one(Path(tmp), clients, seconds, args.concurrency, drain, False),
+                  flush=True)
     print("acknowledged: 201s (durable payments); settled: charged or declined by the provider at "
           "the end of the load;\nbacklog: acknowledged and not yet settled then; drain s: time "
           "to settle it after the load stopped.")
+    print(f"\nkill -9 when the load stops, restart with the backlog ({max(counts)} clients)")
+    header = (f"{'clients':>7} {'acknowledged':>12} {'pending':>8} {'ready s':>7} "
+              f"{'drain s':>8} {'stop s':>6} {'re-sent':>7} {'charged once':>12}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        print(run_one(Path(tmp), max(counts), seconds, args.concurrency, drain, True), flush=True)
+    print("pending: payments restore re-sent; ready s: from the restart until /health answered; "
+          "drain s: until none was\npending; stop s: the graceful stop (SIGTERM) after the "
+          "drain; re-sent: charges the provider got again\nunder a key it knew (retries and "
+          "restore); charged once: the provider's charges are exactly the confirmed payments.")
 
 
 if __name__ == "__main__":
