@@ -76,8 +76,6 @@ from .machine import (
 
 __all__ = ("ACCOUNTS", "ProviderError", "make_app")
 
-log = logging.getLogger("examples.payments_http")
-
 ACCOUNTS = {"ada": 10**9, "bob": 10**9, "cyd": 10**9, "dee": 100}
 """The accounts the service opens on its first start (name -> credit)."""
 
