@@ -58,3 +58,12 @@ def test_bench_kill9_counts(tmp_path: Path) -> None:
     assert set(rows) == {"sqlite", "file"}
     for row in rows.values():
         assert row[1] == "3" and row[4] == "0" and "FAILED" not in row, out
+
+
+@pytest.mark.slow
+def test_bench_http_quick(tmp_path: Path) -> None:
+    out = run("bench_http.py", "--quick", "--dir", str(tmp_path))
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "32", "32"], out  # the client counts; the restart
+    assert "requests/s" in out and "backlog" in out and "restart with the backlog" in out
+    assert not any(tmp_path.iterdir()), "the run left its files behind"
