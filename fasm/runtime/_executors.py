@@ -103,12 +103,16 @@ class Executor(Generic[A, R]):
             action never silently vanishes. Required when ``max_attempts`` is set.
         concurrency: at most this many calls of this executor at once (None: only the runtime's
             global limit).
+        max_pending: at most this many actions of this executor in flight (emitted, committed
+            and not yet completed, running or waiting) before submits wait (backpressure; see
+            ``Runtime(max_pending_actions=...)``). None: only the runtime's overall limit.
     """
 
     fn: ExecutorFn[A, R]
     retry: RetryPolicy = RetryPolicy()
     on_exhausted: Callable[[A, BaseException], R] | None = None
     concurrency: int | None = None
+    max_pending: int | None = None
 
     def __post_init__(self) -> None:
         if self.retry.max_attempts is not None and self.on_exhausted is None:
@@ -118,6 +122,8 @@ class Executor(Generic[A, R]):
             )
         if self.concurrency is not None and self.concurrency < 1:
             raise DefinitionError("concurrency must be >= 1 or None")
+        if self.max_pending is not None and self.max_pending < 1:
+            raise DefinitionError("max_pending must be >= 1 or None")
 
 
 class acquire_all:
