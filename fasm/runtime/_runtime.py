@@ -217,8 +217,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             returned is reported as slow (an ``ActionSlow`` event and a WARNING log), then again
             each time its running time doubles; None turns it off. It only reports: attempts
             have no default timeout (see ``RetryPolicy.timeout``).
-        rollback: how a failed stf is undone: ``"reload"`` (default for a state object),
-            ``"copy"``, ``"trust-rejected"`` or ``"trust"`` (see docs/runtime.md and
+        rollback: how a failed stf is undone: ``"trust-rejected"`` (default for a state
+            object: a :class:`~fasm.errors.Rejected` is trusted to be raised before any
+            mutation and costs nothing; anything else reloads the committed state),
+            ``"reload"``, ``"copy"`` or ``"trust"`` (see docs/runtime.md and
             :mod:`fasm.runtime._engine`). With ``database=`` it is ``"trust"``: the database
             rolls the input back to its savepoint.
         idempotency_window: how many submit idempotency keys are remembered.
@@ -338,7 +340,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     "pass initial_state= (state kept as a Python object, made durable through "
                     "a store) or database= (state kept in a database)")
             host = ObjectHost(machine, key=key, initial_state=initial_state, store=store,
-                              durability=durability, rollback=rollback or "reload",
+                              durability=durability, rollback=rollback or "trust-rejected",
                               idempotency_window=idempotency_window)
             self.store, self.durability, self._host = host.store, host.durability, host
 
@@ -396,9 +398,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         tests, debugging, and code that runs after the runtime stopped.
 
         Read it; never mutate it. Read it again after every await rather than keeping a
-        reference: a rollback with ``rollback="reload"`` replaces the state object with the
-        reloaded one. With ``database=`` it is the transaction of the last group, already ended:
-        read the database through ``database.transaction(readonly=True)`` instead."""
+        reference: a rollback that reloads (``"reload"``, or ``"trust-rejected"`` after an
+        error that is not a ``Rejected``) replaces the state object with the reloaded one.
+        With ``database=`` it is the transaction of the last group, already ended: read the
+        database through ``database.transaction(readonly=True)`` instead."""
         return cast(S, self._require_engine().state)
 
     async def read(self, fn: Callable[[S], R]) -> R:
