@@ -450,6 +450,9 @@ async def run_shop(service: RewardsService) -> ShopRun:
         handlers=devices.handlers(),
         listeners=[events.append],
         seed=0,  # fixes the retry jitter, so the demo prints the same every run
+        # The careless gift raises a Rejected *after* mutating, which breaks the promise the
+        # default rollback ("trust-rejected") relies on; "reload" undoes it at a store read.
+        rollback="reload",
     )
     async with runtime as rt:
         for name in ["ada"] * 5 + ["bob"] * 4:

@@ -25,6 +25,7 @@ __all__ = (
     "MigrationFailed",
     "NondeterminismError",
     "OutcomeUnknown",
+    "Overloaded",
     "Rejected",
     "RestoreFailed",
     "RuntimeClosed",
@@ -227,3 +228,21 @@ class MigrationFailed(IncompatibleRecord):
                                   from_version=self.from_version)
         located.__cause__ = self.__cause__
         return located
+
+
+class Overloaded(FasmError):
+    """A submit was not admitted: too many tracked actions are in flight (the runtime's
+    ``max_pending_actions``, or an executor's ``max_pending``) and no room was made within the
+    submit's ``admission_timeout``. Nothing was queued and nothing ran, so retrying later is
+    safe, with or without an idempotency key.
+
+    Attributes:
+        pending: tracked actions in flight when it gave up (timers not counted).
+        limit: which limit was reached (``"max_pending_actions"`` or
+            ``"<ActionClass>.max_pending"``).
+    """
+
+    def __init__(self, message: str, *, pending: int, limit: str) -> None:
+        super().__init__(message)
+        self.pending = pending
+        self.limit = limit

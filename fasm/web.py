@@ -10,7 +10,8 @@ which the example and the tests use). What it gives:
   fails (a store down for good) stops the server and makes the process exit non-zero, so the
   process manager restarts it.
 * :func:`http_error` - the HTTP answer for each fasm error (:class:`HttpError`): ``InvalidInput``
-  422, ``Rejected`` 409, ``RuntimeClosed`` and ``StoreError`` 503 with ``Retry-After``,
+  422, ``Rejected`` 409, ``RuntimeClosed``, ``Overloaded`` and ``StoreError`` 503 with
+  ``Retry-After``,
   :class:`~fasm.errors.OutcomeUnknown` 504 with ``Retry-After``, ``TransitionFailed`` 500.
 * :func:`submit` and :func:`idempotency_key` - a submit with a timeout, keyed by the request's
   ``Idempotency-Key`` header, whose timeout is answered as "outcome unknown, retry with the same
@@ -38,6 +39,7 @@ from .errors import (
     DefinitionError,
     InvalidInput,
     OutcomeUnknown,
+    Overloaded,
     Rejected,
     RuntimeClosed,
     StoreError,
@@ -208,6 +210,7 @@ def http_error(error: BaseException, *, retry_after: int = 1) -> HttpError | Non
     ``InvalidInput``            422     the request does not make a valid input; fix it
     ``Rejected`` (subclasses)   409     the machine refused it (name and message in the body)
     ``OutcomeUnknown``          504     no answer in time: retry with the same Idempotency-Key
+    ``Overloaded``              503     too much work in flight; nothing was queued: retry later
     ``RuntimeClosed``           503     not accepting input now (stopping, or failed and about
                                         to restart): retry later
     ``StoreError``              503     the commit could not be made durable: retry with the
@@ -232,6 +235,10 @@ def http_error(error: BaseException, *, retry_after: int = 1) -> HttpError | Non
     if isinstance(error, OutcomeUnknown):
         return HttpError(504, {"error": name, "message": str(error),
                                "retry": "the same request with the same Idempotency-Key"}, retry)
+    if isinstance(error, Overloaded):
+        return HttpError(503, {"error": name, "message": "the service has too much work in "
+                               "flight; nothing was done: retry later",
+                               "retry": "the same request"}, retry)
     if isinstance(error, RuntimeClosed):
         return HttpError(503, {"error": name, "message": "the service is not accepting input "
                                "now; retry later", "retry": "the same request"}, retry)

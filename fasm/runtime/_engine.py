@@ -17,13 +17,14 @@ Rule 2 - a transition is *committed* when the caller has made it durable and cal
   submitter be answered. Several accepted steps may be committed together (group commit); they are
   committed in order.
 Rule 3 - a *failed* transition (``stf`` raised) leaves the state as the last accepted step left it.
-  How that is achieved is the rollback policy: ``"reload"`` (default) asks the caller to load the
+  How that is achieved is the rollback policy: ``"reload"`` asks the caller to load the
   last committed state, and :meth:`Engine.reset` re-applies the accepted steps not yet committed
   on top of it (paid only on failure: decode + a short replay); ``"copy"`` deep-copies the state
   before every stf (paid on every transition); ``"trust"`` does nothing, for machines the testing
-  toolkit has proven atomic; ``"trust-rejected"`` trusts the machine for :class:`Rejected` (raised
-  while validating, before any mutation, as the rules require) and reloads after anything else,
-  so frequent domain rejections cost nothing on a large state. Until a required reset is done,
+  toolkit has proven atomic; ``"trust-rejected"`` (the Runtime's default for a state object)
+  trusts the machine for :class:`Rejected` (raised while validating, before any mutation, as
+  the rules require) and reloads after anything else, so a domain rejection costs in
+  proportion to the input, not the state. Until a required reset is done,
   ``step`` refuses.
 Rule 4 - a tracked action is *in flight* from its release until the commit of a
   ``TrackedActionCompleted`` with its id. An id in flight is never released twice, so a restore or
@@ -158,7 +159,7 @@ class Engine:
         state: Any,
         seq: int = 0,
         idempotency: Iterable[tuple[str, int]] = (),
-        rollback: Rollback = "reload",
+        rollback: Rollback = "trust-rejected",
         idempotency_window: int = 1000,
         actions_factory: type[ActionList[Any, Any, Any]] | None = None,
         finish: Callable[[Any], None] | None = None,

@@ -101,14 +101,22 @@ class Executor(Generic[A, R]):
         on_exhausted: ``fn(action, error) -> result`` called when ``retry.max_attempts`` is
             reached; its return value is fed back to the stf as the action's result, so the
             action never silently vanishes. Required when ``max_attempts`` is set.
-        concurrency: at most this many calls of this executor at once (None: only the runtime's
-            global limit).
+        concurrency: at most this many calls of this executor at once (default 64, below the
+            connection pools of common HTTP clients: httpx and aiohttp allow 100; None: only the
+            runtime's ``max_in_flight``). Keep it no larger than the pool of the client the
+            executor calls through: calls beyond the pool wait inside it while their attempt
+            timeout runs, time out unsent and are retried, whereas calls beyond ``concurrency``
+            wait in the runtime, before their timeout starts.
+        max_pending: at most this many actions of this executor in flight (emitted, committed
+            and not yet completed, running or waiting) before submits wait (backpressure; see
+            ``Runtime(max_pending_actions=...)``). None: only the runtime's overall limit.
     """
 
     fn: ExecutorFn[A, R]
     retry: RetryPolicy = RetryPolicy()
     on_exhausted: Callable[[A, BaseException], R] | None = None
-    concurrency: int | None = None
+    concurrency: int | None = 64
+    max_pending: int | None = None
 
     def __post_init__(self) -> None:
         if self.retry.max_attempts is not None and self.on_exhausted is None:
@@ -118,6 +126,8 @@ class Executor(Generic[A, R]):
             )
         if self.concurrency is not None and self.concurrency < 1:
             raise DefinitionError("concurrency must be >= 1 or None")
+        if self.max_pending is not None and self.max_pending < 1:
+            raise DefinitionError("max_pending must be >= 1 or None")
 
 
 class acquire_all:

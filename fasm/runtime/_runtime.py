@@ -27,6 +27,7 @@ from ..errors import (
     DefinitionError,
     FasmError,
     InvalidInput,
+    Overloaded,
     Rejected,
     RuntimeClosed,
     StoreError,
@@ -199,6 +200,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         queue_size: pending submits before ``submit`` waits (backpressure).
         max_group: most transitions committed in one store write (group commit).
         max_in_flight: most executor calls running at once (timers are not counted).
+        max_pending_actions: most tracked actions in flight (emitted and committed, not yet
+            completed: running, waiting for a slot, or retrying; timers are not counted) before
+            new submits wait for room: backpressure on acknowledged-but-unfinished work. Results
+            never wait for it. None: no limit. Restore re-emits every pending action whatever
+            the limit; submits then wait until the backlog is below it.
+        admission_timeout: seconds (clock time) a submit waits for room under
+            ``max_pending_actions`` (or an executor's ``max_pending``) before it raises
+            :class:`~fasm.errors.Overloaded`; None waits as long as it takes, 0 refuses at once.
         handler_timeout: seconds (clock time) a handler may run before it is cancelled.
         shutdown_grace: seconds (real time) that stop waits for in-flight work before cancelling
             it. Stop returns within about ``shutdown_grace`` plus half a second (and the time to
@@ -208,8 +217,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             returned is reported as slow (an ``ActionSlow`` event and a WARNING log), then again
             each time its running time doubles; None turns it off. It only reports: attempts
             have no default timeout (see ``RetryPolicy.timeout``).
-        rollback: how a failed stf is undone: ``"reload"`` (default for a state object),
-            ``"copy"``, ``"trust-rejected"`` or ``"trust"`` (see docs/runtime.md and
+        rollback: how a failed stf is undone: ``"trust-rejected"`` (default for a state
+            object: a :class:`~fasm.errors.Rejected` is trusted to be raised before any
+            mutation and costs nothing; anything else reloads the committed state),
+            ``"reload"``, ``"copy"`` or ``"trust"`` (see docs/runtime.md and
             :mod:`fasm.runtime._engine`). With ``database=`` it is ``"trust"``: the database
             rolls the input back to its savepoint.
         idempotency_window: how many submit idempotency keys are remembered.
@@ -239,6 +250,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         queue_size: int = 1024,
         max_group: int = 256,
         max_in_flight: int = 1000,
+        max_pending_actions: int | None = 10_000,
+        admission_timeout: float | None = None,
         handler_timeout: float = 30.0,
         shutdown_grace: float = 5.0,
         slow_action_after: float | None = 60.0,
@@ -255,6 +268,22 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                                  ("max_in_flight", max_in_flight, 1)):
             if value < low:
                 raise DefinitionError(f"{name} must be >= {low}, got {value}")
+        if max_pending_actions is not None and max_pending_actions < 1:
+            raise DefinitionError(f"max_pending_actions must be >= 1 or None, got "
+                                  f"{max_pending_actions}")
+        if admission_timeout is not None and admission_timeout < 0:
+            raise DefinitionError(f"admission_timeout must be >= 0 or None, got "
+                                  f"{admission_timeout}")
+        self._max_pending = max_pending_actions
+        self._admission_timeout = admission_timeout
+        # Tracked actions in flight (timers not counted), overall and by registered executor
+        # class: kept here, not counted from the engine's table, so admission is O(1).
+        self._pending_total = 0
+        self._pending_by: dict[type[Any], int] = {}
+        # Submits admitted and not yet answered: each may still emit actions, so each holds a
+        # place under every limit until its transition's own actions are counted.
+        self._admitted = 0
+        self._room: anyio.Event | None = None  # set when in-flight work completes
         if handler_timeout <= 0 or shutdown_grace < 0:
             raise DefinitionError("handler_timeout must be > 0 and shutdown_grace >= 0")
         if slow_action_after is not None and not slow_action_after > 0:
@@ -311,7 +340,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     "pass initial_state= (state kept as a Python object, made durable through "
                     "a store) or database= (state kept in a database)")
             host = ObjectHost(machine, key=key, initial_state=initial_state, store=store,
-                              durability=durability, rollback=rollback or "reload",
+                              durability=durability, rollback=rollback or "trust-rejected",
                               idempotency_window=idempotency_window)
             self.store, self.durability, self._host = host.store, host.durability, host
 
@@ -369,9 +398,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         tests, debugging, and code that runs after the runtime stopped.
 
         Read it; never mutate it. Read it again after every await rather than keeping a
-        reference: a rollback with ``rollback="reload"`` replaces the state object with the
-        reloaded one. With ``database=`` it is the transaction of the last group, already ended:
-        read the database through ``database.transaction(readonly=True)`` instead."""
+        reference: a rollback that reloads (``"reload"``, or ``"trust-rejected"`` after an
+        error that is not a ``Rejected``) replaces the state object with the reloaded one.
+        With ``database=`` it is the transaction of the last group, already ended: read the
+        database through ``database.transaction(readonly=True)`` instead."""
         return cast(S, self._require_engine().state)
 
     async def read(self, fn: Callable[[S], R]) -> R:
@@ -456,7 +486,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         return self._status == "running"
 
     async def submit(
-        self, value: I, *, idempotency_key: str | None = None
+        self, value: I, *, idempotency_key: str | None = None,
+        admission_timeout: float | None = None,
     ) -> Committed[TId, TA, U]:
         """Run ``value`` through the stf and return once the transition is durable.
 
@@ -467,6 +498,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             value: an input of the machine's declared input type.
             idempotency_key: when given, a transition already committed with this key is not run
                 again: the submit returns its outcome with ``duplicate=True``.
+            admission_timeout: overrides the runtime's ``admission_timeout`` for this submit
+                (``math.inf`` waits as long as it takes).
 
         Returns:
             The committed outcome.
@@ -481,6 +514,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 that cannot be encoded, the message naming the field (state unchanged).
             RuntimeClosed: the runtime is not running (chained to the store error that stopped
                 it, if one did).
+            Overloaded: too many tracked actions are in flight and no room was made within
+                ``admission_timeout``; nothing was queued.
             StoreError: the commit could not be made durable; the runtime stops.
             SystemExit, KeyboardInterrupt: raised by the stf on this input, as themselves (the
                 transition may be half done: nothing of its group is committed, and the runtime
@@ -488,20 +523,86 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """
         engine = self._require_running()
         item = _Submit(self._checked(engine.validate(value)), _checked_key(idempotency_key))
+        if self._full() is not None:
+            # Admission comes before the queue: a waiting submit holds no queue slot, so the
+            # results that make room never wait behind it.
+            await self._admit(self._admission_timeout if admission_timeout is None
+                              else admission_timeout)
         send = self._send
         assert send is not None
+        self._admitted += 1
         try:
             try:
-                send.send_nowait(item)  # the common case: room in the queue, no extra yield
-            except anyio.WouldBlock:
-                await send.send(item)  # backpressure: wait for room
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._closed() from self._failure
-        await item.done.wait()
+                try:
+                    send.send_nowait(item)  # the common case: room in the queue, no extra yield
+                except anyio.WouldBlock:
+                    await send.send(item)  # backpressure: wait for room
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise self._closed() from self._failure
+            await item.done.wait()
+        finally:
+            # Answered: the actions it emitted are counted (dispatch comes before the answer).
+            self._admitted -= 1
+            self._wake_room()
         if item.error is not None:
             raise item.error
         assert item.outcome is not None
         return cast(Committed[TId, TA, U], item.outcome)
+
+    def _full(self) -> str | None:
+        """The limit on in-flight tracked actions that is reached, or None.
+
+        A submit cannot know which action types its transition will emit (the stf has not run),
+        so it waits while *any* limit is reached: a per-executor limit exists to stop one slow
+        provider's backlog from growing, and letting other inputs through could not promise
+        that. Inputs that emit nothing wait too; that is the price of not guessing."""
+        admitted = self._admitted
+        if (self._max_pending is not None
+                and self._pending_total + admitted >= self._max_pending):
+            return "max_pending_actions"
+        for cls, spec in self._executors.items():
+            limit = spec.max_pending
+            if limit is not None and self._pending_by.get(cls, 0) + admitted >= limit:
+                return f"{cls.__qualname__}.max_pending"
+        return None
+
+    def _wake_room(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    async def _admit(self, timeout: float | None) -> None:  # noqa: ASYNC109 (clock time)
+        """Wait until no limit on in-flight work is reached.
+
+        Raises:
+            Overloaded: still reached after ``timeout`` seconds (clock time).
+            RuntimeClosed: the runtime stopped while waiting.
+        """
+        deadline = None if timeout is None or math.isinf(timeout) else self.clock.now() + timeout
+        while (limit := self._full()) is not None:
+            if self._status != "running":
+                raise self._closed() from self._failure
+            if deadline is not None and self.clock.now() >= deadline:
+                raise Overloaded(
+                    f"{self._pending_total} tracked action(s) in flight ({limit} reached) and "
+                    f"no room within {timeout} s; nothing was queued: retry later",
+                    pending=self._pending_total, limit=limit)
+            self._room = room = self._room or anyio.Event()
+            try:
+                await with_deadline(self.clock, deadline, room.wait())
+            except TimeoutError:
+                continue  # the loop raises Overloaded, or admits if room was made meanwhile
+
+    def _count(self, action: Any, delta: int) -> None:
+        cls = type(action)
+        if cls is Timer:
+            return
+        self._pending_total += delta
+        key = _registered(self._executors, cls)
+        if key is not None:
+            self._pending_by[key] = self._pending_by.get(key, 0) + delta
+        if delta < 0:
+            self._wake_room()
 
     def _checked(self, value: Any) -> Normal[Any]:
         """The input, with its record bytes made now: one that cannot be written is refused
@@ -668,7 +769,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             elif isinstance(step, Failed):
                 self._rejected(item, step)
         if committed:
+            in_flight = engine.in_flight
+            done_actions = [in_flight[s.input.id].action for _, s in committed
+                            if isinstance(s.input, TrackedActionCompleted)
+                            and s.input.id in in_flight]
             release = engine.committed([s for _, s in committed])
+            for action in done_actions:
+                self._count(action, -1)
             if self._listeners:
                 for _, step in committed:
                     done = (step.input.id if isinstance(step.input, TrackedActionCompleted)
@@ -715,7 +822,11 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if isinstance(item, _Result):
             # A result the stf refuses is dropped, never fatal. The id is no longer waited on
             # here; the state still says what is pending, so restore re-emits it on next start.
-            self._require_engine().forget(item.input.id)
+            engine = self._require_engine()
+            forgotten = engine.in_flight.get(item.input.id)
+            engine.forget(item.input.id)
+            if forgotten is not None:
+                self._count(forgotten.action, -1)
             log.error("stf refused the result of tracked action %r; dropped: %s", item.input.id,
                       step.error, extra={**extra, "fasm_action_id": item.input.id})
         elif expected:
@@ -767,6 +878,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             log.debug("tracked action %r already in flight; not dispatched again", action.id,
                       extra={"fasm_key": self.key, "fasm_action_id": action.id})
         for tracked in release.tracked:
+            self._count(tracked.action, +1)
             self._emit(ActionDispatched(self.key, tracked.id, tracked.action))
             work.start_soon(self._guarded, self._run_action, tracked)
         for seq, untracked in release.untracked:
@@ -826,8 +938,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                         self._emit(ActionFailed(self.key, tracked.id, attempt, e, result))
                         return result
                 delay = policy.delay(attempt, self._rng)
-                log.warning("tracked action %r attempt %d failed: %r; retry in %.3fs",
-                            tracked.id, attempt, e, delay, extra=extra)
+                # Proportionate: a WARNING for the first failure and at attempts 10, 100, 1000,
+                # ... (an outage of a day logs a handful of lines), DEBUG otherwise; listeners
+                # still get every ActionRetried.
+                level = logging.WARNING if _loud_attempt(attempt) else logging.DEBUG
+                log.log(level, "tracked action %r attempt %d failed: %r; retry in %.3fs",
+                        tracked.id, attempt, e, delay, extra=extra)
                 self._emit(ActionRetried(self.key, tracked.id, attempt, e, delay))
                 await self.clock.sleep_until(self.clock.now() + delay)
                 continue
@@ -1010,6 +1126,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """
         if self._status == "running":
             self._status = "stopping"
+            if self._room is not None:  # submits waiting for room are refused now
+                self._room.set()
+                self._room = None
             await self._drain()
         self._end_work()
         if self._driver_done is not None:
@@ -1018,6 +1137,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     def _end_work(self) -> None:
         """Cancel executors and handlers, and let the driver finish what is queued."""
+        if self._room is not None:  # submits waiting for room see the runtime is closed
+            self._room.set()
+            self._room = None
         if self._work_stop is not None:
             self._work_stop.set()
         if self._send is not None:
@@ -1150,6 +1272,21 @@ def _checked_key(key: Any) -> str | None:
         raise InvalidInput(f"idempotency_key is not valid Unicode (lone surrogate at "
                            f"index {e.start})") from e
     return key
+
+
+def _loud_attempt(attempt: int) -> bool:
+    """Whether a failed attempt is logged at WARNING: the first, then 10, 100, 1000, ..."""
+    while attempt >= 10 and attempt % 10 == 0:
+        attempt //= 10
+    return attempt == 1
+
+
+def _registered(table: Mapping[type[Any], Any], cls: type[Any]) -> type[Any] | None:
+    """The class ``cls`` is registered under in ``table`` (itself or its nearest base)."""
+    for c in cls.__mro__:
+        if c in table:
+            return c
+    return None
 
 
 def _lookup(table: Mapping[type[Any], Any], cls: type[Any]) -> Any:

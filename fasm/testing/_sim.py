@@ -66,9 +66,9 @@ class Simulation(Generic[S, I]):
             replays both).
         rollback: the engine's rollback policy (default ``"trust"``). The atomicity check runs
             under every policy, and a machine that passes it behaves the same under all of them;
-            ``"trust"`` skips the store reload and replay that ``"reload"`` (the Runtime's
-            default) pays after every refused input. Pass your production policy to run its
-            exact code path.
+            ``"trust"`` skips the store reload and replay that ``"reload"`` pays after every
+            refused input (the Runtime's default, ``"trust-rejected"``, after every error that
+            is not a ``Rejected``). Pass your production policy to run its exact code path.
         steps: transitions per seed when ``run`` is not told otherwise.
         key: the machine key in the simulated store.
         idempotency_window: as the Runtime's.

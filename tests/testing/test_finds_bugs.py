@@ -111,7 +111,7 @@ def test_invariants_only_misses_what_the_framework_checks_catch() -> None:
     assert report.checks == "invariants"
 
 
-@pytest.mark.parametrize("rollback", ["trust", "reload"])
+@pytest.mark.parametrize("rollback", ["trust", "reload", "trust-rejected"])
 @pytest.mark.parametrize("determinism", [True, False])
 def test_atomicity_is_checked_under_rollback(rollback: Rollback, determinism: bool) -> None:
     # Without the determinism check there is no cached pre-state: "trust" rebuilds the last
@@ -119,6 +119,11 @@ def test_atomicity_is_checked_under_rollback(rollback: Rollback, determinism: bo
     report = desk_sim(MutatesThenRaises(), rollback=rollback,
                       checks=Checks(determinism=determinism)).run()
     assert report.failures[0].check == "atomicity"
+    # At the first refusal that mutated, whatever the policy ("trust-rejected" trusts a
+    # Rejected, so the check must not compare with what the engine kept).
+    first = desk_sim(MutatesThenRaises(), rollback="trust",
+                     checks=Checks(determinism=determinism)).run().failures[0]
+    assert report.failures[0].step == first.step
     assert report.counts.get("reloads", 0) == (1 if rollback == "reload" else 0)
 
 
