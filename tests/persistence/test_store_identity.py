@@ -50,3 +50,13 @@ async def test_sqlite_database_identity_stable_and_distinct(tmp_path: Path) -> N
     first = await _identity(SQLiteDatabase(tmp_path / "a.db"))
     assert first == await _identity(SQLiteDatabase(tmp_path / "a.db"))
     assert first != await _identity(SQLiteDatabase(tmp_path / "b.db"))
+
+
+async def test_postgres_identity_stable_and_distinct(pg_dsn: str, pg_schema: str) -> None:
+    from fasm.persistence import PostgresDatabase, PostgresStore
+    first = await _identity(PostgresStore(pg_dsn, schema=pg_schema))
+    assert first == await _identity(PostgresStore(pg_dsn, schema=pg_schema))
+    other = await _identity(PostgresStore(pg_dsn, schema=pg_schema, table_prefix="other_"))
+    assert first != other
+    db = await _identity(PostgresDatabase(pg_dsn, schema=pg_schema))
+    assert db == await _identity(PostgresDatabase(pg_dsn, schema=pg_schema)) and db != first
