@@ -4,6 +4,7 @@ Layout::
 
     <directory>/
         FASM-STORE               marker naming the format ("fasm file store 2")
+        FASM-STORE-ID            the store's identity (a UUID), made once when first opened
         k-<hex of utf-8 key>/    per key (h-<sha256 hex> for keys too long for a file name)
             lock                 flock'd by the holder of the key, or by a commit in progress
             manifest             what must exist: written when the key's first commit or a
@@ -76,6 +77,7 @@ __all__ = ("FileStore",)
 _MARKER_NAME = "FASM-STORE"
 _MARKER_TEXT = "fasm file store 2\n"  # 2: per-key manifest, commits lock the key's directory
 _UPGRADABLE = ("fasm file store 1\n",)  # formats whose files are valid as they are under 2
+_IDENTITY_NAME = "FASM-STORE-ID"  # starts with the marker's name: not "other files" at open
 _MANIFEST = "manifest"
 _MANIFEST_MAGIC = b"FMAN"
 _CKPT_MAGIC = b"FCKP"
@@ -269,6 +271,7 @@ class FileStore:
         self._held: dict[str, _Hold] = {}  # key -> its flock'd lock file and directory
         self._tails: dict[str, _Tail] = {}  # only for held keys: nobody else writes them
         self._durable_dirs: set[str] = set()  # keys whose directory entry we fsync'd
+        self._identity: str | None = None
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self.inline:
@@ -279,6 +282,18 @@ class FileStore:
     def description(self) -> str:
         """``file:<directory>``."""
         return f"file:{self._root}"
+
+    @property
+    def identity(self) -> str:
+        """The UUID in ``FASM-STORE-ID``, made by the first ``open`` of the directory (also of
+        one written by an older fasm that had none).
+
+        Raises:
+            StoreUnavailable: the store is not open.
+        """
+        if self._identity is None or not self._open:
+            raise StoreUnavailable("store is not open", store=self.description)
+        return self._identity
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -312,10 +327,38 @@ class FileStore:
                 elif text != _MARKER_TEXT:
                     raise StoreCorrupt(f"unknown store format {text.strip()!r}",
                                        store=self.description)
+            self._identity = self._read_identity()
         except OSError as e:
             raise StoreUnavailable(f"cannot open the store directory: {e}",
                                    store=self.description) from e
         self._open = True
+
+    def _read_identity(self) -> str:
+        """The identity in its file, made first when there is none: written to a temporary
+        file, fsync'd and linked to its name, which fails when another process linked its own
+        first (then that one is read), so every opener agrees."""
+        path = self._root / _IDENTITY_NAME
+        for _ in range(2):
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                tmp = self._root / f"{_IDENTITY_NAME}.{uuid.uuid4().hex}.tmp"
+                tmp.write_text(f"{uuid.uuid4()}\n", encoding="utf-8")
+                self._sync_file(tmp)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink()
+                self._sync_dir(self._root)
+                continue
+            if not text or len(text) > 200 or not text.isprintable():
+                raise StoreCorrupt(f"{_IDENTITY_NAME} does not hold a store identity",
+                                   store=self.description)
+            return text
+        raise StoreCorrupt(f"{_IDENTITY_NAME} vanished while it was being made",
+                           store=self.description)
 
     def _write_marker(self, marker: Path) -> None:
         tmp = self._root / f"{_MARKER_NAME}.{uuid.uuid4().hex}.tmp"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,17 @@ class MemoryStore:
     def description(self) -> str:
         return f"memory:{id(self.data):x}"
 
+    @property
+    def identity(self) -> str:
+        """Made at the first ``open`` of this ``data`` mapping (shared by the store objects that
+        share it, as by processes sharing a disk).
+
+        Raises:
+            StoreUnavailable: the store is not open.
+        """
+        self._check_open()
+        return self.data["identity"]  # type: ignore[return-value]
+
     def _keys(self) -> dict[str, _Key]:
         return self.data.setdefault("keys", {})  # type: ignore[return-value]
 
@@ -48,6 +60,7 @@ class MemoryStore:
         return self.data.setdefault("owners", {})  # type: ignore[return-value]
 
     async def open(self) -> None:
+        self.data.setdefault("identity", str(uuid.uuid4()))
         self._open = True
 
     async def close(self) -> None:

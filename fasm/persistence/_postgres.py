@@ -2,7 +2,7 @@
 
 Tables (``<prefix>`` is ``table_prefix``, in ``schema``)::
 
-    <prefix>meta(name PRIMARY KEY, value)         the format version
+    <prefix>meta(name PRIMARY KEY, value)         the format version; the store's identity
     <prefix>keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc, last_commit)
     <prefix>journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
 
@@ -226,11 +226,24 @@ class PostgresStore:
         self._held: set[str] = set()
         self._lost: set[str] = set()
         self._guard = threading.Lock()
+        self._identity = ""
 
     @property
     def description(self) -> str:
         """``postgres:<dsn without password> <schema>.<prefix>*``."""
         return f"postgres:{safe_dsn(self._dsn)} {self._schema}.{self._prefix}*"
+
+    @property
+    def identity(self) -> str:
+        """The UUID in ``<prefix>meta`` (row ``identity``), made by the first ``open`` of the
+        tables (also of tables written by an older fasm that had none).
+
+        Raises:
+            StoreUnavailable: the store is not open.
+        """
+        if not self._opened:
+            raise StoreUnavailable("store is not open", store=self.description)
+        return self._identity
 
     @property
     def backend_pid(self) -> int | None:
@@ -412,6 +425,12 @@ class PostgresStore:
                                    .format(self._meta)).fetchone()
                 if row is None or row[0] != _FORMAT:
                     raise StoreCorrupt(f"unknown store format {row!r}", store=self.description)
+                conn.execute(sql.SQL("INSERT INTO {} VALUES ('identity', %s) "
+                                     "ON CONFLICT DO NOTHING").format(self._meta),
+                             (str(uuid.uuid4()),))
+                identity = conn.execute(sql.SQL("SELECT value FROM {} WHERE name = 'identity'")
+                                        .format(self._meta)).fetchone()
+                self._identity = str(identity[0]) if identity is not None else ""
         except psycopg.Error as e:
             error = self._translate(e, "cannot prepare the tables")
             self._drop_connection()

@@ -77,6 +77,9 @@ class Driver(Protocol):
     """One backend's connection, used from one thread at a time. Every method blocks."""
 
     description: str
+    identity: str
+    """The database's identity, read (made the first time) by :meth:`open`: a UUID in the
+    ``meta`` table (row ``database identity``)."""
     fence_at_begin: bool
     """Whether the transaction's first statement checks the machine's sequence number and locks
     its row (``SELECT ... FOR UPDATE``): needed where COMMIT goes out in one pipeline with the
@@ -87,8 +90,8 @@ class Driver(Protocol):
     a lost connection whether a COMMIT in flight happened."""
 
     def table(self, name: str) -> str:
-        """The quoted, qualified name of an internal table: ``machines``, ``idempotency`` or
-        ``kv``."""
+        """The quoted, qualified name of an internal table: ``machines``, ``idempotency``,
+        ``kv`` or ``meta``."""
         ...
 
     def translate(self, sql: str) -> str:

@@ -2,7 +2,7 @@
 
 Tables::
 
-    fasm_meta(name PRIMARY KEY, value)             the format version
+    fasm_meta(name PRIMARY KEY, value)             the format version; the store's identity
     fasm_keys(key PRIMARY KEY, seq, checkpoint_seq) seq as of the last checkpoint write
     fasm_checkpoints(key PRIMARY KEY, data, crc)
     fasm_journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
@@ -31,6 +31,7 @@ import logging
 import os
 import sqlite3
 import threading
+import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -212,11 +213,24 @@ class SQLiteStore:
         self._worker = Worker(f"fasm-{self.description}")
         self._held: dict[str, int | None] = {}  # key -> flock fd (None for ":memory:")
         self._held_lock = threading.Lock()
+        self._identity = ""
 
     @property
     def description(self) -> str:
         """``sqlite:<path>``."""
         return f"sqlite:{self._path}"
+
+    @property
+    def identity(self) -> str:
+        """The UUID in ``fasm_meta`` (row ``identity``), made by the first ``open`` of the
+        database (also of one written by an older fasm that had none).
+
+        Raises:
+            StoreUnavailable: the store is not open.
+        """
+        if self._conn is None:
+            raise StoreUnavailable("store is not open", store=self.description)
+        return self._identity
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
         if self.inline:
@@ -292,6 +306,11 @@ class SQLiteStore:
                                  (_FORMAT,))
                 elif found != _FORMAT:
                     raise StoreCorrupt(f"unknown store format {found!r}", store=self.description)
+                # Made once with the store (or at the first open of one from an older fasm).
+                conn.execute("INSERT OR IGNORE INTO fasm_meta VALUES ('identity', ?)",
+                             (str(uuid.uuid4()),))
+                (identity,) = conn.execute(
+                    "SELECT value FROM fasm_meta WHERE name = 'identity'").fetchone()
                 conn.execute("COMMIT")
             finally:
                 _rollback(conn)
@@ -310,6 +329,7 @@ class SQLiteStore:
                 conn.close()
                 raise StoreUnavailable(f"cannot create the lock directory: {e}",
                                        store=self.description) from e
+        self._identity = str(identity)
         self._conn = conn
 
     def _check_file(self) -> None:

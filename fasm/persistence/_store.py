@@ -18,6 +18,11 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
 3. ``load`` returns the checkpoint and exactly the journal entries after it, in order.
 4. ``acquire`` gives one store object exclusive use of a key until ``release`` or ``close``;
    another store object (in this or another process) that asks for it gets ``StoreConflict``.
+5. ``identity`` (after ``open``) is a random text made once, durably, when the store's data was
+   first created (a UUID), the same every time the same data is opened again and different for
+   every other store. The runtime puts it at the head of the idempotency keys it hands
+   executors, so a fresh store (a new data directory) never reuses a key a provider already
+   saw. A store written by an older fasm without one gets one at its first ``open``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,16 @@ class Store(Protocol):
     @property
     def description(self) -> str:
         """A short text naming the backend and where it keeps data, used in error messages."""
+        ...
+
+    @property
+    def identity(self) -> str:
+        """The store's identity (rule 5): made with the store's data, stable across reopens,
+        distinct between stores. Available after :meth:`open`.
+
+        Raises:
+            StoreUnavailable: the store is not open.
+        """
         ...
 
     async def open(self) -> None:

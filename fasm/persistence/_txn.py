@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ..errors import StoreConflict
+from ..errors import StoreConflict, StoreUnavailable
 from ._kv import KV
 from ._session import Abort as Abort
 from ._session import Driver as Driver
@@ -157,7 +157,8 @@ class Database:
 
     The database holds three internal tables next to yours (``<prefix>machines``: each machine
     key's sequence number; ``<prefix>idempotency``: its remembered submit keys;
-    ``<prefix>kv``: the key-value layer), all written in the same transactions as your data.
+    ``<prefix>kv``: the key-value layer; ``<prefix>meta``: the database's identity), all written
+    in the same transactions as your data.
     """
 
     def __init__(self, driver: Driver, *, max_attempts: int, inline: bool = False) -> None:
@@ -178,6 +179,20 @@ class Database:
     def description(self) -> str:
         """The backend and where it keeps data, for messages."""
         return self._driver.description
+
+    @property
+    def identity(self) -> str:
+        """The database's identity: a UUID made once, durably, when fasm first prepared its
+        tables in it (row ``database identity`` of ``<prefix>meta``), the same at every later
+        open and different for every other database. The runtime puts it at the head of the
+        idempotency keys it hands executors.
+
+        Raises:
+            StoreUnavailable: the database is not open.
+        """
+        if not self._driver.identity:
+            raise StoreUnavailable("database is not open", store=self.description)
+        return self._driver.identity
 
     # -- lifecycle --------------------------------------------------------------------------
 

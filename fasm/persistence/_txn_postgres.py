@@ -157,6 +157,7 @@ class _PgDriver:
         self._ns = _hash(schema, prefix, "fasm-txn") >> 32
         self._conn: psycopg.Connection[Any] | None = None
         self._pid: int | None = None
+        self.identity = ""
         self._opened = False
         self._held: set[str] = set()
         self._guard = threading.Lock()
@@ -306,6 +307,12 @@ class _PgDriver:
                     conn.execute(f"CREATE SCHEMA {_ident(self._schema)}")
                 for statement in self._schema_sql():
                     conn.execute(statement)
+                meta = self.table("meta")
+                conn.execute(f"INSERT INTO {meta} VALUES ('database identity', %s) "
+                             "ON CONFLICT DO NOTHING", (str(uuid.uuid4()),))
+                row = conn.execute(
+                    f"SELECT value FROM {meta} WHERE name = 'database identity'").fetchone()
+                self.identity = str(row[0]) if row is not None else ""
         except psycopg.Error as e:
             self._drop()
             if isinstance(e, psycopg.errors.UndefinedColumn | psycopg.errors.DatatypeMismatch):
@@ -328,6 +335,8 @@ class _PgDriver:
             f"ON {i} (key, seq)",
             f"CREATE TABLE IF NOT EXISTS {kv} (space text NOT NULL, key bytea NOT NULL, "
             "value bytea NOT NULL, PRIMARY KEY (space, key))",
+            f"CREATE TABLE IF NOT EXISTS {self.table('meta')} (name text PRIMARY KEY, "
+            "value text NOT NULL)",
         ]
 
     def close(self) -> None:

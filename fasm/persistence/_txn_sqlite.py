@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,7 @@ class _SQLiteDriver:
         self._guard = threading.Lock()
         self._query_only = False
         self.description = f"sqlite:{path}"
+        self.identity = ""
 
     def table(self, name: str) -> str:
         return f'"{self._prefix}{name}"'
@@ -63,6 +65,11 @@ class _SQLiteDriver:
             try:
                 for statement in self._schema():
                     conn.execute(statement)
+                meta = self.table("meta")
+                conn.execute(f"INSERT OR IGNORE INTO {meta} VALUES ('database identity', ?)",
+                             (str(uuid.uuid4()),))
+                (identity,) = conn.execute(
+                    f"SELECT value FROM {meta} WHERE name = 'database identity'").fetchone()
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
@@ -78,6 +85,7 @@ class _SQLiteDriver:
                                    f"SQLite database ({text})", store=self.description) from e
             raise StoreUnavailable(f"cannot open the database: {type(e).__name__}: {text}",
                                    store=self.description) from e
+        self.identity = str(identity)
         self._conn = conn
 
     def _schema(self) -> list[str]:
@@ -90,6 +98,8 @@ class _SQLiteDriver:
             f'CREATE INDEX IF NOT EXISTS "{self._prefix}idempotency_seq" ON {i} (key, seq)',
             f"CREATE TABLE IF NOT EXISTS {kv} (space TEXT NOT NULL, key BLOB NOT NULL, "
             "value BLOB NOT NULL, PRIMARY KEY (space, key)) WITHOUT ROWID",
+            f"CREATE TABLE IF NOT EXISTS {self.table('meta')} (name TEXT PRIMARY KEY, "
+            "value TEXT NOT NULL)",
         ]
 
     def close(self) -> None:

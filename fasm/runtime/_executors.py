@@ -26,7 +26,8 @@ class ActionContext:
     Attributes:
         machine_key: the key of the machine instance that emitted the action.
         action_id: the tracked action's id.
-        idempotency_key: ``"<machine_name>/<machine_key>/<action_id>"``: stable across retries
+        idempotency_key: ``"<store identity>/<machine_name>/<machine_key>/<action_id>"`` (the
+            store's or database's ``identity``, a UUID made with its data): stable across retries
             and restarts, so pass it to the outside system (a payment provider's idempotency key)
             to make a re-sent action safe.
         attempt: 1 for the first call, 2 for the first retry, ... (restarts start again at 1).

@@ -302,6 +302,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._codec: Codec | None = None  # checks submits and results encode (made at need)
         self._engine: Engine | None = None
         self._status = "new"
+        self._identity = ""  # the store's or database's identity, read at start
         self._failure: BaseException | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._work: anyio.abc.TaskGroup | None = None
@@ -632,6 +633,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._status = "starting"
         try:
             self._engine = await self._host.open()
+            where: Any = self.store if self.store is not None else self.database
+            self._identity = str(where.identity)
             release = await self._host.restore(self._engine)
         except BaseException:
             self._status = "stopped"
@@ -1028,7 +1031,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         return ActionContext(
             machine_key=self.key,
             action_id=action_id,
-            idempotency_key=f"{type(self.machine).machine_name}/{self.key}/{action_id}",
+            idempotency_key=(f"{self._identity}/{type(self.machine).machine_name}/{self.key}/"
+                             f"{action_id}"),
             attempt=attempt,
             deadline=deadline,
         )

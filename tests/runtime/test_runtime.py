@@ -201,9 +201,12 @@ async def test_executor_context_and_results_fed_back() -> None:
         await rt.wait_idle()
         assert rt.state.balances == {"a": 90}  # the failed charge was refunded
         assert rt.state.applied == {0: 1, 1: 1}
+        assert rt.store is not None
+        identity = rt.store.identity
     ctx = seen[0]
     assert (ctx.machine_key, ctx.action_id, ctx.attempt, ctx.deadline) == ("shop-1", 0, 1, None)
-    assert ctx.idempotency_key == f"{LedgerMachine.machine_name}/shop-1/0"
+    # unique across stores: the store's identity first, so a fresh store never reuses a key
+    assert ctx.idempotency_key == f"{identity}/{LedgerMachine.machine_name}/shop-1/0"
 
 
 async def test_retries_with_backoff_then_success() -> None:
