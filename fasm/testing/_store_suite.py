@@ -275,6 +275,21 @@ async def check_durable_reopen(suite: _Suite) -> None:
                 "after reopening twice")
 
 
+async def check_identity(suite: _Suite) -> None:
+    """The store's identity (part of every executor idempotency key) is there once the store is
+    open, and stays the same for the same data after reopening, so a provider never sees one
+    action under two keys (a new store, with new data, gets a new one: see the store tests)."""
+    async with suite.opened() as store:
+        first = store.identity
+        _check(isinstance(first, str) and bool(first),
+               f"identity after open: expected a non-empty str, got {first!r}")
+    if not suite.durable:
+        return
+    async with suite.opened() as store:
+        _check(store.identity == first,
+               f"identity after reopening: {store.identity!r}, was {first!r}")
+
+
 async def check_acquire(suite: _Suite) -> None:
     """Keys are exclusive between store objects; release and close give them up."""
     k, other = suite.key("acquire"), suite.key("acquire-other")
@@ -467,6 +482,7 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "checkpoint_drops_entries": check_checkpoint_drops_entries,
     "journal": check_journal,
     "durable_reopen": check_durable_reopen,
+    "identity": check_identity,
     "acquire": check_acquire,
     "corruption": check_corruption,
     "lost_checkpoint": check_lost_checkpoint,
@@ -554,6 +570,9 @@ class StoreConformance:
 
     async def test_durable_reopen(self) -> None:
         await self._run_check("durable_reopen")
+
+    async def test_identity(self) -> None:
+        await self._run_check("identity")
 
     async def test_acquire(self) -> None:
         await self._run_check("acquire")
