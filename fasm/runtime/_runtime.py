@@ -634,7 +634,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         try:
             self._engine = await self._host.open()
             where: Any = self.store if self.store is not None else self.database
-            self._identity = str(where.identity)
+            identity = getattr(where, "identity", None)
+            if not isinstance(identity, str) or not identity:
+                raise DefinitionError(
+                    f"{type(where).__qualname__} has no identity (got {identity!r}): a Store "
+                    "gives a non-empty str made once with its data, the first part of every "
+                    "executor idempotency key (see fasm.persistence.Store)")
+            self._identity = identity
             release = await self._host.restore(self._engine)
         except BaseException:
             self._status = "stopped"

@@ -60,3 +60,41 @@ async def test_postgres_identity_stable_and_distinct(pg_dsn: str, pg_schema: str
     assert first != other
     db = await _identity(PostgresDatabase(pg_dsn, schema=pg_schema))
     assert db == await _identity(PostgresDatabase(pg_dsn, schema=pg_schema)) and db != first
+
+
+class _NoIdentity:
+    """A user's store written against the protocol before it had ``identity``."""
+
+    def __init__(self) -> None:
+        self._inner = MemoryStore()
+
+    def __getattr__(self, name: str) -> object:
+        if name == "identity":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+async def test_a_store_without_identity_is_a_definition_error_at_start() -> None:
+    from dataclasses import dataclass
+
+    from fasm import DefinitionError, StateMachine
+    from fasm.runtime import Runtime
+
+    @dataclass
+    class N:
+        n: int = 0
+
+    class Count(StateMachine[N, int]):
+        async def stf(self, state: N, input: object, actions: object) -> None:
+            state.n += 1
+
+        async def restore(self, state: N, actions: object) -> None:
+            return None
+
+    store = _NoIdentity()
+    with pytest.raises(DefinitionError, match="identity"):
+        async with Runtime(Count(), initial_state=N, store=store):  # type: ignore[arg-type]
+            pass
+    await store._inner.open()  # the failed start closed the store and released the key
+    await store._inner.acquire("default")
+    await store._inner.close()
