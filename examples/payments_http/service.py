@@ -31,11 +31,16 @@ connections as the executor may run calls at once (``--concurrency``), so no cal
 connection while holding an executor slot, and ``restore``'s re-sent charges after a crash go
 out ``--concurrency`` at a time. The provider's idempotency key is the one fasm gives the
 executor (``ActionContext.idempotency_key``), the same for every retry and restart of a charge,
-so a charge re-sent after a kill -9 is never charged twice. That key is made of the machine's
-name, its key and the action id (the payment id), so keep the service's data directory and the
-provider's ledger together: a fresh data directory against an old ledger would send the keys of
-old charges again (the provider refuses a known key with other parameters, 422, and the executor
+so a charge re-sent after a kill -9 is never charged twice. That key begins with the store's
+identity, made once with the data directory, then the machine's name, its key and the action id
+(the payment id), so a fresh data directory never sends the key of an old charge again (should
+a key ever come back with other parameters, the provider refuses it, 422, and the executor
 records that payment as declined: nothing was charged for it).
+
+The charges are bounded: at most ``--max-pending`` payments acknowledged and not yet settled
+(``Executor(max_pending=...)``); past it a POST waits up to half a second for room, then answers
+503 with Retry-After (``fasm.Overloaded``), so the backlog, and what a restart re-sends, stay
+bounded by what the provider can settle.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ def payment_json(pid: int, p: Payment) -> dict[str, Any]:
 
 
 def make_app(data: Path, provider: str, *, concurrency: int = 32,
-             submit_timeout: float = 10.0) -> Starlette:
+             submit_timeout: float = 10.0, max_pending: int = 2_000,
+             admission_timeout: float = 0.5) -> Starlette:
     """The service's ASGI app: its state in ``data/payments.db``, charges sent to ``provider``.
 
     Args:
@@ -103,6 +109,10 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
             size of the HTTP pool to the provider.
         submit_timeout: seconds a POST waits for its transition before answering 504
             (outcome unknown: retry with the same key).
+        max_pending: most charges acknowledged and not yet settled; past it a POST waits for
+            room (the backlog a restart re-sends, and how far the charges may fall behind).
+        admission_timeout: seconds a POST waits for that room before answering 503 (nothing
+            was queued: a retry is safe).
     """
     data.mkdir(parents=True, exist_ok=True)
     client: httpx.AsyncClient | None = None
@@ -129,11 +139,12 @@ def make_app(data: Path, provider: str, *, concurrency: int = 32,
     def make_runtime() -> PaymentsRuntime:
         # The attempt timeout starts when the call does; the pool has a connection for every
         # call the executor lets run, so no attempt spends its timeout waiting for one.
-        executor = Executor(charge, concurrency=concurrency,
+        executor = Executor(charge, concurrency=concurrency, max_pending=max_pending,
                             retry=RetryPolicy(initial_backoff=0.05, max_backoff=2.0,
                                               timeout=10.0))
         return Runtime(PaymentsMachine(), initial_state=Payments, key="payments",
                        store=SQLiteStore(data / "payments.db"),
+                       admission_timeout=admission_timeout,
                        executors={Charge: executor, CheckStatus: executor})
 
     runtime_lifespan = web.lifespan(make_runtime)
@@ -232,13 +243,16 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("service-data"), help="data directory")
     ap.add_argument("--provider", default="http://127.0.0.1:8001", help="provider base URL")
     ap.add_argument("--concurrency", type=int, default=32, help="charges in flight at once")
+    ap.add_argument("--max-pending", type=int, default=2_000,
+                    help="charges acknowledged and unsettled before a POST waits, then gets 503")
     args = ap.parse_args()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s [%(fasm_context)s] "
                                            "%(message)s"))
     handler.addFilter(web.LogContext())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    app = make_app(args.data, args.provider, concurrency=args.concurrency)
+    app = make_app(args.data, args.provider, concurrency=args.concurrency,
+                   max_pending=args.max_pending)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

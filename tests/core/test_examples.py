@@ -264,7 +264,8 @@ async def test_crash_and_restart_applies_the_redemption_exactly_once() -> None:
     assert service.calls == 2
     assert list(service.vouchers.values()) == ["FREE-0001"]
     (key,) = service.vouchers
-    assert key == "examples.coffee_shop.LoyaltyMachine/default/1"
+    identity, rest = key.split("/", 1)  # the store's identity, then machine, key and action id
+    assert identity and rest == "examples.coffee_shop.LoyaltyMachine/default/1"
 
 
 @pytest.mark.anyio
