@@ -1,13 +1,42 @@
-"""Helpers for runtime tests: virtual time that jumps to the next deadline."""
+"""Helpers for runtime tests: virtual time that jumps to the next deadline, and a runtime of the
+ledger machine (tests/_ledger.py) with executors and handlers that always succeed."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from anyio import wait_all_tasks_blocked
 
-from fasm.runtime import ManualClock
+from fasm.persistence import MemoryStore
+from fasm.runtime import ActionContext, ManualClock, Runtime
+from tests._ledger import Charge, Charged, Ledger, LedgerMachine, Note
+
+
+async def ok_charge(action: Charge, ctx: ActionContext) -> Charged:
+    return Charged(True)
+
+
+async def quiet(note: Note) -> None:
+    pass
+
+
+def make(store: MemoryStore | None = None, **kw: Any) -> Runtime[Any, Any, Any, Any, Any, Any]:
+    """A ledger runtime (account "a" holds 100) on a ManualClock; ``kw`` overrides any option."""
+    kw.setdefault("executors", {Charge: ok_charge})
+    kw.setdefault("handlers", {Note: quiet})
+    kw.setdefault("clock", ManualClock())
+    return Runtime(LedgerMachine(), initial_state=lambda: Ledger(balances={"a": 100}),
+                   store=store or MemoryStore(), **kw)
+
+
+class JumpingClock(ManualClock):
+    """Virtual time that jumps to whatever deadline is slept until."""
+
+    async def sleep_until(self, deadline: float) -> None:
+        self.advance_to(deadline)
+        await super().sleep_until(deadline)
 
 
 async def run_clock(clock: ManualClock, until: Callable[[], bool], *, limit: int = 1000) -> None:

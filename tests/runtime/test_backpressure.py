@@ -24,6 +24,7 @@ from fasm.runtime import (
     RuntimeEvent,
 )
 from tests._ledger import Charge, Charged, Ledger, LedgerMachine, Note, Pay
+from tests.runtime.conftest import JumpingClock
 
 pytestmark = pytest.mark.anyio
 
@@ -212,14 +213,6 @@ async def test_options_are_checked() -> None:
         make(executors={Charge: Held()}, admission_timeout=-1)
     with pytest.raises(DefinitionError):
         Executor(Held(), max_pending=0)
-
-
-class JumpingClock(ManualClock):
-    """Virtual time that jumps to whatever deadline is slept until."""
-
-    async def sleep_until(self, deadline: float) -> None:
-        self.advance_to(deadline)
-        await super().sleep_until(deadline)
 
 
 async def test_retries_log_a_warning_at_attempts_1_10_100_and_every_one_to_listeners(

@@ -11,7 +11,6 @@ import math
 import random
 import threading
 import time
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -27,29 +26,12 @@ from fasm.runtime import (
     Executor,
     ManualClock,
     RetryPolicy,
-    Runtime,
     RuntimeEvent,
 )
-from tests._ledger import Charge, Charged, Ledger, LedgerMachine, Note, Pay
-from tests.runtime.conftest import run_clock
+from tests._ledger import Charge, Charged, Note, Pay
+from tests.runtime.conftest import JumpingClock, make, run_clock
 
 pytestmark = pytest.mark.anyio
-
-
-async def ok_charge(action: Charge, ctx: ActionContext) -> Charged:
-    return Charged(True)
-
-
-async def quiet(note: Note) -> None:
-    pass
-
-
-def make(store: MemoryStore | None = None, **kw: Any) -> Runtime[Any, Any, Any, Any, Any, Any]:
-    kw.setdefault("executors", {Charge: ok_charge})
-    kw.setdefault("handlers", {Note: quiet})
-    kw.setdefault("clock", ManualClock())
-    return Runtime(LedgerMachine(), initial_state=lambda: Ledger(balances={"a": 100}),
-                   store=store or MemoryStore(), **kw)
 
 
 # -- slow attempts ------------------------------------------------------------------------------
@@ -202,15 +184,6 @@ def test_backoff_stays_capped_for_any_attempt_number() -> None:
     assert RetryPolicy(initial_backoff=0.0, max_backoff=0.0).delay(10**9, rng) == 0.0
     exact = RetryPolicy(jitter=0.0)
     assert exact.delay(10**9, rng) == exact.max_backoff == 30.0
-
-
-class JumpingClock(ManualClock):
-    """Virtual time that jumps to whatever deadline is slept until (trio's autojump, for a
-    single sleeper): 1,100 backoffs of about 30 s take no real time and no clock driving."""
-
-    async def sleep_until(self, deadline: float) -> None:
-        self.advance_to(deadline)
-        await super().sleep_until(deadline)
 
 
 async def test_a_runtime_keeps_retrying_past_1024_failures(

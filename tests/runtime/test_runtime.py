@@ -42,25 +42,9 @@ from tests._ledger import (
     SetTimer,
     Shout,
 )
-from tests.runtime.conftest import run_clock
+from tests.runtime.conftest import make, ok_charge, quiet, run_clock
 
 pytestmark = pytest.mark.anyio
-
-
-async def ok_charge(action: Charge, ctx: ActionContext) -> Charged:
-    return Charged(True)
-
-
-async def quiet(note: Note) -> None:
-    pass
-
-
-def make(store: MemoryStore | None = None, **kw: Any) -> Runtime[Any, Any, Any, Any, Any, Any]:
-    kw.setdefault("executors", {Charge: ok_charge})
-    kw.setdefault("handlers", {Note: quiet})
-    kw.setdefault("clock", ManualClock())
-    return Runtime(LedgerMachine(), initial_state=lambda: Ledger(balances={"a": 100}),
-                   store=store or MemoryStore(), **kw)
 
 
 # -- submit and atomicity ----------------------------------------------------------------------
