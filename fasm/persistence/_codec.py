@@ -18,6 +18,11 @@ stored data has and the declared type no longer does (-> IncompatibleRecord, unl
 
 Format 2 differs from format 1 only where a declared type contains ``Any``: tuples, sets and
 frozensets there are msgpack extension types, so they decode as themselves (``_AnyWalk``).
+Format 3 dates idempotency keys and keeps their outcome: a journal entry with a key carries the
+time it was committed as a fourth element, and a checkpoint maps each key to
+``[seq, at, outcome]`` (the actions its transition emitted, encoded, see
+:meth:`Codec.pack_outcome`) where formats 1 and 2 held the seq alone. Every older format is
+still read: its keys are undated and their outcomes unknown.
 
 Nothing is acknowledged that cannot be read back: the runtime calls :meth:`Codec.pack` on every
 submitted input (and executor result) before queueing it, so a value that cannot be written is
@@ -44,14 +49,17 @@ import pydantic
 import pydantic_core
 import typing_extensions
 
+from .._actions import Tracked, Untracked
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import MachineTypes, StateMachine, type_members
+from .._remembered import AnyAction, Remembered
 from ..errors import DefinitionError, IncompatibleRecord, MigrationFailed, StoreCorrupt
 
 __all__ = ("FORMAT_VERSION", "Checkpoint", "Codec", "JournalEntry", "Unencodable")
 
-FORMAT_VERSION: Final = 2
-"""2: containers at ``Any`` positions are extension types (see ``_AnyWalk``); 1 is still read."""
+FORMAT_VERSION: Final = 3
+"""3: dated idempotency keys with their outcome; 2: containers at ``Any`` positions are extension
+types (see ``_AnyWalk``). 1 and 2 are still read."""
 KIND_CHECKPOINT: Final = 0
 KIND_ENTRY: Final = 1
 _CRC = 4
@@ -82,16 +90,18 @@ class Checkpoint:
 
     seq: int
     state: Any
-    idempotency: dict[str, int]
+    idempotency: dict[str, Remembered]
 
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """A decoded journal entry: the committed input at ``seq`` and its idempotency key."""
+    """A decoded journal entry: the committed input at ``seq``, its idempotency key and when
+    that key was committed (None without a key, or written before format 3)."""
 
     seq: int
     input: Input[Any, Any, Any]
     idempotency_key: str | None
+    at: float | None = None
 
 
 class _Typed:
@@ -227,6 +237,15 @@ class Codec:
             Unencodable: the value cannot be written as a record (``path`` says where).
             TypeError: it is none of the declared alternatives.
         """
+        plain = self._plain(what, value)
+        try:
+            return self._packer().pack(plain)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise Unencodable(what, _locate(self._typed(what).inner(plain), ""),
+                              f"{type(e).__name__}: {e}") from e
+
+    def _plain(self, what: str, value: Any) -> Any:
+        """The checked plain data of one declared value (see :meth:`pack`)."""
         typed = self._typed(what)
         plain = typed.dump(value, check=True)
         if typed.models:
@@ -239,12 +258,69 @@ class Codec:
                 first = e.errors()[0]
                 raise Unencodable(what, _loc_path(first["loc"]),
                                   f"it would not load back: {first['msg']}") from e
-        plain = typed.tag_any(self._walk, value, plain)
+        return typed.tag_any(self._walk, value, plain)
+
+    # -- outcomes of idempotency keys ------------------------------------------------------
+
+    def pack_outcome(self, actions: tuple[AnyAction, ...]) -> bytes:
+        """The actions a keyed transition emitted, encoded, so that a duplicate submit after a
+        restart is answered with them (format 3).
+
+        Raises:
+            Unencodable: an action is not of its declared type or cannot be written.
+        """
+        items: list[Any] = []
+        for action in actions:
+            if isinstance(action, Tracked):
+                items.append([0, self._plain("tracked_id", action.id),
+                              self._plain("tracked_action", action.action)])
+            else:
+                items.append([1, self._plain("untracked", action.action)])
         try:
-            return self._packer().pack(plain)
+            return self._packer().pack(items)
         except (TypeError, ValueError, OverflowError) as e:
-            raise Unencodable(what, _locate(typed.inner(plain), ""),
-                              f"{type(e).__name__}: {e}") from e
+            raise Unencodable("outcome", "", f"{type(e).__name__}: {e}") from e
+
+    def unpack_outcome(self, data: bytes) -> tuple[AnyAction, ...]:
+        """The actions :meth:`pack_outcome` encoded.
+
+        Raises:
+            StoreCorrupt: they do not decode as the declared action types.
+        """
+        try:
+            items = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+            out: list[AnyAction] = []
+            for item in items:
+                if item[0] == 0:
+                    out.append(Tracked(self._typed("tracked_id").load(item[1]),
+                                       self._typed("tracked_action").load(item[2])))
+                else:
+                    out.append(Untracked(self._typed("untracked").load(item[1])))
+        except (TypeError, ValueError, IndexError, msgpack.UnpackException) as e:
+            raise StoreCorrupt(f"the outcome of an idempotency key does not decode as the "
+                               f"declared actions: {e}") from e
+        return tuple(out)
+
+    def outcome(self, remembered: Remembered) -> tuple[AnyAction, ...] | None:
+        """The actions of a remembered key: held, or decoded (and kept) from the store's bytes;
+        None when they are not known (written by an older fasm, or they could not be encoded).
+
+        Raises:
+            StoreCorrupt: the stored bytes do not decode.
+        """
+        if remembered.actions is None and remembered.packed is not None:
+            remembered.actions = self.unpack_outcome(remembered.packed)
+        return remembered.actions
+
+    def _packed_outcome(self, remembered: Remembered) -> bytes | None:
+        """The stored form of a key's outcome, encoded once and kept; None when unknown or not
+        encodable (a duplicate is then answered without actions, as before format 3)."""
+        if remembered.packed is None and remembered.actions is not None:
+            try:
+                remembered.packed = self.pack_outcome(remembered.actions)
+            except (Unencodable, TypeError):
+                return None
+        return remembered.packed
 
     def _packer(self) -> msgpack.Packer:
         packer: msgpack.Packer | None = getattr(self._local, "packer", None)
@@ -302,7 +378,8 @@ class Codec:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def encode_checkpoint(self, seq: int, state: Any, idempotency: Mapping[str, int]) -> bytes:
+    def encode_checkpoint(self, seq: int, state: Any,
+                          idempotency: Mapping[str, Remembered | int]) -> bytes:
         """The whole state and the runtime's bookkeeping as of ``seq``.
 
         Raises:
@@ -311,7 +388,8 @@ class Codec:
         """
         typed = self._typed("state")
         plain = typed.tag_any(self._walk, state, typed.dump(state, check=True))
-        keys = dict(idempotency)
+        keys = {k: ([r, None, None] if isinstance(r, int)
+                    else [r.seq, r.at, self._packed_outcome(r)]) for k, r in idempotency.items()}
         try:
             packed = msgpack.packb({"s": plain, "k": keys}, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
@@ -350,7 +428,7 @@ class Codec:
                         f"{type(e).__name__}: {e}", seq=rec_seq, from_version=version) from e
             state = self._typed("state").load(plain)
             self._refuse_dropped("state", plain, state, rec_seq)
-            keys = {str(k): int(v) for k, v in body["k"].items()}
+            keys = {str(k): _remembered(v) for k, v in body["k"].items()}
         except IncompatibleRecord:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -360,27 +438,32 @@ class Codec:
 
     # -- journal entries --------------------------------------------------------------------
 
-    def encode_entry(self, seq: int, input: Input[Any, Any, Any], key: str | None) -> bytes:
+    def encode_entry(self, seq: int, input: Input[Any, Any, Any], key: str | None,
+                     at: float | None = None) -> bytes:
         """One committed input, as a journal entry (reusing the bytes :meth:`pack` made at
-        submit, when the input carries them).
+        submit, when the input carries them); a key is written with ``at``, when it was
+        committed.
 
         Raises:
             Unencodable: the input or key cannot be written as a record.
         """
         try:
-            tail = b"\xc0" if key is None else self._packer().pack(key)
-        except ValueError as e:
+            if key is None:
+                head, tail = b"\x93", b"\xc0"
+            else:
+                head, tail = b"\x94", self._packer().pack(key) + self._packer().pack(at)
+        except (ValueError, TypeError) as e:
             raise Unencodable("idempotency key", "", f"{type(e).__name__}: {e}") from e
         if isinstance(input, Normal):
             value = input._packed
             if value is None:
                 value = self.pack("input", input.value)
-            raw = b"".join((self._head, _uint(seq), b"\x01\x93\x00", value, tail))  # kind 1
-            return raw + zlib.crc32(raw).to_bytes(_CRC, "big")
+            raw = b"".join((self._head, _uint(seq), b"\x01", head, b"\x00", value, tail))
+            return raw + zlib.crc32(raw).to_bytes(_CRC, "big")  # kind 1, tag 0
         ident = self.pack("tracked_id", input.id)
         result = self.pack("tracked_result", input.result)
         return self._seal_packed(seq, KIND_ENTRY,
-                                 b"".join((b"\x93\x01\x92", ident, result, tail)))
+                                 b"".join((head, b"\x01\x92", ident, result, tail)))
 
     def decode_entry(self, data: bytes, seq: int | None = None) -> JournalEntry:
         """Decode and check a journal entry.
@@ -392,7 +475,10 @@ class Codec:
         """
         rec_seq, schema, body = self._open(data, KIND_ENTRY, seq)
         try:
-            tag, payload, key = body
+            tag, payload, key, *dated = body
+            at = dated[0] if dated else None
+            if at is not None and not isinstance(at, (int, float)):
+                raise ValueError(f"the key's date is {at!r}")
             value: Input[Any, Any, Any]
             if tag == 0:
                 loaded = self._typed("input").load(payload)
@@ -414,7 +500,8 @@ class Codec:
                 else ""
             raise StoreCorrupt(f"journal entry does not decode as the declared input: {e}{hint}",
                                seq=rec_seq) from e
-        return JournalEntry(rec_seq, value, key if isinstance(key, str) else None)
+        key = key if isinstance(key, str) else None
+        return JournalEntry(rec_seq, value, key, None if key is None or at is None else float(at))
 
     # -- schema evolution -------------------------------------------------------------------
 
@@ -599,6 +686,21 @@ def _encodes(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _remembered(stored: Any) -> Remembered:
+    """A checkpoint's record of one key: a bare seq (formats 1 and 2) or ``[seq, at, outcome]``.
+
+    Raises:
+        ValueError: it is neither.
+    """
+    if isinstance(stored, int) and not isinstance(stored, bool):
+        return Remembered(stored)
+    seq, at, outcome = stored
+    if not isinstance(seq, int) or (at is not None and not isinstance(at, (int, float))) or \
+            (outcome is not None and not isinstance(outcome, bytes)):
+        raise ValueError(f"an idempotency key's record is {stored!r}")
+    return Remembered(seq, None if at is None else float(at), None, outcome)
 
 
 def _short(message: str) -> str:

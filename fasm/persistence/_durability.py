@@ -84,11 +84,12 @@ class Writer:
         self._since_bytes = 0
         self._checkpoint_size = 0
 
-    def encode(self, entries: Sequence[tuple[int, Any, str | None]]) -> tuple[bytes, ...]:
-        """Journal entries for ``(seq, input, idempotency_key)`` (none under Snapshot)."""
+    def encode(self, entries: Sequence[tuple[Any, ...]]) -> tuple[bytes, ...]:
+        """Journal entries for ``(seq, input, idempotency_key)`` or
+        ``(seq, input, idempotency_key, at)`` (none under Snapshot)."""
         if isinstance(self.durability, Snapshot):
             return ()
-        return tuple(self.codec.encode_entry(s, i, k) for s, i, k in entries)
+        return tuple(self.codec.encode_entry(s, i, k, *t) for s, i, k, *t in entries)
 
     def checkpoint_due(self, encoded: Sequence[bytes]) -> bool:
         """Whether the write carrying ``encoded`` must also carry a checkpoint."""

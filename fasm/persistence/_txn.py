@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from .._remembered import Remembered
 from ..errors import StoreConflict, StoreUnavailable
 from ._kv import KV
 from ._session import Abort as Abort
@@ -297,9 +298,11 @@ class Database:
                 "machine_fence": f"SELECT seq FROM {m} WHERE key = ? FOR UPDATE",
                 "machine_bump": f"UPDATE {m} SET seq = ?, last_commit = ? "
                                 "WHERE key = ? AND seq = ?",
-                "keys_load": f"SELECT idempotency_key, seq FROM {i} WHERE key = ? ORDER BY seq",
-                "key_put": f"INSERT INTO {i} (key, idempotency_key, seq) VALUES (?, ?, ?) "
-                           "ON CONFLICT (key, idempotency_key) DO UPDATE SET seq = excluded.seq",
+                "keys_load": f"SELECT idempotency_key, seq, at, outcome FROM {i} WHERE key = ? "
+                             "ORDER BY seq",
+                "key_put": f"INSERT INTO {i} (key, idempotency_key, seq, at, outcome) "
+                           "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key, idempotency_key) DO UPDATE "
+                           "SET seq = excluded.seq, at = excluded.at, outcome = excluded.outcome",
                 "keys_prune": f"DELETE FROM {i} WHERE key = ? AND seq < ?",
             }[name]
             found = self._sql_cache[name] = d.translate(text)
@@ -360,7 +363,7 @@ class Database:
             found = self._sql_cache[sql] = self._driver.translate(sql)
         return found
 
-    def _load_sync(self, key: str) -> tuple[int, list[tuple[str, int]]]:
+    def _load_sync(self, key: str) -> tuple[int, list[tuple[str, Remembered]]]:
         """Register ``key`` if new and read its sequence number and idempotency keys.
 
         Raises:
@@ -378,10 +381,12 @@ class Database:
         finally:
             if not session.closed:
                 session.end()
-        return int(row[0]), [(str(k), int(s)) for k, s in rows]
+        return int(row[0]), [(str(k), Remembered(int(s), None if at is None else float(at), None,
+                                                 None if out is None else bytes(out)))
+                             for k, s, at, out in rows]
 
     def _bookkeeping(self, key: str, expected: int, seq: int,
-                     new_keys: Sequence[tuple[str, int]],
+                     new_keys: Sequence[tuple[str, int, float | None, bytes | None]],
                      oldest_kept: int | None) -> tuple[list[Stmt], tuple[str, str] | None]:
         """The statements recording a committed group (the sequence number moves from
         ``expected`` to ``seq``, or the commit is refused as a stale writer's), and its commit
@@ -396,7 +401,7 @@ class Database:
 
         stmts = [Stmt(self._sql("machine_bump"), (seq, token, key, expected), check=fenced)]
         if new_keys:
-            stmts.append(self._many("key_put", [(key, k, s) for k, s in new_keys]))
+            stmts.append(self._many("key_put", [(key, *k) for k in new_keys]))
             if oldest_kept is not None:
                 stmts.append(Stmt(self._sql("keys_prune"), (key, oldest_kept)))
         return stmts, None if token is None else (key, token)

@@ -170,9 +170,10 @@ class _PgDriver:
                       "ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
             "kv_delete": f"DELETE FROM {kv} WHERE (space, key) IN "
                          "(SELECT * FROM unnest(%s::text[], %s::bytea[]))",
-            "key_put": f"INSERT INTO {keys} (key, idempotency_key, seq) SELECT * FROM "
-                       "unnest(%s::text[], %s::text[], %s::bigint[]) ON CONFLICT "
-                       "(key, idempotency_key) DO UPDATE SET seq = excluded.seq",
+            "key_put": f"INSERT INTO {keys} (key, idempotency_key, seq, at, outcome) SELECT * "
+                       "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], "
+                       "%s::bytea[]) ON CONFLICT (key, idempotency_key) DO UPDATE SET "
+                       "seq = excluded.seq, at = excluded.at, outcome = excluded.outcome",
         }
 
     @property
@@ -330,7 +331,10 @@ class _PgDriver:
             f"CREATE TABLE IF NOT EXISTS {m} (key text PRIMARY KEY, seq bigint NOT NULL, "
             "last_commit text)",
             f"CREATE TABLE IF NOT EXISTS {i} (key text NOT NULL, idempotency_key text NOT NULL, "
-            "seq bigint NOT NULL, PRIMARY KEY (key, idempotency_key))",
+            "seq bigint NOT NULL, at float8, outcome bytea, PRIMARY KEY (key, idempotency_key))",
+            # what a database made by an older fasm lacks (its keys: undated, outcome unknown)
+            f"ALTER TABLE {i} ADD COLUMN IF NOT EXISTS at float8",
+            f"ALTER TABLE {i} ADD COLUMN IF NOT EXISTS outcome bytea",
             f"CREATE INDEX IF NOT EXISTS {_ident(self._prefix + 'idempotency_seq')} "
             f"ON {i} (key, seq)",
             f"CREATE TABLE IF NOT EXISTS {kv} (space text NOT NULL, key bytea NOT NULL, "

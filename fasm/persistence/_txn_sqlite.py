@@ -65,6 +65,7 @@ class _SQLiteDriver:
             try:
                 for statement in self._schema():
                     conn.execute(statement)
+                self._migrate(conn)
                 meta = self.table("meta")
                 conn.execute(f"INSERT OR IGNORE INTO {meta} VALUES ('database identity', ?)",
                              (str(uuid.uuid4()),))
@@ -94,13 +95,23 @@ class _SQLiteDriver:
             f"CREATE TABLE IF NOT EXISTS {m} (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
             "last_commit TEXT)",
             f"CREATE TABLE IF NOT EXISTS {i} (key TEXT NOT NULL, idempotency_key TEXT NOT NULL, "
-            "seq INTEGER NOT NULL, PRIMARY KEY (key, idempotency_key)) WITHOUT ROWID",
+            "seq INTEGER NOT NULL, at REAL, outcome BLOB, PRIMARY KEY (key, idempotency_key)) "
+            "WITHOUT ROWID",
             f'CREATE INDEX IF NOT EXISTS "{self._prefix}idempotency_seq" ON {i} (key, seq)',
             f"CREATE TABLE IF NOT EXISTS {kv} (space TEXT NOT NULL, key BLOB NOT NULL, "
             "value BLOB NOT NULL, PRIMARY KEY (space, key)) WITHOUT ROWID",
             f"CREATE TABLE IF NOT EXISTS {self.table('meta')} (name TEXT PRIMARY KEY, "
             "value TEXT NOT NULL)",
         ]
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Add what a database made by an older fasm lacks: the date and outcome of each
+        idempotency key (NULL for the keys it holds: undated, outcome unknown)."""
+        table = self.table("idempotency")
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, kind in (("at", "REAL"), ("outcome", "BLOB")):
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._guard:

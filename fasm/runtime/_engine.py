@@ -31,10 +31,14 @@ Rule 4 - a tracked action is *in flight* from its release until the commit of a
   an stf that emits it again does not double-dispatch.
 Rule 5 - ``restore`` runs on committed state only (at start, after recovery), with a cleared
   container, and may emit only tracked actions; they are released like committed actions.
-Rule 6 - an idempotency key maps to the seq of the committed transition that first used it; a
-  later submit with the same key is answered with that seq and runs nothing. Keys are state-like:
-  they live in the checkpoint and the journal, so they survive crashes. Rejections are not recorded,
-  so a rejected submit may be retried with the same key.
+Rule 6 - an idempotency key maps to the committed transition that first used it
+  (:class:`Remembered`: its seq, when it was committed, and the actions it emitted); a later submit
+  with the same key is answered with that outcome and runs nothing. Keys are state-like: they live
+  in the checkpoint and the journal, so they survive crashes. A key is remembered for
+  ``idempotency_ttl`` seconds of the caller's clock after its commit (:attr:`Engine.now`, which
+  the caller sets), and at most ``idempotency_window`` keys are kept (the oldest go first), so
+  whichever bound is reached first ends a key's window. Rejections are not recorded, so a
+  rejected submit may be retried with the same key.
 Rule 7 - replay (recovery from a journal) reruns committed inputs through ``stf`` with actions
   discarded. A committed input that now raises proves nondeterminism.
 Rule 8 - transactional state: when ``state`` is a database transaction, the database is the
@@ -68,6 +72,7 @@ import pydantic
 from .._actions import ActionList, ActionsContainer, Tracked, Untracked
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import StateMachine
+from .._remembered import AnyAction, Remembered
 from ..errors import (
     DefinitionError,
     InvalidInput,
@@ -80,6 +85,7 @@ from ..errors import (
 __all__ = (
     "Accepted",
     "Duplicate",
+    "Remembered",
     "Engine",
     "Failed",
     "Release",
@@ -96,20 +102,24 @@ AnyMachine: TypeAlias = StateMachine[Any, Any, Any, Any, Any, Any]
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """stf returned: commit this (in order with earlier accepted steps), then call
-    :meth:`Engine.committed`."""
+    :meth:`Engine.committed`. ``at`` is :attr:`Engine.now` when it ran (the date its
+    idempotency key is remembered with)."""
 
     seq: int
     input: Input[Any, Any, Any]
-    actions: tuple[Tracked[Any, Any] | Untracked[Any], ...]
+    actions: tuple[AnyAction, ...]
     idempotency_key: str | None = None
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """The idempotency key was committed before, at ``seq``: answer with that, run nothing."""
+    """The idempotency key was committed before: answer with that transition's outcome
+    (``remembered``: its seq and actions), run nothing."""
 
     seq: int
     idempotency_key: str
+    remembered: Remembered | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +154,13 @@ class Engine:
         machine: the user's machine instance.
         state: the committed state to start from.
         seq: the sequence number of that state.
-        idempotency: committed idempotency keys (key -> seq), oldest first.
+        idempotency: committed idempotency keys (key -> :class:`Remembered`, or a bare seq),
+            oldest first.
         rollback: the rollback policy (see the module docstring, rule 3).
-        idempotency_window: how many keys to remember; older ones are forgotten.
+        idempotency_window: at most how many keys to remember (None: no count bound); the
+            oldest are forgotten first.
+        idempotency_ttl: how many seconds of :attr:`now` a key is remembered after its commit
+            (None: no time bound).
         actions_factory: makes the container handed to stf and restore.
         finish: called with the state after each stf returned; raising fails the transition as
             if the stf had raised (rule 8).
@@ -158,16 +172,16 @@ class Engine:
         *,
         state: Any,
         seq: int = 0,
-        idempotency: Iterable[tuple[str, int]] = (),
+        idempotency: Iterable[tuple[str, Remembered | int]] = (),
         rollback: Rollback = "trust-rejected",
-        idempotency_window: int = 1000,
+        idempotency_window: int | None = 100_000,
+        idempotency_ttl: float | None = 600.0,
         actions_factory: type[ActionList[Any, Any, Any]] | None = None,
         finish: Callable[[Any], None] | None = None,
     ) -> None:
         if rollback not in _ROLLBACKS:
             raise DefinitionError(f"rollback must be one of {_ROLLBACKS}, got {rollback!r}")
-        if idempotency_window < 0:
-            raise DefinitionError("idempotency_window must be >= 0")
+        _check_window(idempotency_window, idempotency_ttl)
         self.machine = machine
         self.types = type(machine).machine_types()
         self.rollback: Rollback = rollback
@@ -175,7 +189,16 @@ class Engine:
         self.seq = seq
         self.committed_seq = seq
         self.idempotency_window = idempotency_window
-        self._keys: OrderedDict[str, int] = OrderedDict(idempotency)
+        self.idempotency_ttl = idempotency_ttl
+        self._keys: OrderedDict[str, Remembered] = _keys(idempotency)
+        self._undated = any(r.at is None for r in self._keys.values())
+        self.cut_short: tuple[int, float] | None = None
+        """(how many, the youngest age in seconds) of the keys the count bound forgot before
+        their ttl ran out since the caller last cleared it: their window was shorter than
+        promised (the runtime warns)."""
+        self.now: float | None = None
+        """The caller's time (seconds): it dates the idempotency keys committed from now on and
+        decides which have expired. None leaves new keys undated and expires none by time."""
         self._actions: ActionsContainer[Any, Any, Any] = (actions_factory or ActionList)()
         self._in_flight: dict[Any, Tracked[Any, Any]] = {}
         self._pending: list[Accepted] = []  # accepted, not yet committed, in order
@@ -228,7 +251,9 @@ class Engine:
         if idempotency_key is not None:
             seen = self._keys.get(idempotency_key)
             if seen is not None:
-                return Duplicate(seen, idempotency_key)
+                if not self._expired(seen, self.now):
+                    return Duplicate(seen.seq, idempotency_key, seen)
+                del self._keys[idempotency_key]  # its window is over: a new submit
         before = copy.deepcopy(self.state) if self.rollback == "copy" else None
         actions = self._actions
         actions.clear()
@@ -248,9 +273,10 @@ class Engine:
             self.interrupted = input  # rule 9: not a failed transition; the caller stops
             raise
         self.seq += 1
+        emitted = tuple(actions)
         if idempotency_key is not None:
-            self._remember(idempotency_key, self.seq)
-        step = Accepted(self.seq, input, tuple(actions), idempotency_key)
+            self._remember(idempotency_key, Remembered(self.seq, self.now, emitted), self.now)
+        step = Accepted(self.seq, input, emitted, idempotency_key, self.now)
         self._pending.append(step)
         return step
 
@@ -276,7 +302,8 @@ class Engine:
                     release.untracked.append((step.seq, action))
         return release
 
-    async def reset(self, state: Any, seq: int, idempotency: Iterable[tuple[str, int]]) -> None:
+    async def reset(self, state: Any, seq: int,
+                    idempotency: Iterable[tuple[str, Remembered | int]]) -> None:
         """Start again from the last committed state after a failure (rule 3): take ``state`` as
         of ``seq`` and re-apply the accepted steps not yet committed, so the state is exactly what
         the last accepted step left.
@@ -289,7 +316,7 @@ class Engine:
             raise RuntimeError(f"reset to seq {seq} but {self.committed_seq} is committed")
         self.state = state
         self.seq = seq
-        self._keys = OrderedDict(idempotency)
+        self._set_keys(idempotency)
         actions = self._actions
         for step in self._pending:
             actions.clear()
@@ -307,18 +334,19 @@ class Engine:
                 )
             self.seq = step.seq
             if step.idempotency_key is not None:
-                self._remember(step.idempotency_key, step.seq)
+                self._remember(step.idempotency_key,
+                               Remembered(step.seq, step.at, step.actions), step.at)
         actions.clear()
         self._needs_reload = False
 
-    def abandon(self, idempotency: Iterable[tuple[str, int]]) -> None:
+    def abandon(self, idempotency: Iterable[tuple[str, Remembered | int]]) -> None:
         """Forget every accepted step not yet committed, because the transaction holding them was
         rolled back as a whole (rule 8): ``seq`` goes back to the committed one and the
         idempotency keys to ``idempotency``, the committed keys. The caller runs the inputs again.
         """
         self._pending.clear()
         self.seq = self.committed_seq
-        self._keys = OrderedDict(idempotency)
+        self._set_keys(idempotency)
         self._needs_reload = False
         self.interrupted = None  # what it did went with the transaction
         self._actions.clear()
@@ -349,14 +377,17 @@ class Engine:
             self._release(action, release)
         return release
 
-    async def replay(self, entries: Iterable[tuple[int, Input[Any, Any, Any], str | None]]) -> None:
-        """Re-apply committed inputs after a checkpoint, actions discarded (rule 7).
+    async def replay(self, entries: Iterable[tuple[Any, ...]]) -> None:
+        """Re-apply committed inputs after a checkpoint (rule 7): ``(seq, input, key)`` or
+        ``(seq, input, key, at)`` tuples. Actions are discarded, except that those of an input
+        with an idempotency key are remembered with the key (they are its outcome, rule 6).
 
         Raises:
             NondeterminismError: a committed input raised now, or a seq is out of order.
         """
         actions = self._actions
-        for seq, input, key in entries:
+        for seq, input, key, *dated in entries:
+            at: float | None = dated[0] if dated else None
             if seq != self.seq + 1:
                 raise NondeterminismError(f"journal seq {seq} does not follow {self.seq}")
             actions.clear()
@@ -369,7 +400,7 @@ class Engine:
                 ) from e
             self.seq = self.committed_seq = seq
             if key is not None:
-                self._remember(key, seq)
+                self._remember(key, Remembered(seq, at, tuple(actions)), at)
         actions.clear()
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -385,7 +416,7 @@ class Engine:
         return self._pending
 
     @property
-    def idempotency(self) -> OrderedDict[str, int]:
+    def idempotency(self) -> OrderedDict[str, Remembered]:
         """Committed idempotency keys, oldest first (a live view: do not mutate)."""
         return self._keys
 
@@ -401,10 +432,55 @@ class Engine:
             self._in_flight[action.id] = action
             release.tracked.append(action)
 
-    def _remember(self, key: str, seq: int) -> None:
-        self._keys[key] = seq
-        while len(self._keys) > self.idempotency_window:
-            self._keys.popitem(last=False)
+    def _set_keys(self, idempotency: Iterable[tuple[str, Remembered | int]]) -> None:
+        self._keys = _keys(idempotency)
+        self._undated = any(r.at is None for r in self._keys.values())
+
+    def _expired(self, remembered: Remembered, now: float | None) -> bool:
+        ttl = self.idempotency_ttl
+        return (ttl is not None and now is not None and remembered.at is not None
+                and remembered.at + ttl <= now)
+
+    def _remember(self, key: str, remembered: Remembered, now: float | None) -> None:
+        keys = self._keys
+        keys[key] = remembered
+        keys.move_to_end(key)
+        window = self.idempotency_window
+        if window is not None:
+            while len(keys) > window:
+                _, gone = keys.popitem(last=False)
+                if (now is not None and gone.at is not None and self.idempotency_ttl is not None
+                        and not self._expired(gone, now)):
+                    count, _age = self.cut_short or (0, 0.0)
+                    self.cut_short = (count + 1, now - gone.at)
+        if now is None or self.idempotency_ttl is None:
+            return
+        if self._undated:
+            # Keys of an older fasm carry no date: their window starts now, in full.
+            for k, r in keys.items():
+                if r.at is None:
+                    keys[k] = Remembered(r.seq, now, r.actions, r.packed)
+            self._undated = False
+        # Keys are in commit order, so the expired ones are at the front (a clock set back
+        # only keeps a key longer).
+        while keys:
+            first = next(iter(keys.values()))
+            if not self._expired(first, now):
+                break
+            keys.popitem(last=False)
+
+
+def _keys(idempotency: Iterable[tuple[str, Remembered | int]]) -> OrderedDict[str, Remembered]:
+    return OrderedDict((k, v if isinstance(v, Remembered) else Remembered(v))
+                       for k, v in idempotency)
+
+
+def _check_window(window: int | None, ttl: float | None) -> None:
+    """Raise DefinitionError for a negative idempotency bound (shared by the hosts)."""
+    if window is not None and window < 0:
+        raise DefinitionError(f"idempotency_window must be >= 0 or None, got {window}")
+    if ttl is not None and not ttl >= 0:
+        raise DefinitionError(f"idempotency_ttl must be >= 0 seconds or None, got {ttl}")
 
 
 def input_kind(input: Input[Any, Any, Any]) -> str:

@@ -30,6 +30,7 @@ from ..errors import (
     Overloaded,
     Rejected,
     RuntimeClosed,
+    StoreCorrupt,
     StoreError,
 )
 from ..persistence._codec import Codec, Unencodable
@@ -101,7 +102,10 @@ class Committed(Generic[TId, TA, U]):
 
     Attributes:
         seq: the transition's sequence number.
-        actions: the actions it emitted (empty for a duplicate: they were released the first time).
+        actions: the actions it emitted. For a duplicate, the actions of the transition that
+            first used the key (they were released then and are not released again); empty when
+            they are not known (a key a fasm before record format 3 wrote, or actions that could
+            not be encoded).
         duplicate: true when the idempotency key had been committed before; nothing ran now.
     """
 
@@ -223,7 +227,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             ``"reload"``, ``"copy"`` or ``"trust"`` (see docs/runtime.md and
             :mod:`fasm.runtime._engine`). With ``database=`` it is ``"trust"``: the database
             rolls the input back to its savepoint.
-        idempotency_window: how many submit idempotency keys are remembered.
+        idempotency_ttl: seconds (clock time) a submit idempotency key is remembered after its
+            commit, durably, across restarts: a retry with the same key within that time is
+            answered with the original outcome and runs nothing (None: no time bound). The
+            default is ten minutes; see docs/06_web_service.md for what a retry window costs.
+        idempotency_window: at most how many keys are remembered (None: no count bound); when
+            more keys than this are committed within ``idempotency_ttl``, the oldest are
+            forgotten early. It bounds the memory and checkpoint size the keys take.
         listeners: callables receiving every :mod:`runtime event <fasm.runtime>`.
         seed: seeds the retry jitter (None: from the OS).
 
@@ -256,7 +266,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         shutdown_grace: float = 5.0,
         slow_action_after: float | None = 60.0,
         rollback: Rollback | None = None,
-        idempotency_window: int = 1000,
+        idempotency_ttl: float | None = 600.0,
+        idempotency_window: int | None = 100_000,
         listeners: Sequence[Listener] = (),
         seed: int | None = None,
     ) -> None:
@@ -275,6 +286,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             raise DefinitionError(f"admission_timeout must be >= 0 or None, got "
                                   f"{admission_timeout}")
         self._max_pending = max_pending_actions
+        self._cut_short_warned = -math.inf
         self._admission_timeout = admission_timeout
         # Tracked actions in flight (timers not counted), overall and by registered executor
         # class: kept here, not counted from the engine's table, so admission is O(1).
@@ -333,8 +345,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if database is not None:
             self._host = DatabaseHost.checked(
                 machine, key=key, database=database, idempotency_window=idempotency_window,
-                seed=seed, initial_state=initial_state, store=store, durability=durability,
-                rollback=rollback)
+                idempotency_ttl=idempotency_ttl, seed=seed, initial_state=initial_state,
+                store=store, durability=durability, rollback=rollback)
         else:
             if initial_state is None:
                 raise DefinitionError(
@@ -342,7 +354,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     "a store) or database= (state kept in a database)")
             host = ObjectHost(machine, key=key, initial_state=initial_state, store=store,
                               durability=durability, rollback=rollback or "trust-rejected",
-                              idempotency_window=idempotency_window)
+                              idempotency_window=idempotency_window,
+                              idempotency_ttl=idempotency_ttl)
             self.store, self.durability, self._host = host.store, host.durability, host
 
     # -- definition checks ----------------------------------------------------------------------
@@ -743,6 +756,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     async def _process(self, batch: list[_Item]) -> None:
         engine = self._require_engine()
+        engine.now = self.clock.now()  # dates the group's idempotency keys (rule 6)
         try:
             result = await self._host.run(engine, [(item.input, item.key) for item in batch])
         except Exception as e:
@@ -791,6 +805,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                             else None)
                     self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
                                                    len(step.actions), len(committed), done))
+            if engine.cut_short is not None:
+                self._window_cut_short(engine)
             # The engine's order: commit, then dispatch, then answer the submitters.
             self._dispatch(release)
         for item, step in zip(batch, result.steps, strict=True):
@@ -800,11 +816,39 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             elif isinstance(step, Accepted):
                 item.answer(Committed(step.seq, step.actions), None)
             elif isinstance(step, Duplicate):
-                item.answer(Committed(step.seq, (), True), None)
+                self._answer_duplicate(item, step)
             elif isinstance(step, Failed):
                 item.answer(None, step.error)
             else:
                 item.answer(None, step)
+
+    def _window_cut_short(self, engine: Engine) -> None:
+        """Warn (at most once a minute) that ``idempotency_window`` forgot keys before their
+        ``idempotency_ttl``: retries of those are no longer recognized."""
+        assert engine.cut_short is not None
+        now = self.clock.now()
+        if now - self._cut_short_warned < 60.0:
+            return
+        count, age = engine.cut_short
+        engine.cut_short = None
+        self._cut_short_warned = now
+        log.warning("idempotency_window (%d keys) forgot %d key(s) %.1f s after their commit, "
+                     "before idempotency_ttl (%.0f s): a retry of those would run again; raise "
+                     "idempotency_window or lower idempotency_ttl", engine.idempotency_window,
+                     count, age, engine.idempotency_ttl, extra={"fasm_key": self.key})
+
+    def _answer_duplicate(self, item: _Item, step: Duplicate) -> None:
+        """Answer a duplicate submit with the outcome of the transition that first used its key
+        (decoded from the store's bytes the first time it is asked for after a restart)."""
+        assert isinstance(item, _Submit)
+        actions: tuple[Any, ...] | None = None
+        if step.remembered is not None:
+            try:
+                actions = self._codec_().outcome(step.remembered)
+            except StoreCorrupt as e:
+                item.answer(None, e.located(store=self._host.description, key=self.key))
+                return
+        item.answer(Committed(step.seq, actions or (), True), None)
 
     def _run_reads(self) -> None:
         """Answer the reads that waited for the group just committed (the live state is the

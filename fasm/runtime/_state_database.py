@@ -36,6 +36,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar, get_origin
 
+from .._remembered import Remembered
 from ..errors import (
     DefinitionError,
     StoreError,
@@ -43,8 +44,19 @@ from ..errors import (
     TransactionConflict,
     TransitionFailed,
 )
+from ..persistence._codec import Codec, Unencodable
 from ..persistence._txn import Abort, Database, Session, Transaction
-from ._engine import Accepted, AnyMachine, Engine, Failed, Release, Rollback, Step, _describe
+from ._engine import (
+    Accepted,
+    AnyMachine,
+    Engine,
+    Failed,
+    Release,
+    Rollback,
+    Step,
+    _check_window,
+    _describe,
+)
 from ._host import GroupResult, Submitted
 
 __all__ = ("DatabaseHost",)
@@ -82,22 +94,28 @@ class DatabaseHost:
         machine: the machine instance.
         key: the machine key.
         database: where state lives.
-        idempotency_window: how many submit keys are remembered (in memory and in the database).
+        idempotency_window: at most how many submit keys are remembered (in memory and in the
+            database; None: no count bound).
+        idempotency_ttl: how long (seconds) a submit key is remembered (None: no time bound).
         seed: seeds the jitter of the retry backoff.
     """
 
     def __init__(self, machine: AnyMachine, *, key: str, database: Database,
-                 idempotency_window: int, seed: int | None) -> None:
+                 idempotency_window: int | None, seed: int | None,
+                 idempotency_ttl: float | None = None) -> None:
         self.machine = machine
         self.key = key
         self.database = database
         self._idempotency_window = idempotency_window
+        self._idempotency_ttl = idempotency_ttl
+        self._codec = Codec(type(machine))  # encodes the outcome of each keyed transition
         self._rng = random.Random(seed)
 
     @classmethod
     def checked(cls, machine: AnyMachine, *, key: str, database: Database,
-                idempotency_window: int, seed: int | None, initial_state: Any, store: Any,
-                durability: Any, rollback: Rollback | None) -> DatabaseHost:
+                idempotency_window: int | None, seed: int | None, initial_state: Any, store: Any,
+                durability: Any, rollback: Rollback | None,
+                idempotency_ttl: float | None = None) -> DatabaseHost:
         """A host for a Runtime given ``database=``, after checking the options that go with it.
 
         Raises:
@@ -122,10 +140,9 @@ class DatabaseHost:
                 f"{type(machine).__qualname__} declares its state as {declared!r}, "
                 "but database= hands the stf a fasm.persistence.Transaction: declare "
                 "StateMachine[Transaction, ...]")
-        if idempotency_window < 0:
-            raise DefinitionError("idempotency_window must be >= 0")
+        _check_window(idempotency_window, idempotency_ttl)
         return cls(machine, key=key, database=database, idempotency_window=idempotency_window,
-                   seed=seed)
+                   seed=seed, idempotency_ttl=idempotency_ttl)
 
     @property
     def description(self) -> str:
@@ -159,11 +176,12 @@ class DatabaseHost:
         finally:
             self.database._driver.close()
 
-    def _engine(self, seq: int, keys: list[tuple[str, int]]) -> Engine:
+    def _engine(self, seq: int, keys: list[tuple[str, Remembered]]) -> Engine:
         return Engine(self.machine, state=None, seq=seq, idempotency=keys, rollback="trust",
-                      idempotency_window=self._idempotency_window, finish=_finish)
+                      idempotency_window=self._idempotency_window,
+                      idempotency_ttl=self._idempotency_ttl, finish=_finish)
 
-    def _load_sync(self) -> tuple[int, list[tuple[str, int]]]:
+    def _load_sync(self) -> tuple[int, list[tuple[str, Remembered]]]:
         for attempt in self._attempts():
             try:
                 return self.database._load_sync(self.key)
@@ -226,9 +244,10 @@ class DatabaseHost:
                 steps = [self._one(engine, session, input, key) for input, key in inputs]
                 accepted = [s for s in steps if isinstance(s, Accepted)]
                 if accepted:
-                    new_keys = [(s.idempotency_key, s.seq) for s in accepted
-                                if s.idempotency_key is not None]
-                    oldest = next(iter(engine.idempotency.values()), None)
+                    new_keys = [(s.idempotency_key, s.seq, s.at, self._outcome(s))
+                                for s in accepted if s.idempotency_key is not None]
+                    first = next(iter(engine.idempotency.values()), None)
+                    oldest = None if first is None else first.seq
                     extra, token = db._bookkeeping(self.key, engine.committed_seq,
                                                    accepted[-1].seq, new_keys, oldest)
                     session.commit(extra, token)
@@ -273,6 +292,14 @@ class DatabaseHost:
         elif isinstance(step, Accepted):
             session.keep()
         return step
+
+    def _outcome(self, step: Accepted) -> bytes | None:
+        """The stored form of a keyed step's actions (None when they cannot be encoded: a
+        duplicate is then answered without them)."""
+        try:
+            return self._codec.pack_outcome(step.actions)
+        except (Unencodable, TypeError):
+            return None
 
     def _session(self, *, write: bool, fence: tuple[str, int] | None) -> Session:
         session = Session(self.database, write=write, fence=fence, runtime=True)

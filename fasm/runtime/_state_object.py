@@ -68,12 +68,13 @@ class ObjectHost:
         store: where records are kept (default: a fresh MemoryStore).
         durability: snapshot or journal (default: journal).
         rollback: the engine's rollback policy.
-        idempotency_window: how many submit keys the engine remembers.
+        idempotency_window: at most how many submit keys the engine remembers (None: no bound).
+        idempotency_ttl: how long (seconds) a submit key is remembered (None: no bound).
     """
 
     def __init__(self, machine: AnyMachine, *, key: str, initial_state: Any,
                  store: Store | None, durability: Durability | None, rollback: Rollback,
-                 idempotency_window: int) -> None:
+                 idempotency_window: int | None, idempotency_ttl: float | None = None) -> None:
         self.machine = machine
         self.key = key
         self.store: Store = store if store is not None else MemoryStore()
@@ -81,6 +82,7 @@ class ObjectHost:
         self._initial: Any | Callable[[], Any] = initial_state
         self._rollback: Rollback = rollback
         self._idempotency_window = idempotency_window
+        self._idempotency_ttl = idempotency_ttl
         self._codec: Codec | None = None
         self._writer: Writer | None = None
         self._needs_checkpoint = False
@@ -138,7 +140,7 @@ class ObjectHost:
             engine = self._new_engine(self._fresh_initial(), 0, ())
         else:
             engine = self._new_engine(cp.state, cp.seq, cp.idempotency.items())
-        await engine.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
+        await engine.replay((e.seq, e.input, e.idempotency_key, e.at) for e in recovered.journal)
         self._last_checkpoint_size = len(records.checkpoint or b"")
         self._writer.recovered(len(records.journal), sum(len(d) for _, d in records.journal),
                                self._last_checkpoint_size)
@@ -146,7 +148,8 @@ class ObjectHost:
 
     def _new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
         return Engine(self.machine, state=state, seq=seq, idempotency=keys,
-                      rollback=self._rollback, idempotency_window=self._idempotency_window)
+                      rollback=self._rollback, idempotency_window=self._idempotency_window,
+                      idempotency_ttl=self._idempotency_ttl)
 
     def _check_initial(self, codec: Codec, state: Any) -> None:
         """A fresh key's initial state must encode: every commit under Snapshot, and the first
@@ -224,7 +227,7 @@ class ObjectHost:
         cp = recovered.checkpoint
         fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
                                  cp.idempotency.items() if cp else ())
-        await fresh.replay((e.seq, e.input, e.idempotency_key) for e in recovered.journal)
+        await fresh.replay((e.seq, e.input, e.idempotency_key, e.at) for e in recovered.journal)
         await engine.reset(fresh.state, fresh.seq, fresh.idempotency.items())
 
     async def _flush(self, engine: Engine, steps: list[Accepted],
@@ -233,7 +236,7 @@ class ObjectHost:
         nothing written) the index in ``steps`` of the first one whose state does not encode."""
         writer = self._writer
         assert writer is not None
-        encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
+        encoded = writer.encode([(s.seq, s.input, s.idempotency_key, s.at) for s in steps])
         checkpoint = None
         skipped = False
         if self._needs_checkpoint or writer.checkpoint_due(encoded):
@@ -340,7 +343,8 @@ class ObjectHost:
         cp = recovered.checkpoint
         fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
                                  cp.idempotency.items() if cp else ())
-        return fresh, [Accepted(e.seq, e.input, (), e.idempotency_key) for e in recovered.journal]
+        return fresh, [Accepted(e.seq, e.input, (), e.idempotency_key, e.at)
+                       for e in recovered.journal]
 
     async def _culprit(self, steps: list[Accepted], error: Unencodable,
                        location: Location | None) -> tuple[Accepted, Unencodable] | None:
@@ -354,7 +358,7 @@ class ObjectHost:
         fresh, tail = await self._rebuilt()
         start: Accepted | None = None
         for step in [*tail, *steps]:
-            await fresh.replay([(step.seq, step.input, step.idempotency_key)])
+            await fresh.replay([(step.seq, step.input, step.idempotency_key, step.at)])
             if location is not None:
                 bad = location.fails_in(fresh.state)
             else:
@@ -372,9 +376,9 @@ class ObjectHost:
         """The first of ``steps`` whose state, replayed from the committed one, does not encode
         (encoding the whole state after each)."""
         fresh, tail = await self._rebuilt()
-        await fresh.replay((s.seq, s.input, s.idempotency_key) for s in tail)
+        await fresh.replay((s.seq, s.input, s.idempotency_key, s.at) for s in tail)
         for step in steps:
-            await fresh.replay([(step.seq, step.input, step.idempotency_key)])
+            await fresh.replay([(step.seq, step.input, step.idempotency_key, step.at)])
             e = await self._encodes(step.seq, fresh)
             if e is not None:
                 path = e.path or unencodable_path(fresh.state)

@@ -532,7 +532,7 @@ class Run(Verifier):
         """ObjectHost._reload: back to the last committed state, then re-apply the accepted steps
         not yet committed (``Engine.reset``)."""
         engine = self.engine
-        keys: tuple[tuple[str, int], ...] = ()
+        keys: tuple[tuple[str, Any], ...] = ()
         if engine.committed_seq == 0:
             state, seq = self.s.initial(), 0
         else:

@@ -14,7 +14,8 @@ import pydantic
 import pytest
 from typing_extensions import TypedDict
 
-from fasm import Normal, StateMachine, TrackedActionCompleted
+from fasm import Normal, StateMachine, Tracked, TrackedActionCompleted
+from fasm._remembered import Remembered
 from fasm.errors import IncompatibleRecord, MigrationFailed, StoreCorrupt
 from fasm.persistence import Codec
 from fasm.persistence._codec import FORMAT_VERSION, Unencodable
@@ -84,10 +85,10 @@ def sample() -> State:
 
 def test_state_round_trips_with_rich_types() -> None:
     codec = Codec(Shop)
-    data = codec.encode_checkpoint(5, sample(), {"req-1": 4})
+    data = codec.encode_checkpoint(5, sample(), {"req-1": Remembered(4, 17.5)})
     cp = codec.decode_checkpoint(data, 5)
     assert cp.state == sample()
-    assert cp.idempotency == {"req-1": 4}
+    assert cp.idempotency == {"req-1": Remembered(4, 17.5)}
     assert cp.seq == 5
 
 
@@ -241,6 +242,8 @@ def test_an_entry_from_prepacked_bytes_is_byte_for_byte_the_packed_envelope(seq:
         payload: Any = (
             [0, codec._typed("input").dump(value.value), key] if isinstance(value, Normal)
             else [1, [9, ["Err", {"id": 9}]], key])
+        if key is not None:
+            payload.append(None)  # format 3: a key is dated (here: not)
         whole = msgpack.packb([FORMAT_VERSION, "tests.shop", 1, seq, 1, payload],
                               use_bin_type=True)
         assert codec.encode_entry(seq, value, key)[:-4] == whole
@@ -423,14 +426,38 @@ def test_tuples_and_sets_in_any_fields_round_trip_as_themselves() -> None:
     assert type(entry.input.value.bag["t"]) is tuple  # type: ignore[union-attr]
 
 
-def test_a_format_1_record_is_still_read() -> None:
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_format_1_or_2_record_is_still_read(fmt: int) -> None:
+    """Before format 3 a checkpoint mapped each key to its seq, and an entry's body had three
+    elements: such keys load undated, with their outcome unknown."""
     codec = Codec(Shop)
     data = codec.encode_checkpoint(1, sample(), {"k": 1})
-    assert msgpack.unpackb(data[:-4])[0] == FORMAT_VERSION == 2
-    old = _reseal(data, f0=1)
-    assert codec.decode_checkpoint(old, 1).state == sample()
-    entry = _reseal(codec.encode_entry(2, Normal(Remove(3)), "k"), f0=1)
-    assert codec.decode_entry(entry, 2).input == Normal(Remove(3))
+    assert msgpack.unpackb(data[:-4])[0] == FORMAT_VERSION == 3
+    fields = msgpack.unpackb(data[:-4])
+    old = _reseal(data, f0=fmt, f5={"s": fields[5]["s"], "k": {"k": 1}})
+    cp = codec.decode_checkpoint(old, 1)
+    assert cp.state == sample() and cp.idempotency == {"k": Remembered(1)}
+    assert cp.idempotency["k"].at is None and codec.outcome(cp.idempotency["k"]) is None
+    entry = codec.encode_entry(2, Normal(Remove(3)), "k", 9.0)
+    body = msgpack.unpackb(entry[:-4])[5]
+    assert body[3] == 9.0
+    decoded = codec.decode_entry(_reseal(entry, f0=fmt, f5=body[:3]), 2)
+    assert decoded.input == Normal(Remove(3)) and decoded.idempotency_key == "k"
+    assert decoded.at is None
+    assert codec.decode_entry(entry, 2).at == 9.0
+
+
+def test_a_keys_outcome_round_trips_through_a_checkpoint() -> None:
+    """The actions of a keyed transition are kept encoded in the checkpoint and decoded only
+    when a duplicate asks for them."""
+    codec = Codec(Shop)
+    actions = (Tracked(4, "charge a"), Tracked(5, "charge b"))
+    data = codec.encode_checkpoint(1, sample(), {"k": Remembered(1, 2.0, actions)})
+    stored = codec.decode_checkpoint(data, 1).idempotency["k"]
+    assert stored.actions is None and stored.packed is not None
+    assert codec.outcome(stored) == actions
+    with pytest.raises(StoreCorrupt, match="outcome"):
+        codec.unpack_outcome(b"\x91\x92\x00\x01")
 
 
 def test_a_failed_pack_leaves_the_codec_writing_correct_bytes() -> None:

@@ -20,12 +20,14 @@ from fasm import (
     Input,
     RestoreFailed,
     StateMachine,
+    Tracked,
     TransitionFailed,
 )
 from fasm.errors import StoreConflict, TransactionConflict
 from fasm.persistence import Database, MemoryStore, SQLiteDatabase, Transaction
 from fasm.runtime import (
     ActionContext,
+    ManualClock,
     Committed,
     RuntimeEvent,
     TransactionRetried,
@@ -289,6 +291,58 @@ async def test_a_group_commits_all_its_idempotency_keys_at_once(schema: Database
             again = await rt.submit(value, idempotency_key=key)
             assert again == Committed(seqs[key], (), True)
     assert await balances(schema()) == {"ada": 5}
+
+
+async def test_a_retry_gets_the_original_outcome_from_the_database(
+        schema: DatabaseFactory) -> None:
+    """The outcome of a keyed transition is a column of its key's row: a retry after a restart
+    learns its payout id, and nothing runs or is released twice."""
+    async with runtime(schema(), clock=ManualClock(100.0)) as rt:
+        await rt.submit(Open("ada", 50))
+        first = await rt.submit(Withdraw("ada", 20), idempotency_key="w-1")
+        assert first.actions[0] == Tracked(1, Payout(1, "ada", 20))
+        await rt.wait_idle()
+    async with runtime(schema(), clock=ManualClock(150.0)) as rt:
+        again = await rt.submit(Withdraw("ada", 20), idempotency_key="w-1")
+        assert again == Committed(first.seq, first.actions, True)
+    assert await balances(schema()) == {"ada": 30}
+    assert [p[0] for p in await payouts(schema())] == [1]
+
+
+async def test_database_keys_are_remembered_for_the_ttl(schema: DatabaseFactory) -> None:
+    async with runtime(schema(), clock=ManualClock(100.0), idempotency_ttl=60.0) as rt:
+        await rt.submit(Open("ada", 1), idempotency_key="open")
+        await rt.submit(Deposit("ada", 1), idempotency_key="d1")
+    async with runtime(schema(), clock=ManualClock(159.0), idempotency_ttl=60.0) as rt:
+        assert (await rt.submit(Deposit("ada", 1), idempotency_key="d1")).duplicate
+    async with runtime(schema(), clock=ManualClock(161.0), idempotency_ttl=60.0) as rt:
+        assert not (await rt.submit(Deposit("ada", 1), idempotency_key="d1")).duplicate
+    async with schema() as db, db.transaction(readonly=True) as tx:
+        rows = await tx.fetchall("SELECT idempotency_key, at FROM fasm_idempotency ORDER BY seq")
+    assert rows == [("d1", 161.0)]  # the expired ones are pruned in the same commit
+    assert await balances(schema()) == {"ada": 3}
+
+
+async def test_a_key_table_of_an_older_fasm_is_migrated(schema: DatabaseFactory) -> None:
+    """A database written before keys were dated: its rows get the new columns (NULL: undated,
+    outcome unknown), and their window starts at the first commit after the upgrade."""
+    async with runtime(schema()) as rt:
+        first = await rt.submit(Open("ada", 1), idempotency_key="open")
+    async with schema() as db, db.transaction() as tx:
+        await tx.execute("CREATE TABLE keys_old AS SELECT key, idempotency_key, seq "
+                         "FROM fasm_idempotency")
+        await tx.execute("DROP TABLE fasm_idempotency")
+        await tx.execute("CREATE TABLE fasm_idempotency (key TEXT NOT NULL, "
+                         "idempotency_key TEXT NOT NULL, seq BIGINT NOT NULL, "
+                         "PRIMARY KEY (key, idempotency_key))")
+        await tx.execute("INSERT INTO fasm_idempotency SELECT * FROM keys_old")
+        await tx.execute("DROP TABLE keys_old")
+    async with runtime(schema(), clock=ManualClock(500.0), idempotency_ttl=60.0) as rt:
+        again = await rt.submit(Open("ada", 1), idempotency_key="open")
+        assert again == Committed(first.seq, (), True)  # undated, outcome unknown
+        await rt.submit(Deposit("ada", 1), idempotency_key="d1")  # dates "open" at 500
+    async with runtime(schema(), clock=ManualClock(559.0), idempotency_ttl=60.0) as rt:
+        assert (await rt.submit(Open("ada", 1), idempotency_key="open")).duplicate
 
 
 async def test_the_stf_reads_its_own_key_value_writes(schema: DatabaseFactory) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from fasm import Normal, RestoreFailed, Tracked, TrackedActionCompleted, TransitionFailed, Untracked
 from fasm.errors import DefinitionError, InvalidInput, NondeterminismError
+from fasm._remembered import Remembered
 from fasm.runtime._engine import Accepted, Duplicate, Engine, Failed
 from tests._ledger import (
     Charge,
@@ -131,7 +132,8 @@ async def test_idempotency_keys_deduplicate_and_are_bounded() -> None:
     e = engine(idempotency_window=2)
     s = await e.step(Normal(Deposit("a", 1)), "k1")
     assert isinstance(s, Accepted)
-    assert await e.step(Normal(Deposit("a", 1)), "k1") == Duplicate(1, "k1")
+    dup = await e.step(Normal(Deposit("a", 1)), "k1")
+    assert isinstance(dup, Duplicate) and (dup.seq, dup.idempotency_key) == (1, "k1")
     await e.step(Normal(Deposit("a", 1)), "k2")
     await e.step(Normal(Deposit("a", 1)), "k3")
     assert list(e.idempotency) == ["k2", "k3"]
@@ -163,7 +165,65 @@ async def test_replay_detects_a_committed_input_that_now_fails() -> None:
         await e.replay([(1, Normal(Pay("nobody", 5)), None)])
     e2 = Engine(LedgerMachine(), state=Ledger())
     await e2.replay([(1, Normal(Deposit("a", 5)), "k")])
-    assert e2.seq == e2.committed_seq == 1 and e2.idempotency == {"k": 1}
+    assert e2.seq == e2.committed_seq == 1 and e2.idempotency == {"k": Remembered(1)}
+
+
+@pytest.mark.anyio
+async def test_a_duplicate_is_answered_with_the_original_actions() -> None:
+    """A retried request must learn what its first submit did (its payment id): the duplicate
+    carries the original transition's actions, and replay rebuilds them from the journal."""
+    e = engine()
+    first = await e.step(Normal(Pay("a", 10)), "pay-1")
+    assert isinstance(first, Accepted) and first.actions
+    e.committed([first])
+    dup = await e.step(Normal(Pay("a", 10)), "pay-1")
+    assert isinstance(dup, Duplicate) and dup.remembered is not None
+    assert dup.remembered.actions == first.actions
+    assert e.in_flight == {0: first.actions[0]}  # nothing released twice
+    replayed = Engine(LedgerMachine(), state=Ledger(balances={"a": 100}))
+    await replayed.replay([(1, Normal(Pay("a", 10)), "pay-1", 5.0)])
+    again = await replayed.step(Normal(Pay("a", 10)), "pay-1")
+    assert isinstance(again, Duplicate) and again.remembered is not None
+    assert again.remembered.actions == first.actions and again.remembered.at == 5.0
+
+
+@pytest.mark.anyio
+async def test_keys_expire_after_the_ttl_of_the_callers_clock() -> None:
+    e = engine(idempotency_ttl=60.0, idempotency_window=None)
+    e.now = 1000.0
+    e.committed([await e.step(Normal(Deposit("a", 1)), "k1")])  # type: ignore[list-item]
+    e.now = 1030.0
+    e.committed([await e.step(Normal(Deposit("a", 1)), "k2")])  # type: ignore[list-item]
+    e.now = 1059.9
+    assert isinstance(await e.step(Normal(Deposit("a", 1)), "k1"), Duplicate)
+    e.now = 1060.0  # k1's window is over: the same key is a new submit
+    again = await e.step(Normal(Deposit("a", 1)), "k1")
+    assert isinstance(again, Accepted) and again.at == 1060.0
+    e.committed([again])
+    assert list(e.idempotency) == ["k2", "k1"]
+    e.now = 1090.0  # committing k3 evicts k2 (expired at 1090)
+    e.committed([await e.step(Normal(Deposit("a", 1)), "k3")])  # type: ignore[list-item]
+    assert list(e.idempotency) == ["k1", "k3"]
+
+
+@pytest.mark.anyio
+async def test_undated_keys_of_an_older_fasm_get_a_full_window() -> None:
+    old = Engine(LedgerMachine(), state=Ledger(balances={"a": 100}), seq=3,
+                 idempotency=[("old", 2)], idempotency_ttl=60.0, idempotency_window=None)
+    old.now = 5000.0
+    old.committed([await old.step(Normal(Deposit("a", 1)), "new")])  # type: ignore[list-item]
+    assert old.idempotency["old"].at == 5000.0
+    old.now = 5059.0
+    assert isinstance(await old.step(Normal(Deposit("a", 1)), "old"), Duplicate)
+    old.now = 5060.0
+    assert isinstance(await old.step(Normal(Deposit("a", 1)), "old"), Accepted)
+
+
+def test_window_bounds_are_checked() -> None:
+    with pytest.raises(DefinitionError, match="idempotency_ttl"):
+        engine(idempotency_ttl=-1.0)
+    with pytest.raises(DefinitionError, match="idempotency_window"):
+        engine(idempotency_window=-1)
 
 
 def test_validate_is_strict_and_typed() -> None:
