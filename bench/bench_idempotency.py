@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -72,7 +73,7 @@ async def throughput(root: Path, submits: int, submitters: int) -> None:
         async with rt:
             per = submits // submitters
 
-            async def one(worker: int) -> None:
+            async def one(worker: int, rt: Any = rt, per: int = per, label: str = label) -> None:
                 for n in range(per):
                     key = f"{label}-{worker}-{n}" if label == "keyed" else None
                     await rt.submit(Pay(n % 100, 1, True), idempotency_key=key)

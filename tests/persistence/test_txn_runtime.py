@@ -27,8 +27,8 @@ from fasm.errors import StoreConflict, TransactionConflict
 from fasm.persistence import Database, MemoryStore, SQLiteDatabase, Transaction
 from fasm.runtime import (
     ActionContext,
-    ManualClock,
     Committed,
+    ManualClock,
     RuntimeEvent,
     TransactionRetried,
     TransitionCommitted,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fasm import Normal, RestoreFailed, Tracked, TrackedActionCompleted, TransitionFailed, Untracked
-from fasm.errors import DefinitionError, InvalidInput, NondeterminismError
 from fasm._remembered import Remembered
+from fasm.errors import DefinitionError, InvalidInput, NondeterminismError
 from fasm.runtime._engine import Accepted, Duplicate, Engine, Failed
 from tests._ledger import (
     Charge,
