@@ -13,7 +13,7 @@ AnyAction: TypeAlias = Tracked[Any, Any] | Untracked[Any]
 
 
 class Remembered:
-    """What the engine keeps of a committed idempotency key (rule 6).
+    """What the engine keeps of a committed idempotency key (the engine's rule 6).
 
     Attributes:
         seq: the transition that first used the key.

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeAlias
 
 from .._inputs import Input
 from ..errors import StoreError
+from ..persistence._codec import Codec
 from ._engine import Engine, Release, Step
 from ._events import RuntimeEvent
 
@@ -49,6 +50,10 @@ class GroupResult:
 
 class StateHost(Protocol):
     """Where a runtime's state lives."""
+
+    codec: Codec
+    """The machine's codec: the one the runtime checks submits and results with, so that the
+    bytes packed at submit are the bytes the host writes."""
 
     @property
     def description(self) -> str:

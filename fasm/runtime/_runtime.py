@@ -311,7 +311,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._executors = self._check_executors(dict(executors or {}))
         self._handlers = self._check_handlers(dict(handlers or {}))
         self._result_adapter: StrictValidator | None = None
-        self._codec: Codec | None = None  # checks submits and results encode (made at need)
         self._engine: Engine | None = None
         self._status = "new"
         self._identity = ""  # the store's or database's identity, read at start
@@ -634,9 +633,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         return normal
 
     def _codec_(self) -> Codec:
-        if self._codec is None:
-            self._codec = Codec(type(self.machine))
-        return self._codec
+        return self._host.codec  # one codec per runtime: what submit packs, the host writes
 
     # -- start ----------------------------------------------------------------------------------
 

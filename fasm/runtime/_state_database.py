@@ -108,7 +108,8 @@ class DatabaseHost:
         self.database = database
         self._idempotency_window = idempotency_window
         self._idempotency_ttl = idempotency_ttl
-        self._codec = Codec(type(machine))  # encodes the outcome of each keyed transition
+        self.codec = Codec(type(machine))
+        """Checks inputs and encodes the outcome of each keyed transition."""
         self._rng = random.Random(seed)
 
     @classmethod
@@ -297,7 +298,7 @@ class DatabaseHost:
         """The stored form of a keyed step's actions (None when they cannot be encoded: a
         duplicate is then answered without them)."""
         try:
-            return self._codec.pack_outcome(step.actions)
+            return self.codec.pack_outcome(step.actions)
         except (Unencodable, TypeError):
             return None
 

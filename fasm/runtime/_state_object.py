@@ -83,7 +83,8 @@ class ObjectHost:
         self._rollback: Rollback = rollback
         self._idempotency_window = idempotency_window
         self._idempotency_ttl = idempotency_ttl
-        self._codec: Codec | None = None
+        self.codec = Codec(type(machine))
+        """Encodes the records (made with the host; its adapters are built at need)."""
         self._writer: Writer | None = None
         self._needs_checkpoint = False
         self._last_checkpoint_size = 0
@@ -124,7 +125,7 @@ class ObjectHost:
             await self.store.close()
 
     async def _recover(self) -> Engine:
-        codec = self._codec_()
+        codec = self.codec
         self._writer = Writer(codec, self.durability)
         records = await self.store.load(self.key)
         if records is None:
@@ -168,11 +169,6 @@ class ObjectHost:
     def _fresh_initial(self) -> Any:
         init = self._initial
         return init() if callable(init) else copy.deepcopy(init)
-
-    def _codec_(self) -> Codec:
-        if self._codec is None:
-            self._codec = Codec(type(self.machine))
-        return self._codec
 
     # -- a group --------------------------------------------------------------------------------
 
@@ -222,7 +218,7 @@ class ObjectHost:
         if records is None or engine.committed_seq == 0:
             await engine.reset(self._fresh_initial(), 0, ())
             return
-        recovered = decode_records(self._codec_(), records, store=self.store.description,
+        recovered = decode_records(self.codec, records, store=self.store.description,
                                    key=self.key)
         cp = recovered.checkpoint
         fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
@@ -335,7 +331,7 @@ class ObjectHost:
     async def _rebuilt(self) -> tuple[Engine, list[Accepted]]:
         """A new engine at the last checkpoint (or the initial state), and the committed journal
         after it, as steps to replay."""
-        codec = self._codec_()
+        codec = self.codec
         records = await self.store.load(self.key)
         if records is None or records.seq == 0:
             return self._new_engine(self._fresh_initial(), 0, ()), []
@@ -421,7 +417,7 @@ class ObjectHost:
         """A large state is encoded in a worker thread so the event loop keeps serving executors
         and submitters meanwhile; that is safe because only the runtime's driver runs stf, and
         it is waiting here."""
-        codec = self._codec_()
+        codec = self.codec
         keys = dict(engine.idempotency)
         if self._last_checkpoint_size < 1_000_000:
             return codec.encode_checkpoint(seq, engine.state, keys)

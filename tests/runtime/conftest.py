@@ -4,14 +4,35 @@ ledger machine (tests/_ledger.py) with executors and handlers that always succee
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from anyio import wait_all_tasks_blocked
 
-from fasm.persistence import MemoryStore
+from fasm.persistence import FileStore, MemoryStore, PostgresStore, SQLiteStore, Store
 from fasm.runtime import ActionContext, ManualClock, Runtime
 from tests._ledger import Charge, Charged, Ledger, LedgerMachine, Note
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["memory", "file", "sqlite", "postgres"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Makes stores that all see the same data (a restart opens a new one; memory: the same
+    object), on every backend."""
+    if request.param == "memory":
+        shared = MemoryStore()
+        yield lambda: shared
+    elif request.param == "file":
+        yield lambda: FileStore(tmp_path / "fs")
+    elif request.param == "sqlite":
+        yield lambda: SQLiteStore(tmp_path / "db.sqlite")
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        schema = request.getfixturevalue("pg_schema")
+        yield lambda: PostgresStore(dsn, schema=schema)
 
 
 async def ok_charge(action: Charge, ctx: ActionContext) -> Charged:

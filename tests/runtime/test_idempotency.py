@@ -5,46 +5,21 @@ only bounds memory."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from fasm import Tracked, Untracked
 from fasm.persistence import (
-    FileStore,
     Journal,
-    MemoryStore,
-    PostgresStore,
     Snapshot,
-    SQLiteStore,
-    Store,
 )
 from fasm.runtime import ManualClock
 from tests._ledger import Charge, Deposit, Note, Pay
-from tests.runtime.conftest import make
+from tests.runtime.conftest import StoreFactory, make
 
 pytestmark = pytest.mark.anyio
-
-StoreFactory = Callable[[], Store]
-
-
-@pytest.fixture(params=["memory", "file", "sqlite", "postgres"])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """A factory of store objects over the same data (memory: the same object)."""
-    if request.param == "memory":
-        memory = MemoryStore()
-        yield lambda: memory
-    elif request.param == "file":
-        yield lambda: FileStore(tmp_path / "fs")
-    elif request.param == "sqlite":
-        yield lambda: SQLiteStore(tmp_path / "db.sqlite")
-    else:
-        dsn = request.getfixturevalue("pg_dsn")
-        schema = request.getfixturevalue("pg_schema")
-        yield lambda: PostgresStore(dsn, schema=schema)
-
 
 DURABILITIES = {"journal": Journal, "checkpointed": lambda: Journal(checkpoint_every=1),
                 "snapshot": Snapshot}

@@ -7,7 +7,7 @@ the case applies; every test on asyncio and trio."""
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Never
@@ -30,7 +30,6 @@ from fasm.persistence import (
     FileStore,
     Journal,
     MemoryStore,
-    PostgresStore,
     Snapshot,
     SQLiteStore,
     Store,
@@ -58,7 +57,7 @@ from tests.persistence.txn_ledger import (
     create_schema,
     make_db,
 )
-from tests.runtime.conftest import run_clock
+from tests.runtime.conftest import StoreFactory, run_clock
 
 __all__ = ("make_db",)  # the fixture, imported so that pytest finds it here
 
@@ -115,25 +114,6 @@ def counting(tp: Any) -> type[StateMachine[Count, Any, Never, Never, Never, Neve
             pass
 
     return Counting
-
-
-StoreFactory = Callable[[], Store]
-
-
-@pytest.fixture(params=["memory", "file", "sqlite", "postgres"])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Makes stores that all see the same data (a restart opens a new one)."""
-    if request.param == "memory":
-        shared = MemoryStore()
-        yield lambda: shared
-    elif request.param == "file":
-        yield lambda: FileStore(tmp_path / "fs")
-    elif request.param == "sqlite":
-        yield lambda: SQLiteStore(tmp_path / "db.sqlite")
-    else:
-        dsn = request.getfixturevalue("pg_dsn")
-        schema = request.getfixturevalue("pg_schema")
-        yield lambda: PostgresStore(dsn, schema=schema)
 
 
 def counter(tp: Any, store: Store, **kw: Any) -> Runtime[Any, Any, Any, Any, Any, Any]:
