@@ -312,3 +312,26 @@ async def test_an_earlier_timer_wakes_the_heap_and_a_jumping_clock_fires_each_in
         fired = rt.state.fired
         assert len(fired) == 50 and [at for _, at, _ in fired] == sorted(at for _, at, _ in fired)
         assert all(now == at for _, at, now in fired)  # the clock jumped to each deadline
+
+
+async def test_an_executor_of_your_own_for_timers_runs_outside_max_in_flight() -> None:
+    """A Timer executor given by the user (no heap then) still fires every timer, retried like
+    any executor, while max_in_flight is taken by calls that never finish."""
+    attempts: list[int] = []
+
+    async def wake(action: Timer, ctx: ActionContext) -> TimerFired:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("once")
+        return TimerFired(at=action.at, now=action.at)
+
+    async with runtime(MemoryStore(), {Call: never, Ping: never, Timer: wake},
+                       clock=JumpingClock(), max_in_flight=1) as rt:
+        await rt.submit(Emit("call", 2))
+        await rt.submit(Emit("timer", 3, at=7.0))
+        with anyio.fail_after(10):
+            while len(rt.state.fired) < 3:
+                await anyio.wait_all_tasks_blocked()
+        assert sorted(i for i, _, _ in rt.state.fired) == [2, 3, 4]
+        assert attempts.count(1) == 3 and attempts.count(2) == 3
+        assert set(rt.in_flight) == {0, 1}
