@@ -67,3 +67,11 @@ def test_bench_http_quick(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["1", "32", "32"], out  # the client counts; the restart
     assert "requests/s" in out and "backlog" in out and "restart with the backlog" in out
     assert not any(tmp_path.iterdir()), "the run left its files behind"
+
+
+@pytest.mark.slow
+def test_bench_restore_runs() -> None:
+    out = run("bench_restore.py", "--pending", "2000")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("2,000", "asyncio"), ("2,000", "trio")], out
+    assert "ready s" in out and "tasks" in out
