@@ -230,3 +230,24 @@ def test_import_fasm_never_imports_opentelemetry() -> None:
             "bad = sorted(m for m in sys.modules if m.startswith('opentelemetry')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+async def test_an_exhausted_action_ends_with_its_on_exhausted_result(tmp_path: Path,
+                                                                     otel: Otel) -> None:
+    async def down(action: Charge, ctx: ActionContext) -> Charged:
+        raise ConnectionError("provider down")
+
+    policy = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.001, jitter=0.0)
+    spec = Executor(down, retry=policy, on_exhausted=lambda action, error: Charged(False))
+    async with make(tmp_path, otel, executors={Charge: spec}) as rt:
+        await rt.submit(Pay("a", 10))
+        await rt.wait_idle()
+        assert rt.state.balances == {"a": 100}  # refunded
+    (action,) = otel.named("fasm.action Charge")
+    assert (action.attributes or {})["fasm.action.outcome"] == "exhausted"
+    assert (action.attributes or {})["fasm.action.attempts"] == 2
+    attempts = otel.named("fasm.attempt Charge")
+    assert sorted((a.attributes or {})["fasm.attempt"] for a in attempts) == [1, 2]
+    assert all(a.status.status_code is StatusCode.ERROR for a in attempts)
+    assert otel.value("action.retries") == 1  # the second failure is not retried
+    assert otel.value("actions.in_flight") == 0
