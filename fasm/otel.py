@@ -161,12 +161,12 @@ class Telemetry:
 
     # -- transitions ----------------------------------------------------------------------------
 
-    def _start(self, machine: str, key: str, kind: str, submitted_ns: int,
-               context: Any, action_id: Any) -> tuple[Span, _Action | None]:
+    def _start(self, machine: str, key: str, kind: str, submitted_ns: int, context: Any,
+               action_id: Any, attributes: dict[str, Any]) -> tuple[Span, _Action | None]:
         """The span of one input, started when it was queued, under its submitter's span (a
-        result: under its action's)."""
-        attributes: dict[str, Any] = {"fasm.machine": machine, "fasm.key": key,
-                                      "fasm.input.type": kind}
+        result: under its action's). ``attributes`` are given at the start: the SDK checks
+        each call's attributes, so one call is cheaper than two."""
+        attributes.update({"fasm.machine": machine, "fasm.key": key, "fasm.input.type": kind})
         parent = otel_context.Context()  # a root unless the submitter or the action has a span
         links: list[Link] = []
         entry = None
@@ -186,10 +186,10 @@ class Telemetry:
 
     def _committed(self, event: TransitionCommitted) -> None:
         now = time.time_ns()
-        span, entry = self._start(event.machine, event.key, event.input_kind,
-                                  event.submitted_ns, event.context, event.action_id)
-        span.set_attributes({"fasm.seq": event.seq, "fasm.outcome": "committed",
-                             "fasm.actions": event.actions, "fasm.group": event.group})
+        span, entry = self._start(
+            event.machine, event.key, event.input_kind, event.submitted_ns, event.context,
+            event.action_id, {"fasm.seq": event.seq, "fasm.outcome": "committed",
+                              "fasm.actions": event.actions, "fasm.group": event.group})
         span.end(end_time=now)
         metric = {"fasm.machine": event.machine, "fasm.input.type": event.input_kind}
         self._transitions.add(1, {**metric, "fasm.outcome": "committed"})
@@ -208,13 +208,13 @@ class Telemetry:
 
     def _rejected(self, event: TransitionRejected) -> None:
         now = time.time_ns()
-        span, entry = self._start(event.machine, event.key, event.input_kind,
-                                  event.submitted_ns, event.context, event.action_id)
         outcome = "rejected" if event.expected else "failed"
-        span.set_attribute("fasm.outcome", outcome)
+        attributes: dict[str, Any] = {"fasm.outcome": outcome}
         if event.expected:
-            span.set_attribute("fasm.rejected", str(event.error))
-        else:
+            attributes["fasm.rejected"] = str(event.error)
+        span, entry = self._start(event.machine, event.key, event.input_kind,
+                                  event.submitted_ns, event.context, event.action_id, attributes)
+        if not event.expected:
             span.record_exception(event.error.__cause__ or event.error)
             span.set_status(Status(StatusCode.ERROR, repr(event.error)))
         span.end(end_time=now)
@@ -252,10 +252,11 @@ class Telemetry:
         if not timer:  # an old entry was taken off by _abandon: an id counts once
             self._in_flight.add(1, entry.attributes)
 
-    def _attempt(self, entry: _Action, attempt: int, started_ns: int, end_ns: int) -> Span:
+    def _attempt(self, entry: _Action, attributes: dict[str, Any], started_ns: int,
+                 end_ns: int) -> Span:
         return self._tracer.start_span(
             f"fasm.attempt {entry.type}", context=trace.set_span_in_context(entry.span),
-            attributes={"fasm.attempt": attempt}, start_time=started_ns or end_ns)
+            attributes=attributes, start_time=started_ns or end_ns)
 
     def _retried(self, event: ActionRetried) -> None:
         now = time.time_ns()
@@ -264,8 +265,8 @@ class Telemetry:
                           else {"fasm.machine": event.machine})
         if entry is None:
             return
-        span = self._attempt(entry, event.attempt, event.started_ns, now)
-        span.set_attribute("fasm.retry.delay", event.delay)
+        span = self._attempt(entry, {"fasm.attempt": event.attempt,
+                                     "fasm.retry.delay": event.delay}, event.started_ns, now)
         span.record_exception(event.error)
         span.set_status(Status(StatusCode.ERROR, repr(event.error)))
         span.end(end_time=now)
@@ -279,7 +280,7 @@ class Telemetry:
         entry = self._actions.get((event.machine, event.key, event.action_id))
         if entry is None:
             return
-        span = self._attempt(entry, event.attempts, event.started_ns, now)
+        span = self._attempt(entry, {"fasm.attempt": event.attempts}, event.started_ns, now)
         if isinstance(event, ActionFailed):
             span.record_exception(event.error)
             span.set_status(Status(StatusCode.ERROR, repr(event.error)))

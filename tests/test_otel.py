@@ -251,3 +251,16 @@ async def test_an_exhausted_action_ends_with_its_on_exhausted_result(tmp_path: P
     assert all(a.status.status_code is StatusCode.ERROR for a in attempts)
     assert otel.value("action.retries") == 1  # the second failure is not retried
     assert otel.value("actions.in_flight") == 0
+
+
+async def test_a_slow_attempt_is_an_event_on_its_action(tmp_path: Path, otel: Otel) -> None:
+    async def slow(action: Charge, ctx: ActionContext) -> Charged:
+        await anyio.sleep(0.2)
+        return Charged(True)
+
+    async with make(tmp_path, otel, executors={Charge: slow}, slow_action_after=0.02) as rt:
+        await rt.submit(Pay("a", 10))
+        await rt.wait_idle()
+    (action,) = otel.named("fasm.action Charge")
+    slow_events = [e for e in action.events if e.name == "fasm.action.slow"]
+    assert slow_events and (slow_events[0].attributes or {})["fasm.attempt"] == 1
