@@ -22,8 +22,7 @@ from fasm.runtime import (
     TransitionRejected,
 )
 from tests._ledger import Charge, Charged, LedgerMachine, Pay
-
-from .conftest import make
+from tests.runtime.conftest import make
 
 pytestmark = pytest.mark.anyio
 
