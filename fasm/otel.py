@@ -9,8 +9,10 @@ Spans (all ``INTERNAL``):
 
 - ``fasm.transition <InputType>``: one per input, from the moment it entered the runtime's queue
   (the ``submit`` call, or the executor's return for a tracked result) to its commit or
-  rejection. Its parent is the span that was current in the submitter's task when it called
-  ``submit`` (so a web request's span is the parent of the transitions it submits).
+  rejection (or its answer, for a duplicate idempotency key: ``fasm.outcome`` ``duplicate``, the
+  ``fasm.seq`` of the transition that first used the key). Its parent is the span that was
+  current in the submitter's task when it called ``submit`` (so a web request's span is the
+  parent of the transitions it submits).
 - ``fasm.action <ActionType>``: one per tracked action, from its dispatch to the commit of its
   result, a child of the transition that emitted it. Its attempts are child spans
   ``fasm.attempt <ActionType>`` (an error status and the exception on a failed one, the retry
@@ -26,8 +28,9 @@ new trace, marked ``fasm.action.restored``. Nothing is written to the store.
 
 Metrics (``fasm.machine`` on all; counters also carry the input or action type):
 
-- ``fasm.transitions`` (counter): inputs run, by ``fasm.outcome`` (``committed``, ``rejected``
-  for a :class:`~fasm.Rejected`, ``failed`` for an stf that raised anything else).
+- ``fasm.transitions`` (counter): inputs submitted, by ``fasm.outcome`` (``committed``,
+  ``rejected`` for a :class:`~fasm.Rejected`, ``failed`` for an stf that raised anything else,
+  ``duplicate`` for an idempotency key committed before: answered, nothing ran).
 - ``fasm.commit.latency`` (histogram, seconds): from queue entry to commit, per committed input.
 - ``fasm.queue.depth`` (observable gauge): inputs waiting in the runtimes' queues, as each
   runtime last reported it at a commit, summed per machine.
@@ -61,6 +64,7 @@ from .runtime import (
     ActionFailed,
     ActionRetried,
     ActionSlow,
+    DuplicateSubmitted,
     RuntimeEvent,
     TransitionCommitted,
     TransitionRejected,
@@ -131,6 +135,14 @@ class Telemetry:
             self._rejected(event)
         elif isinstance(event, ActionDispatched):
             self._dispatched(event)
+        elif isinstance(event, DuplicateSubmitted):
+            span, _ = self._start(event.machine, event.key, event.input_kind,
+                                  event.submitted_ns, event.context, None,
+                                  {"fasm.seq": event.seq, "fasm.outcome": "duplicate"})
+            span.end()
+            self._transitions.add(1, {"fasm.machine": event.machine,
+                                      "fasm.input.type": event.input_kind,
+                                      "fasm.outcome": "duplicate"})
         elif isinstance(event, ActionRetried):
             self._retried(event)
         elif isinstance(event, ActionCompleted | ActionFailed):

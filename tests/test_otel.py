@@ -264,3 +264,20 @@ async def test_a_slow_attempt_is_an_event_on_its_action(tmp_path: Path, otel: Ot
     (action,) = otel.named("fasm.action Charge")
     slow_events = [e for e in action.events if e.name == "fasm.action.slow"]
     assert slow_events and (slow_events[0].attributes or {})["fasm.attempt"] == 1
+
+
+async def test_a_duplicate_submit_is_a_span_with_the_first_seq(tmp_path: Path,
+                                                               otel: Otel) -> None:
+    async with make(tmp_path, otel, executors={Charge: _ok}) as rt:
+        first = await rt.submit(Pay("a", 10), idempotency_key="pay-1")
+        again = await rt.submit(Pay("a", 10), idempotency_key="pay-1")
+        await rt.wait_idle()
+    assert again.duplicate and again.seq == first.seq
+    committed, duplicate = sorted(otel.named("fasm.transition Pay"),
+                                  key=lambda s: (s.attributes or {})["fasm.outcome"])
+    assert (duplicate.attributes or {})["fasm.outcome"] == "duplicate"
+    assert (duplicate.attributes or {})["fasm.seq"] == first.seq
+    assert (committed.attributes or {})["fasm.outcome"] == "committed"
+    assert otel.value("transitions", outcome="duplicate") == 1
+    assert otel.value("transitions", outcome="committed", input_type="Pay") == 1
+    assert len(otel.named("fasm.action Charge")) == 1  # nothing ran again

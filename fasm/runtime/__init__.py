@@ -14,6 +14,7 @@ from ._events import ActionFailed as ActionFailed
 from ._events import ActionRetried as ActionRetried
 from ._events import ActionSlow as ActionSlow
 from ._events import CheckpointFailed as CheckpointFailed
+from ._events import DuplicateSubmitted as DuplicateSubmitted
 from ._events import HandlerFailed as HandlerFailed
 from ._events import Listener as Listener
 from ._events import RuntimeEvent as RuntimeEvent
@@ -38,6 +39,7 @@ __all__ = (
     "ActionSlow",
     "Clock",
     "Committed",
+    "DuplicateSubmitted",
     "Executor",
     "ExecutorFn",
     "Handler",

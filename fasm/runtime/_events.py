@@ -20,6 +20,7 @@ __all__ = (
     "ActionRetried",
     "CheckpointFailed",
     "ActionSlow",
+    "DuplicateSubmitted",
     "HandlerFailed",
     "Listener",
     "RuntimeEvent",
@@ -53,6 +54,21 @@ class TransitionCommitted:
     what a tracing listener reads the caller's current span from."""
     queued: int = 0
     """Inputs waiting in the runtime's queue behind this group when it committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateSubmitted:
+    """A submit's idempotency key had been committed, as transition ``seq``: it was answered
+    with that outcome and nothing ran (no transition, so no :class:`TransitionCommitted`)."""
+
+    key: str
+    seq: int
+    input_kind: str
+    machine: str = ""
+    submitted_ns: int = 0
+    """As in :class:`TransitionCommitted`."""
+    context: Context | None = None
+    """As in :class:`TransitionCommitted`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +218,7 @@ RuntimeEvent: TypeAlias = (
     | TransactionRetried
     | CheckpointFailed
     | ActionSlow
+    | DuplicateSubmitted
 )
 
 Listener: TypeAlias = Callable[[RuntimeEvent], None]

@@ -57,6 +57,7 @@ from ._events import (
     ActionFailed,
     ActionRetried,
     ActionSlow,
+    DuplicateSubmitted,
     HandlerFailed,
     Listener,
     RuntimeEvent,
@@ -864,6 +865,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             except StoreCorrupt as e:
                 item.answer(None, e.located(store=self._host.description, key=self.key))
                 return
+        if self._listeners:
+            self._emit(DuplicateSubmitted(self.key, step.seq, input_kind(item.input),
+                                          self._machine_name, item.submitted_ns, item.context))
         item.answer(Committed(step.seq, actions or (), True), None)
 
     def _run_reads(self) -> None:
