@@ -6,6 +6,7 @@ Layout::
         FASM-STORE               marker naming the format ("fasm file store 2")
         FASM-STORE-ID            the store's identity (a UUID), made once when first opened
         k-<hex of utf-8 key>/    per key (h-<sha256 hex> for keys too long for a file name)
+            key                  the key itself (UTF-8), in h- directories only, for listing
             lock                 flock'd by the holder of the key, or by a commit in progress
             manifest             what must exist: written when the key's first commit or a
                                  new segment's first commit is durable, never per commit
@@ -69,7 +70,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args, page_of
 from ._worker import Worker
 
 __all__ = ("FileStore",)
@@ -79,6 +80,7 @@ _MARKER_TEXT = "fasm file store 2\n"  # 2: per-key manifest, commits lock the ke
 _UPGRADABLE = ("fasm file store 1\n",)  # formats whose files are valid as they are under 2
 _IDENTITY_NAME = "FASM-STORE-ID"  # starts with the marker's name: not "other files" at open
 _MANIFEST = "manifest"
+_KEY_NAME = "key"  # in an h- directory: the key it is for (its name is a hash)
 _MANIFEST_MAGIC = b"FMAN"
 _CKPT_MAGIC = b"FCKP"
 _FRAME_MAGIC = b"FJ"
@@ -384,7 +386,7 @@ class FileStore:
         for hold in held.values():
             hold.close()  # closing the descriptor (or the process ending) frees the lock anyway
 
-    def _check_open(self, key: str) -> None:
+    def _check_open(self, key: str | None) -> None:
         if not self._open:
             raise StoreUnavailable("store is not open", store=self.description, key=key)
 
@@ -410,11 +412,23 @@ class FileStore:
         path = self._root / key_file_name(key)
         if create and key not in self._durable_dirs:
             path.mkdir(exist_ok=True)
+            if path.name.startswith("h-") and not (path / _KEY_NAME).exists():
+                self._write_key_name(path, key)
             # Also when it existed: a process that died right after mkdir may have left an entry
             # that is not durable yet, and our commits would go with it on power loss.
             self._sync_dir(self._root)
             self._durable_dirs.add(key)
         return path
+
+    def _write_key_name(self, kdir: Path, key: str) -> None:
+        """Record the key an ``h-`` directory is for (written whole: tmp, fsync, rename), so
+        that :meth:`keys` can name it. Older fasm wrote none; such keys are not listed until
+        their next commit writes it."""
+        tmp = kdir / f"{_KEY_NAME}.{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(key.encode("utf-8"))
+        self._sync_file(tmp)
+        os.replace(tmp, kdir / _KEY_NAME)
+        self._sync_dir(kdir)
 
     def _write_at(self, fd: int, data: bytes | memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset``. Kept as a method so that tests can inject write
@@ -581,6 +595,57 @@ class FileStore:
             raise self._corrupt(f"{path.name}: checkpoint is truncated or fails its checksum "
                                 f"({len(payload)} of {length} bytes)", key, seq)
         return payload
+
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Committed keys: every key directory with a checkpoint, a non-empty journal segment
+        or a manifest (a directory made by ``acquire`` alone is not listed). Each call lists the
+        whole root directory, O(keys) per page. An ``h-`` directory written by an older fasm,
+        which did not record its key, is not listed until its next commit.
+
+        Raises:
+            StoreUnavailable: the directory cannot be read.
+        """
+        check_keys_args(limit)
+        return await self._run(self._keys_sync, after, limit)
+
+    def _keys_sync(self, after: str | None, limit: int) -> list[str]:
+        self._check_open(None)
+        try:
+            found: list[str] = []
+            for name in os.listdir(self._root):
+                prefix, _, rest = name.partition("-")
+                kdir = self._root / name
+                if prefix == "k":
+                    try:
+                        key = bytes.fromhex(rest).decode("utf-8")
+                    except ValueError:
+                        continue
+                elif prefix == "h":
+                    try:
+                        key = (kdir / _KEY_NAME).read_bytes().decode("utf-8")
+                    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+                        continue
+                else:
+                    continue
+                if (after is None or key > after) and self._committed(kdir):
+                    found.append(key)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot list keys: {e}", store=self.description) from e
+        return page_of(found, None, limit)
+
+    @staticmethod
+    def _committed(kdir: Path) -> bool:
+        try:
+            names = os.listdir(kdir)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        for name in names:
+            prefix, _, number = name.partition("-")
+            if name == _MANIFEST or (prefix == "ckpt" and number.isdigit()):
+                return True
+            if prefix == "jrnl" and number.isdigit() and (kdir / name).stat().st_size > 0:
+                return True
+        return False
 
     async def load(self, key: str) -> StoredRecords | None:
         """Everything stored for ``key``, or None for a key never committed.

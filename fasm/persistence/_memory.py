@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args, page_of
 
 __all__ = ("MemoryStore",)
 
@@ -87,6 +87,11 @@ class MemoryStore:
         if owners.get(key) == id(self):
             del owners[key]
         self._held.discard(key)
+
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        check_keys_args(limit)
+        self._check_open()
+        return page_of((k for k, v in self._keys().items() if v.seq > 0), after, limit)
 
     async def load(self, key: str) -> StoredRecords | None:
         self._check_open(key)

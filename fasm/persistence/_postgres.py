@@ -36,7 +36,7 @@ from psycopg import sql
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._sqlite import records_from_rows
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args
 from ._worker import Worker
 
 __all__ = ("PostgresStore", "Secrets", "is_transient", "safe_dsn")
@@ -511,6 +511,25 @@ class PostgresStore:
             self._drop_connection()  # ending the session releases the lock for sure
 
     # -- reading and writing ----------------------------------------------------------------
+
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Committed keys from the keys table, in code point order (``COLLATE "C"`` on UTF-8
+        text), whatever the database's own collation."""
+        check_keys_args(limit)
+        return await self._run(self._riding, self._keys_sync, after, limit)
+
+    def _keys_sync(self, after: str | None, limit: int) -> list[str]:
+        conn = self._connection()
+        try:
+            with conn.transaction():
+                rows = conn.execute(
+                    sql.SQL('SELECT key FROM {} WHERE %s::text IS NULL OR key COLLATE "C" > '
+                            '%s::text ORDER BY key COLLATE "C" LIMIT %s').format(self._keys),
+                    (after, after, limit)).fetchall()
+        except psycopg.Error as e:
+            error = self._translate(e, "cannot list keys")
+            raise error from error.__cause__
+        return [str(r[0]) for r in rows]
 
     async def load(self, key: str) -> StoredRecords | None:
         """Everything stored for ``key``, read in one repeatable-read transaction, or None.

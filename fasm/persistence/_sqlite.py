@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._file import key_file_name, try_flock, unflock
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args
 from ._worker import Worker
 
 __all__ = ("SQLiteStore", "connect", "records_from_rows")
@@ -416,6 +416,22 @@ class SQLiteStore:
                 pass
 
     # -- reading and writing ----------------------------------------------------------------
+
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Committed keys from ``fasm_keys`` (a row is written with a key's first records), in
+        SQLite's binary order, which for UTF-8 text is code point order."""
+        check_keys_args(limit)
+        return await self._run(self._patient, self._keys_sync, after, limit)
+
+    def _keys_sync(self, after: str | None, limit: int) -> list[str]:
+        conn = self._connection(None)
+        try:
+            rows = conn.execute(
+                "SELECT key FROM fasm_keys WHERE ?1 IS NULL OR key > ?1 ORDER BY key LIMIT ?2",
+                (after, limit)).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot list keys") from e
+        return [str(r[0]) for r in rows]
 
     async def load(self, key: str) -> StoredRecords | None:
         """Everything stored for ``key``, read in one transaction, or None.

@@ -18,7 +18,9 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
 3. ``load`` returns the checkpoint and exactly the journal entries after it, in order.
 4. ``acquire`` gives one store object exclusive use of a key until ``release`` or ``close``;
    another store object (in this or another process) that asks for it gets ``StoreConflict``.
-5. ``identity`` (after ``open``) is a random text made once, durably, when the store's data was
+5. ``keys`` lists every key that has committed (and no other), sorted by code point (Python's
+   ``str`` order), a page at a time after a given key.
+6. ``identity`` (after ``open``) is a random text made once, durably, when the store's data was
    first created (a UUID), the same every time the same data is opened again and different for
    every other store. The runtime puts it at the head of the idempotency keys it hands
    executors, so a fresh store (a new data directory) never reuses a key a provider already
@@ -27,7 +29,7 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -85,6 +87,17 @@ class Store(Protocol):
         """Release every key this object holds and disconnect. Safe to call twice."""
         ...
 
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` committed keys greater than ``after`` (all when None), sorted by code
+        point. Page through a store with ``after=page[-1]`` until a page comes back short.
+        Takes no lock: an operator's tool can list a store a runtime is writing.
+
+        Raises:
+            ValueError: ``limit`` is not positive.
+            StoreUnavailable: the store is not open or cannot be read.
+        """
+        ...
+
     async def acquire(self, key: str) -> None:
         """Take exclusive use of ``key`` for this store object.
 
@@ -133,6 +146,17 @@ class Store(Protocol):
             ValueError: the arguments break the rules above.
         """
         ...
+
+
+def check_keys_args(limit: int) -> None:
+    """Validate the arguments of :meth:`Store.keys` (shared by every backend)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+
+
+def page_of(keys: Iterable[str], after: str | None, limit: int) -> list[str]:
+    """The page :meth:`Store.keys` returns, from an unsorted collection of every key."""
+    return sorted(k for k in keys if after is None or k > after)[:limit]
 
 
 def check_commit_args(
