@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._store import StoredRecords, check_commit_args, check_keys_args, page_of
+from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous, page_of
 from ._worker import Worker
 
 __all__ = ("FileStore",)
@@ -515,6 +515,8 @@ class FileStore:
             scan.checkpoint = kdir / f"ckpt-{scan.checkpoint_seq:020d}"
         ends: dict[int, int] = {}  # segment start -> the last seq committed in it
         for start in sorted(segments):
+            if ckpts and start <= scan.checkpoint_seq:
+                continue  # covered by the checkpoint: history (keep_journal) or a leftover
             path = kdir / f"jrnl-{start:020d}"
             entries, valid_end, first_end = self._parse_segment(key, path, start,
                                                                 path.read_bytes())
@@ -686,6 +688,45 @@ class FileStore:
         raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to load",
                                store=self.description, key=key)
 
+    async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        """Every entry in the key's segments (those a checkpoint kept included), checked."""
+        return await self._run(self._history_sync, key)
+
+    def _history_sync(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        self._check_open(key)
+        for _ in range(_LOAD_ATTEMPTS):
+            try:
+                with self._mutex(key):
+                    kdir = self._key_dir(key, create=False)
+                    scan = self._scan(key, kdir, for_write=False)
+                    kept: list[tuple[int, bytes]] = []
+                    if not kdir.is_dir():
+                        return ()
+                    starts = sorted(int(n.partition("-")[2]) for n in os.listdir(kdir)
+                                    if n.startswith("jrnl-") and n[5:].isdigit())
+                    for start in starts:
+                        if start > scan.checkpoint_seq:
+                            break
+                        path = kdir / f"jrnl-{start:020d}"
+                        kept += self._parse_segment(key, path, start, path.read_bytes())[0]
+            except FileNotFoundError:
+                continue  # a checkpoint replaced files under us; read again
+            except OSError as e:
+                raise StoreUnavailable(f"cannot read: {e}", store=self.description,
+                                       key=key) from e
+            kept = [e for e in kept if e[0] <= scan.checkpoint_seq]
+            # Segments a crash left behind a checkpoint written without keep_journal are older
+            # than the kept run: only the run that reaches the checkpoint counts.
+            for i in range(len(kept) - 1, 0, -1):
+                if kept[i][0] != kept[i - 1][0] + 1:
+                    kept = kept[i:]
+                    break
+            if kept and kept[-1][0] != scan.checkpoint_seq:
+                kept = []
+            return contiguous([*kept, *scan.entries], key, self.description, scan.tail.seq)
+        raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to read",
+                               store=self.description, key=key)
+
     # -- locking ----------------------------------------------------------------------------
 
     async def acquire(self, key: str) -> None:
@@ -769,8 +810,11 @@ class FileStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        keep_journal: bool = False,
     ) -> None:
-        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
+        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``. With
+        ``keep_journal`` the entries are appended first, then the checkpoint is written and the
+        segments it covers stay (a crash between the two leaves the same seq as a journal).
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``, another store object holds
@@ -780,13 +824,14 @@ class FileStore:
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.
         """
-        check_commit_args(expected_seq, seq, entries, checkpoint)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
         if any(len(e) > _MAX_FRAME for e in entries):
             raise ValueError("a journal entry is larger than 4 GiB")
-        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint,
+                        keep_journal)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None) -> None:
+                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
         self._check_open(key)
         with self._mutex(key):
             hold = self._held.get(key)
@@ -814,7 +859,13 @@ class FileStore:
                     raise StoreConflict(f"stale writer: stored seq is {tail.seq}, writer expected "
                                         f"{expected_seq}", store=self.description, key=key,
                                         seq=seq)
-                if checkpoint is not None:
+                if checkpoint is not None and keep_journal:
+                    appended = self._append(key, tail, kdir, expected_seq, entries)
+                    if old is not None and old.fd == appended.fd:
+                        old.fd = None  # closed once, below, never twice
+                    appended.close()
+                    new = self._write_checkpoint(key, kdir, seq, checkpoint, keep_journal=True)
+                elif checkpoint is not None:
                     new = self._write_checkpoint(key, kdir, seq, checkpoint)
                 else:
                     new = self._append(key, tail, kdir, expected_seq, entries)
@@ -918,7 +969,8 @@ class FileStore:
         raise StoreUnavailable(f"{what}, nothing committed: {error}", store=self.description,
                                key=key, seq=seq) from error
 
-    def _write_checkpoint(self, key: str, kdir: Path, seq: int, checkpoint: bytes) -> _Tail:
+    def _write_checkpoint(self, key: str, kdir: Path, seq: int, checkpoint: bytes, *,
+                          keep_journal: bool = False) -> _Tail:
         final = kdir / f"ckpt-{seq:020d}"
         tmp = kdir / f"ckpt-{seq:020d}.tmp"
         header = _sealed(_CKPT.pack(_CKPT_MAGIC, _VERSION, seq, len(checkpoint),
@@ -961,8 +1013,8 @@ class FileStore:
         try:
             for name in os.listdir(kdir):
                 prefix, _, number = name.partition("-")
-                if number.isdigit() and (prefix == "jrnl" or (prefix == "ckpt"
-                                                              and int(number) < seq)):
+                if number.isdigit() and ((prefix == "jrnl" and not keep_journal)
+                                         or (prefix == "ckpt" and int(number) < seq)):
                     os.unlink(kdir / name)
         except OSError:
             pass

@@ -489,6 +489,40 @@ async def check_keys(suite: _Suite) -> None:
         await store.close()
 
 
+async def check_history(suite: _Suite) -> None:
+    """A checkpoint with ``keep_journal`` keeps the entries it covers for ``history`` (``load``
+    still returns only what follows it); one without drops them all."""
+    key = suite.key("history")
+    e = [f"entry {i}".encode() for i in range(8)]
+    async with suite.opened() as store:
+        _check(await store.history(key) == (), "history of a key never committed must be ()")
+        await _raises(ValueError, store.commit(key, expected_seq=0, seq=1, checkpoint=b"c",
+                                               keep_journal=True),
+                      "keep_journal without the commit's entries")
+        await store.commit(key, expected_seq=0, seq=2, entries=e[1:3])
+        await store.commit(key, expected_seq=2, seq=3, entries=e[3:4], checkpoint=b"cp3",
+                           keep_journal=True)
+        await store.commit(key, expected_seq=3, seq=5, entries=e[4:6])
+    for reopen in (False, True):
+        if reopen and not suite.durable:
+            break
+        async with suite.opened() as store:
+            _expect(await store.load(key), 5, b"cp3", 3, [(4, e[4]), (5, e[5])],
+                    "load after a checkpoint that kept its journal")
+            got = [(s, bytes(d)) for s, d in await store.history(key)]
+            _check(got == [(i, e[i]) for i in range(1, 6)],
+                   f"history returned seqs {[s for s, _ in got]}, expected 1..5")
+    async with suite.opened() as store:
+        await store.commit(key, expected_seq=5, seq=6, entries=e[6:7], checkpoint=b"cp6",
+                           keep_journal=True)
+        got = [s for s, _ in await store.history(key)]
+        _check(got == [1, 2, 3, 4, 5, 6], f"history after a second kept checkpoint: {got}")
+        await store.commit(key, expected_seq=6, seq=7, checkpoint=b"cp7")
+        _expect(await store.load(key), 7, b"cp7", 7, [], "load after a checkpoint")
+        got = [s for s, _ in await store.history(key)]
+        _check(got == [], f"a checkpoint without keep_journal must drop the history, got {got}")
+
+
 async def check_tiny_state(suite: _Suite) -> None:
     """A one-byte and an empty checkpoint, and an empty entry, are kept as given."""
     async with suite.opened() as store:
@@ -532,6 +566,7 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "many_keys": check_many_keys,
     "unicode_keys": check_unicode_keys,
     "keys": check_keys,
+    "history": check_history,
     "tiny_state": check_tiny_state,
     "close_twice": check_close_twice,
 }
@@ -637,6 +672,9 @@ class StoreConformance:
 
     async def test_keys(self) -> None:
         await self._run_check("keys")
+
+    async def test_history(self) -> None:
+        await self._run_check("history")
 
     async def test_tiny_state(self) -> None:
         await self._run_check("tiny_state")
