@@ -515,12 +515,12 @@ async def check_history(suite: _Suite) -> None:
     async with suite.opened() as store:
         await store.commit(key, expected_seq=5, seq=6, entries=e[6:7], checkpoint=b"cp6",
                            keep_journal=True)
-        got = [s for s, _ in await store.history(key)]
-        _check(got == [1, 2, 3, 4, 5, 6], f"history after a second kept checkpoint: {got}")
+        seqs = [s for s, _ in await store.history(key)]
+        _check(seqs == [1, 2, 3, 4, 5, 6], f"history after a second kept checkpoint: {seqs}")
         await store.commit(key, expected_seq=6, seq=7, checkpoint=b"cp7")
         _expect(await store.load(key), 7, b"cp7", 7, [], "load after a checkpoint")
-        got = [s for s, _ in await store.history(key)]
-        _check(got == [], f"a checkpoint without keep_journal must drop the history, got {got}")
+        seqs = [s for s, _ in await store.history(key)]
+        _check(seqs == [], f"a checkpoint without keep_journal must drop the history, got {seqs}")
 
 
 async def check_tiny_state(suite: _Suite) -> None:
