@@ -25,6 +25,10 @@ from ._executors import Executor as Executor
 from ._executors import ExecutorFn as ExecutorFn
 from ._executors import Handler as Handler
 from ._executors import RetryPolicy as RetryPolicy
+from ._replay import DifferenceKind as DifferenceKind
+from ._replay import ReplayDifference as ReplayDifference
+from ._replay import ReplayReport as ReplayReport
+from ._replay import replay as replay
 from ._runtime import Committed as Committed
 from ._runtime import Runtime as Runtime
 
@@ -38,12 +42,15 @@ __all__ = (
     "ActionSlow",
     "Clock",
     "Committed",
+    "DifferenceKind",
     "Executor",
     "ExecutorFn",
     "Handler",
     "HandlerFailed",
     "Listener",
     "ManualClock",
+    "ReplayDifference",
+    "ReplayReport",
     "RetryPolicy",
     "Rollback",
     "Runtime",
@@ -53,6 +60,7 @@ __all__ = (
     "TransactionRetried",
     "TransitionCommitted",
     "TransitionRejected",
+    "replay",
 )
 
 for _name in __all__:

@@ -246,7 +246,8 @@ class ObjectHost:
         plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         try:
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
-                                    entries=plan.entries, checkpoint=plan.checkpoint)
+                                    entries=plan.entries, checkpoint=plan.checkpoint,
+                                    keep_journal=plan.keep_journal)
         except Exception as e:  # a KeyboardInterrupt or a cancellation goes on as itself
             error = e if isinstance(e, FasmError) else StoreError(
                 f"store commit raised {e!r}", store=self.store.description, key=self.key,
