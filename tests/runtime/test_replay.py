@@ -115,13 +115,15 @@ class Renumbered(LedgerMachine):
 
 
 class Capped(LedgerMachine):
-    """Incompatible validation: payments above 8 are refused now."""
+    """Incompatible validation: payments above ``cap`` are refused now."""
 
     machine_name = "LedgerMachine"
+    cap = 8
 
     async def stf(self, state: Ledger, input: Input[LedgerInput, int, Charged | TimerFired],
                   actions: Actions) -> None:
-        if isinstance(input, Normal) and isinstance(input.value, Pay) and input.value.amount > 8:
+        if isinstance(input, Normal) and isinstance(input.value, Pay) and \
+                input.value.amount > self.cap:
             raise Insufficient("above the cap")
         await super().stf(state, input, actions)
 
