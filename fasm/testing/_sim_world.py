@@ -582,7 +582,7 @@ class Run(Verifier):
         try:
             run_sync(self.store.commit(self.s.key, expected_seq=write.expected_seq, seq=write.seq,
                                        entries=write.entries, checkpoint=write.checkpoint,
-                                       keep_journal=write.keep_journal),
+                                       **({"keep_journal": True} if write.keep_journal else {})),
                      "MemoryStore.commit")
         except StoreUnavailable:
             # The Runtime stops on a store failure; its process is restarted.
