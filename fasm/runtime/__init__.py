@@ -26,6 +26,10 @@ from ._executors import Executor as Executor
 from ._executors import ExecutorFn as ExecutorFn
 from ._executors import Handler as Handler
 from ._executors import RetryPolicy as RetryPolicy
+from ._replay import DifferenceKind as DifferenceKind
+from ._replay import ReplayDifference as ReplayDifference
+from ._replay import ReplayReport as ReplayReport
+from ._replay import replay as replay
 from ._runtime import Committed as Committed
 from ._runtime import Runtime as Runtime
 
@@ -39,6 +43,7 @@ __all__ = (
     "ActionSlow",
     "Clock",
     "Committed",
+    "DifferenceKind",
     "DuplicateSubmitted",
     "Executor",
     "ExecutorFn",
@@ -46,6 +51,8 @@ __all__ = (
     "HandlerFailed",
     "Listener",
     "ManualClock",
+    "ReplayDifference",
+    "ReplayReport",
     "RetryPolicy",
     "Rollback",
     "Runtime",
@@ -55,6 +62,7 @@ __all__ = (
     "TransactionRetried",
     "TransitionCommitted",
     "TransitionRejected",
+    "replay",
 )
 
 for _name in __all__:

@@ -581,7 +581,8 @@ class Run(Verifier):
             self.store.fail_next_commits = 1
         try:
             run_sync(self.store.commit(self.s.key, expected_seq=write.expected_seq, seq=write.seq,
-                                       entries=write.entries, checkpoint=write.checkpoint),
+                                       entries=write.entries, checkpoint=write.checkpoint,
+                                       **({"keep_journal": True} if write.keep_journal else {})),
                      "MemoryStore.commit")
         except StoreUnavailable:
             # The Runtime stops on a store failure; its process is restarted.
