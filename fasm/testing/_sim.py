@@ -21,7 +21,7 @@ from ..persistence._durability import Durability, Journal
 from ..runtime._engine import Rollback
 from ._checks import Violation
 from ._sim_config import Checks, ExecutorSpec, FaultPlan, executor_table
-from ._sim_report import Failure, Progress, SeedResult, SimReport, format_trace
+from ._sim_report import Effects, Failure, Progress, SeedResult, SimReport, format_trace
 from ._sim_setup import Setup
 from ._sim_world import Run
 
@@ -58,6 +58,11 @@ class Simulation(Generic[S, I]):
             retry policy). ``Timer`` needs none: it fires from the simulated clock.
         invariants: functions of state that raise, or return False or a message, when the state
             is wrong.
+        effects: functions of the run's untracked actions (an :class:`Effects`: emitted,
+            handled, and lost by a crash between commit and handler) that judge them the way
+            invariants judge state; run after every restart and at the end of the run. Use them
+            for fire-and-forget work that must not be lost (a refund sent as an untracked
+            action, say).
         faults: what goes wrong (default :class:`FaultPlan()`: crashes at every boundary, store
             failures, executor failures and timeouts).
         checks: which checks run (default: all of them).
@@ -87,6 +92,7 @@ class Simulation(Generic[S, I]):
         inputs: InputSource[S, I] | SearchStrategy[I],
         executors: Mapping[type[Any], ExecutorSpec] | None = None,
         invariants: Sequence[Callable[[S], object]] = (),
+        effects: Sequence[Callable[[Effects], object]] = (),
         faults: FaultPlan | None = None,
         checks: Checks | None = None,
         durability: Durability | None = None,
@@ -116,6 +122,7 @@ class Simulation(Generic[S, I]):
             executors=executor_table(type(machine).__qualname__, types.tracked_action,
                                      dict(executors or {})),
             invariants=tuple(invariants),
+            effects=tuple(effects),
             plan=self.faults,
             checks=self.checks,
             durability=durability if durability is not None else _DURABILITY,
