@@ -78,7 +78,8 @@ def test_sim_executor_options() -> None:
         return Shipped()
 
     assert SimExecutor(with_rng).produce(Ship(1), random.Random(0), CTX) == Shipped()
-    assert seen and SimExecutor(lambda a: Lost("y")).produce(Ship(1), random.Random(0), CTX) == Lost("y")
+    lost = SimExecutor(lambda a: Lost("y"))
+    assert seen and lost.produce(Ship(1), random.Random(0), CTX) == Lost("y")
 
 
 def test_executor_table_is_checked_like_the_runtimes() -> None:
