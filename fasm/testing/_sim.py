@@ -188,6 +188,7 @@ class Simulation(Generic[S, I]):
         skip: float = 0.0,
         max_arrivals: int | None = None,
         replay: str | None = None,
+        dropped: frozenset[int] = frozenset(),
     ) -> SeedResult:
         """Run one simulation with the given random streams and input drawer (the seeded and the
         hypothesis drivers both come here). Most users want :meth:`run` or :meth:`run_seed`.
@@ -196,7 +197,7 @@ class Simulation(Generic[S, I]):
             Exception: as :meth:`run_seed`.
         """
         run = Run(self._setup, rngs, draw_input, steps, trace_limit=trace_limit, skip=skip,
-                  max_arrivals=max_arrivals)
+                  max_arrivals=max_arrivals, dropped=dropped)
         started = time.perf_counter()
         failure = None
         try:
@@ -328,6 +329,26 @@ class Simulation(Generic[S, I]):
         from ._hypothesis import hypothesis_test
 
         return hypothesis_test(self, steps=steps, settings=settings)
+
+    def shrink_seed(self, seed: int, *, steps: int | None = None, budget: float = 10.0,
+                    max_runs: int = 2000) -> Failure | None:
+        """Shrink the failure of one seeded run: the same check failing in a run with as few
+        inputs, faults and executor surprises as this search finds, or None if the seed passes.
+
+        The seed's run is recorded (every random choice of its three streams, the inputs'
+        choices grouped by arrival), then replayed with arrivals dropped and choices set to 0
+        ("no fault", "the shortest latency", "the first outcome") for as long as the same check
+        still fails. No hypothesis, no hashing, no clock in the search: the result is the same in
+        every process, as long as the search ends within ``budget`` seconds and ``max_runs``
+        runs (the failure says when it did not). A failure found at any step shrinks.
+
+        Raises:
+            Exception: as :meth:`run_seed`.
+        """
+        from ._sim_shrink import shrink_seed
+
+        return shrink_seed(self, seed, steps=steps or self.steps, budget=budget,
+                           max_runs=max_runs)
 
     def shrink(self, *, steps: int = 30, max_examples: int = 200,
                derandomize: bool = True) -> Failure | None:

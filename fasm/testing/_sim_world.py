@@ -107,6 +107,7 @@ class Run(Verifier):
         trace_limit: int | None = 400,
         skip: float = 0.0,
         max_arrivals: int | None = None,
+        dropped: frozenset[int] = frozenset(),
     ) -> None:
         self.s = setup
         self.plan = setup.plan
@@ -116,6 +117,12 @@ class Run(Verifier):
         self.steps = steps
         self.skip = skip
         self.arrivals_left = max_arrivals
+        # Shrinking: arrivals (numbered from 0) that bring no input, and the input stream's hook
+        # told where each arrival's draws begin.
+        self.dropped = dropped
+        self.arrivals = 0
+        self.begin_arrival: Callable[[int], None] | None = getattr(self.rng_inputs,
+                                                                    "begin_arrival", None)
         self.nones = 0
         self.exhausted = False
         self.store = MemoryStore()
@@ -232,10 +239,16 @@ class Run(Verifier):
     def arrive(self) -> None:
         if self.phase != "main" or self.exhausted:
             return
+        n = self.arrivals
+        self.arrivals = n + 1
+        if self.begin_arrival is not None:
+            self.begin_arrival(n)
         self.push(self.now + self.rng_inputs.uniform(*self.plan.input_interval), _ARRIVE)
         if self.arrivals_left is not None:
             self.arrivals_left -= 1
             self.exhausted = self.arrivals_left <= 0
+        if n in self.dropped:
+            return
         # ``skip`` is only used under hypothesis: random() shrinks to 0.0, so a shrunk run keeps
         # only the inputs the failure needs.
         if self.skip and self.rng_inputs.random() < self.skip:

@@ -3,7 +3,11 @@ broken configuration of the correct one) that the toolkit must flag, clearly, wi
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,11 +21,13 @@ from tests.testing.gap_machines import (
     DeclineKeepsPending,
     ForgetsCharges,
     ForgetsTimers,
+    RareDoubleRefund,
     RetriesDeclines,
     ReusesIds,
     SendRefund,
     Wallet,
     WalletMachine,
+    books_balance,
     wallet_inputs,
 )
 
@@ -158,3 +164,46 @@ def test_effects_see_every_handled_untracked_action_without_crashes() -> None:
     final = seen[-1]
     assert final.lost == () and final.handled == final.emitted
     assert sum(a.amount for _, a in final.handled) == result.state.refunded > 0
+
+
+# -- 6. shrinking a given seeded failure -------------------------------------------------------
+
+
+def rare_sim() -> Simulation[Any, Any]:
+    return wallet_sim(RareDoubleRefund(), invariants=[books_balance], steps=200)
+
+
+def test_shrink_seed_shrinks_a_failure_found_late_in_the_run() -> None:
+    sim = rare_sim()
+    late = next(s for s in range(40)
+                if (f := sim.run_seed(s, trace_limit=0).failure) is not None and f.step >= 150)
+    shrunk = sim.shrink_seed(late, budget=30.0)
+    assert shrunk is not None and shrunk.check == "invariant"
+    assert shrunk.step <= 10
+    assert shrunk.replay.startswith(f"sim.shrink_seed({late}, steps=200) (shrunk from step ")
+    assert "budget" not in shrunk.replay
+    # The shrunk run is a script: every event from the start.
+    assert shrunk.trace[0].split()[2] == "start"
+    assert sim.shrink_seed(late, budget=30.0) == shrunk
+
+
+def test_shrink_seed_of_a_passing_seed_is_none() -> None:
+    assert wallet_sim(steps=50).shrink_seed(0) is None
+
+
+SHRINK_SCRIPT = """
+from tests.testing.test_gaps import rare_sim
+print(rare_sim().shrink_seed(0, budget=60.0))
+"""
+
+
+def test_shrink_seed_gives_the_same_result_in_every_process() -> None:
+    root = Path(__file__).resolve().parents[2]
+    outputs = set()
+    for hash_seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": hash_seed}
+        run = subprocess.run([sys.executable, "-c", SHRINK_SCRIPT], env=env, cwd=root,
+                             capture_output=True, text=True, check=True)
+        outputs.add(run.stdout)
+    assert len(outputs) == 1
+    assert "shrunk from step" in outputs.pop()
