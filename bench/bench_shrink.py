@@ -55,11 +55,11 @@ def cases() -> list[tuple[str, Callable[[], Simulation[Any, Any]]]]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the first three machines only")
     parser.add_argument("--budget", type=float, default=10.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = cases()[:3] if args.quick else cases()
     print(f"{'machine':<36} {'seed':>4} {'check':<12} {'found at':>8} {'shrunk to':>9} "
           f"{'runs':>5} {'seconds':>8}")
