@@ -262,13 +262,16 @@ class Run(Verifier):
         self.nones = 0
         try:
             value = self.s.validator.validate(value)
-            self.s.codec.pack("input", value)  # as Runtime.submit: refused if it cannot be written
-        except (InvalidInput, Unencodable) as e:
+            packed = self.s.codec.pack("input", value)  # as Runtime.submit: refused if it
+        except (InvalidInput, Unencodable) as e:        # cannot be written
             raise Violation("input", f"the input source produced {short(value)}, which the "
                                      f"machine does not accept: {e}") from e
+        normal = Normal(value)
+        # As Runtime._checked: the journal entry reuses the bytes made here.
+        object.__setattr__(normal, "_packed", packed)
         self.submits += 1
         key = f"k{self.submits}" if self.chance(self.plan.keyed) else None
-        item = _Item(Normal(value), key, self.submits)
+        item = _Item(normal, key, self.submits)
         if key is not None:
             self.unacked[key] = item
         self.count("inputs")
