@@ -8,6 +8,7 @@ exactly, or ``shrink`` a failure with hypothesis. See docs/04_testing.md.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import random
 import sys
@@ -131,6 +132,7 @@ class Simulation(Generic[S, I]):
             idempotency_window=idempotency_window,
         )
         self._strategy = _is_strategy(inputs)
+        self._setups: dict[Checks, Setup] = {}
 
     # -- one seed ---------------------------------------------------------------------------------
 
@@ -155,6 +157,15 @@ class Simulation(Generic[S, I]):
             Exception: as :meth:`run_seed`.
         """
         return self._run_seed(seed, steps or self.steps, None, keep_trace=True)
+
+    def _setup_for(self, checks: Checks | None) -> Setup:
+        """The setup, or a copy with other checks (made once per set of checks)."""
+        if checks is None or checks == self.checks:
+            return self._setup
+        found = self._setups.get(checks)
+        if found is None:
+            found = self._setups[checks] = dataclasses.replace(self._setup, checks=checks)
+        return found
 
     def _rngs(self, seed: int) -> tuple[random.Random, random.Random, random.Random]:
         # Separate streams, so that changing the input source does not move the fault schedule.
@@ -189,15 +200,17 @@ class Simulation(Generic[S, I]):
         max_arrivals: int | None = None,
         replay: str | None = None,
         dropped: frozenset[int] = frozenset(),
+        checks: Checks | None = None,
     ) -> SeedResult:
         """Run one simulation with the given random streams and input drawer (the seeded and the
         hypothesis drivers both come here). Most users want :meth:`run` or :meth:`run_seed`.
+        ``checks``, when given, replaces the simulation's checks for this run.
 
         Raises:
             Exception: as :meth:`run_seed`.
         """
-        run = Run(self._setup, rngs, draw_input, steps, trace_limit=trace_limit, skip=skip,
-                  max_arrivals=max_arrivals, dropped=dropped)
+        run = Run(self._setup_for(checks), rngs, draw_input, steps, trace_limit=trace_limit,
+                  skip=skip, max_arrivals=max_arrivals, dropped=dropped)
         started = time.perf_counter()
         failure = None
         try:
