@@ -366,6 +366,8 @@ class Simulation(Generic[S, I]):
     def shrink(self, *, steps: int = 30, max_examples: int = 200,
                derandomize: bool = True) -> Failure | None:
         """Search with hypothesis and return the shrunk failure, or None if none was found.
+        Runs are at most ``steps`` inputs long, so a failure that needs more is not found: to
+        shrink a failure a seeded run found, use :meth:`shrink_seed`.
 
         Raises:
             Exception: an error that is not a check failure (from the input source, say).

@@ -157,9 +157,12 @@ class SeedResult:
         elapsed: real seconds it took.
         failure: the failed check, or None.
         trace: the run's events, formatted (the last ``trace_limit`` of them).
-        state: the machine's state when the run ended (after the liveness phase, or at the
-            failure), for domain counts and assertions of your own; read it, do not keep
-            simulating with it.
+        state: the machine's state when the run ended, for domain counts and assertions of
+            your own; read it, do not keep simulating with it. With the liveness check on, the
+            state after the liveness phase, which runs until every tracked action has completed
+            (those emitted during the phase too, within a bound: a timer re-armed for ever never
+            settles), so a correct machine holds no pending work; with it off, the state where
+            the main phase stopped; after a failure, the state at the failure.
     """
 
     seed: int | None
