@@ -57,6 +57,8 @@ def _event(kind: str, a: Any, b: Any) -> str:
     if kind == "retry":
         attempt, outcome, delay = b
         return f"action {a!r} attempt {attempt}: {outcome}; retry in {delay:.3f}s"
+    if kind == "raised":
+        return f"action {a!r}: the simulated executor raised {short(b, 120)}"
     if kind == "exhausted":
         return f"action {a!r}: attempts exhausted; on_exhausted -> {short(b, 100)}"
     if kind == "drain":

@@ -738,8 +738,8 @@ class Run(Verifier):
         while waiting and (self.queue or self.heap):
             if events >= DRAIN_EVENTS:
                 break
-            stuck = next((i for i in waiting
-                          if self.failing.get(i, (0, ""))[0] >= DRAIN_FAILED_ATTEMPTS), None)
+            stuck = next((i for i, (n, _) in self.failing.items()
+                          if n >= DRAIN_FAILED_ATTEMPTS and i in waiting), None)
             if stuck is not None:
                 break
             events += 1

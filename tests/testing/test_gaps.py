@@ -124,9 +124,11 @@ def test_simulated_executors_get_the_action_context_and_raising_is_a_failed_atte
 
     sim = wallet_sim(executors={Charge: SimExecutor(charge, retry=RetryPolicy(timeout=5.0))},
                      steps=100, faults=FaultPlan(crash=0.0, store_failure=0.0))
-    result = sim.run_seed(0)
+    result = sim.run_seed(0, trace_limit=None)
     assert result.ok, result.failure
     assert result.counts["results:raised"] > 0 and result.counts["retries"] > 0
+    assert any("the simulated executor raised ConnectionError('provider timed out')" in line
+               for line in result.trace)
     assert {c.attempt for c in seen} >= {1, 2}
     first = seen[0]
     assert first.machine_key == "sim"
