@@ -148,6 +148,7 @@ class Run(Verifier):
         # at which each tracked action's result was committed.
         self.owed: dict[Any, Any] = {}
         self.done: dict[Any, int] = {}
+        self.completions: dict[Any, int] = {}  # results committed, per id
         self.failing: dict[Any, tuple[int, str]] = {}  # action id -> failed attempts in a row
         # Untracked actions: committed (seq, action), and those whose handler ran.
         self.emitted_untracked: list[tuple[int, Any]] = []
@@ -676,6 +677,7 @@ class Run(Verifier):
                 self.durable.pop(step.input.id, None)
                 if owed.pop(step.input.id, None) is not None:
                     done[step.input.id] = self.step
+                    self.completions[step.input.id] = self.completions.get(step.input.id, 0) + 1
             for action in step.actions:
                 if isinstance(action, Tracked):
                     self.durable[action.id] = action.action
@@ -729,6 +731,10 @@ class Run(Verifier):
         self.phase = "drain"
         self.plan = self.plan.quiet
         waiting = {**self.owed, **self.durable}
+        # An action completes when a result for it is committed, even if that transition emits
+        # the same id again (a timer re-armed under its own id).
+        completions = self.completions
+        base = {i: completions.get(i, 0) for i in waiting}
         self.note("drain", len(waiting))
         self.heap = [e for e in self.heap if e[2] != _ARRIVE]
         heapq.heapify(self.heap)
@@ -747,8 +753,8 @@ class Run(Verifier):
                 self.batch()
             else:
                 self.advance()
-            for action_id in [i for i in waiting if i not in self.owed
-                              and i not in self.durable]:
+            for action_id in [i for i in waiting if completions.get(i, 0) > base[i]
+                              or (i not in self.owed and i not in self.durable)]:
                 del waiting[action_id]
         if waiting:
             self.stuck(waiting, stuck, events)

@@ -210,3 +210,56 @@ class RetriesDeclines(WalletMachine):
             again = self.new_id(state)
             state.charging[again] = amount
             actions.add(Tracked(again, Charge(amount)))
+
+
+# -- a heartbeat that re-arms its timer under the same id, for ever (correct) ---------------------
+
+
+@dataclass
+class Beats:
+    armed_at: float | None = None
+    beats: int = 0
+    pokes: int = 0
+
+
+@dataclass(frozen=True)
+class Arm:
+    pass
+
+
+@dataclass(frozen=True)
+class Poke:
+    pass
+
+
+BeatInput = Arm | Poke
+BeatActions = ActionsContainer[str, Timer, None]
+
+
+class HeartbeatMachine(StateMachine[Beats, BeatInput, str, Timer, TimerFired]):
+    """Correct: one timer, id ``"beat"``, re-armed every 10 s when it fires, so there is always
+    work pending and it always completes."""
+
+    machine_name = "tests.testing.HeartbeatMachine"
+
+    async def stf(self, state: Beats, input: Input[BeatInput, str, TimerFired],
+                  actions: BeatActions) -> None:
+        match input:
+            case Normal(Arm()):
+                if state.armed_at is None:
+                    state.armed_at = 10.0
+                    actions.add(Tracked("beat", Timer(at=10.0)))
+            case Normal(Poke()):
+                state.pokes += 1
+            case TrackedActionCompleted(result=TimerFired(now=now)):
+                state.beats += 1
+                state.armed_at = round(now + 10.0, 3)
+                actions.add(Tracked("beat", Timer(at=state.armed_at)))
+
+    async def restore(self, state: Beats, actions: BeatActions) -> None:
+        if state.armed_at is not None:
+            actions.add(Tracked("beat", Timer(at=state.armed_at)))
+
+
+def beat_inputs(rng: random.Random, state: Beats) -> BeatInput:
+    return Arm() if rng.random() < 0.1 else Poke()

@@ -15,18 +15,21 @@ import pytest
 from fasm.runtime import ActionContext, RetryPolicy
 from fasm.testing import Checks, Effects, FaultPlan, SimExecutor, Simulation, Weighted
 from tests.testing.gap_machines import (
+    Beats,
     Charge,
     Charged,
     Declined,
     DeclineKeepsPending,
     ForgetsCharges,
     ForgetsTimers,
+    HeartbeatMachine,
     RareDoubleRefund,
     RetriesDeclines,
     ReusesIds,
     SendRefund,
     Wallet,
     WalletMachine,
+    beat_inputs,
     books_balance,
     wallet_inputs,
 )
@@ -209,3 +212,10 @@ def test_shrink_seed_gives_the_same_result_in_every_process() -> None:
         outputs.add(run.stdout)
     assert len(outputs) == 1
     assert "shrunk from step" in outputs.pop()
+
+
+def test_a_timer_re_armed_under_its_own_id_for_ever_passes_liveness() -> None:
+    sim = Simulation(HeartbeatMachine(), initial_state=Beats, inputs=beat_inputs, steps=100)
+    report = sim.run(seeds=5)
+    assert report.ok, str(report)
+    assert sim.run_seed(0).state.beats > 0
