@@ -154,7 +154,10 @@ class Checks:
         duplicates: a result for an action that is not pending (completed already, or never
             emitted) is refused or changes nothing.
         liveness: at the end, with faults off and the clock run forward, every tracked action
-            pending at that point completes.
+            committed and not completed at that point completes (by the store's record, not by
+            what ``restore`` re-emitted), within 50 failed attempts in a row of one action and
+            20,000 events ("work never finishes" otherwise); and ``restore`` on the final state
+            re-emits nothing whose result was committed.
         idempotency: a resent submit whose key was committed is answered as a duplicate.
         errors: an stf raises only :class:`~fasm.Rejected` (or subclasses); anything else is a
             bug, not a refusal.
