@@ -29,16 +29,18 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "api.md"
-MODULES = ("fasm", "fasm.errors", "fasm.runtime", "fasm.persistence", "fasm.testing", "fasm.web")
+MODULES = ("fasm", "fasm.errors", "fasm.runtime", "fasm.persistence", "fasm.testing", "fasm.web",
+           "fasm.otel")
 WIDTH = 100
 
 HEADER = """\
 # API reference
 
 The whole public API: every name in the `__all__` of `fasm`, `fasm.errors`, `fasm.runtime`,
-`fasm.persistence`, `fasm.testing` and `fasm.web`, with its signature and the first paragraph of
-its docstring (`help()` shows the rest: arguments, what it raises). A name exported by two modules
-(the errors `fasm` re-exports) is described once, under the module that defines it.
+`fasm.persistence`, `fasm.testing`, `fasm.web` and `fasm.otel` (the `otel` extra), with its
+signature and the first paragraph of its docstring (`help()` shows the rest: arguments, what it
+raises). A name exported by two modules (the errors `fasm` re-exports) is described once, under
+the module that defines it.
 
 This page is generated from the code by `python tools/gen_api.py`; `tests/test_docs.py` fails when
 it is out of date, so do not edit it by hand.

@@ -46,11 +46,18 @@ class Journal:
             machine whose stf is slow compared with its input size); None for no bound.
         min_checkpoint_bytes: never checkpoint before this many journal bytes (so a tiny state
             is not rewritten after every few inputs).
+        keep_history: keep the journal entries a checkpoint covers instead of dropping them, so
+            that the key's whole history since it was made (or since this was turned on) stays
+            in the store for :func:`fasm.runtime.replay`, which checks new code against it
+            before a deploy. Recovery still starts at the last checkpoint; the store grows by
+            every input ever committed (a staging or canary store, or one that a retention job
+            trims by writing a checkpoint without it).
     """
 
     checkpoint_ratio: float = 1.0
     checkpoint_every: int | None = 100_000
     min_checkpoint_bytes: int = 64 * 1024
+    keep_history: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_ratio <= 0:
@@ -72,6 +79,7 @@ class CommitPlan:
     seq: int
     entries: tuple[bytes, ...]
     checkpoint: bytes | None
+    keep_journal: bool = False
 
 
 class Writer:
@@ -112,6 +120,8 @@ class Writer:
     ) -> CommitPlan:
         """The write that moves the store from ``expected_seq`` to ``seq``."""
         if checkpoint is not None:
+            if isinstance(self.durability, Journal) and self.durability.keep_history and encoded:
+                return CommitPlan(expected_seq, seq, encoded, checkpoint, keep_journal=True)
             return CommitPlan(expected_seq, seq, (), checkpoint)
         return CommitPlan(expected_seq, seq, encoded, None)
 

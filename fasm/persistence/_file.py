@@ -6,6 +6,7 @@ Layout::
         FASM-STORE               marker naming the format ("fasm file store 2")
         FASM-STORE-ID            the store's identity (a UUID), made once when first opened
         k-<hex of utf-8 key>/    per key (h-<sha256 hex> for keys too long for a file name)
+            key                  the key itself (UTF-8), in h- directories only, for listing
             lock                 flock'd by the holder of the key, or by a commit in progress
             manifest             what must exist: written when the key's first commit or a
                                  new segment's first commit is durable, never per commit
@@ -69,7 +70,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous, page_of
 from ._worker import Worker
 
 __all__ = ("FileStore",)
@@ -79,6 +80,7 @@ _MARKER_TEXT = "fasm file store 2\n"  # 2: per-key manifest, commits lock the ke
 _UPGRADABLE = ("fasm file store 1\n",)  # formats whose files are valid as they are under 2
 _IDENTITY_NAME = "FASM-STORE-ID"  # starts with the marker's name: not "other files" at open
 _MANIFEST = "manifest"
+_KEY_NAME = "key"  # in an h- directory: the key it is for (its name is a hash)
 _MANIFEST_MAGIC = b"FMAN"
 _CKPT_MAGIC = b"FCKP"
 _FRAME_MAGIC = b"FJ"
@@ -384,7 +386,7 @@ class FileStore:
         for hold in held.values():
             hold.close()  # closing the descriptor (or the process ending) frees the lock anyway
 
-    def _check_open(self, key: str) -> None:
+    def _check_open(self, key: str | None) -> None:
         if not self._open:
             raise StoreUnavailable("store is not open", store=self.description, key=key)
 
@@ -410,11 +412,23 @@ class FileStore:
         path = self._root / key_file_name(key)
         if create and key not in self._durable_dirs:
             path.mkdir(exist_ok=True)
+            if path.name.startswith("h-") and not (path / _KEY_NAME).exists():
+                self._write_key_name(path, key)
             # Also when it existed: a process that died right after mkdir may have left an entry
             # that is not durable yet, and our commits would go with it on power loss.
             self._sync_dir(self._root)
             self._durable_dirs.add(key)
         return path
+
+    def _write_key_name(self, kdir: Path, key: str) -> None:
+        """Record the key an ``h-`` directory is for (written whole: tmp, fsync, rename), so
+        that :meth:`keys` can name it. Older fasm wrote none; such keys are not listed until
+        their next commit writes it."""
+        tmp = kdir / f"{_KEY_NAME}.{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(key.encode("utf-8"))
+        self._sync_file(tmp)
+        os.replace(tmp, kdir / _KEY_NAME)
+        self._sync_dir(kdir)
 
     def _write_at(self, fd: int, data: bytes | memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset``. Kept as a method so that tests can inject write
@@ -501,6 +515,8 @@ class FileStore:
             scan.checkpoint = kdir / f"ckpt-{scan.checkpoint_seq:020d}"
         ends: dict[int, int] = {}  # segment start -> the last seq committed in it
         for start in sorted(segments):
+            if ckpts and start <= scan.checkpoint_seq:
+                continue  # covered by the checkpoint: history (keep_journal) or a leftover
             path = kdir / f"jrnl-{start:020d}"
             entries, valid_end, first_end = self._parse_segment(key, path, start,
                                                                 path.read_bytes())
@@ -582,6 +598,57 @@ class FileStore:
                                 f"({len(payload)} of {length} bytes)", key, seq)
         return payload
 
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Committed keys: every key directory with a checkpoint, a non-empty journal segment
+        or a manifest (a directory made by ``acquire`` alone is not listed). Each call lists the
+        whole root directory, O(keys) per page. An ``h-`` directory written by an older fasm,
+        which did not record its key, is not listed until its next commit.
+
+        Raises:
+            StoreUnavailable: the directory cannot be read.
+        """
+        check_keys_args(limit)
+        return await self._run(self._keys_sync, after, limit)
+
+    def _keys_sync(self, after: str | None, limit: int) -> list[str]:
+        self._check_open(None)
+        try:
+            found: list[str] = []
+            for name in os.listdir(self._root):
+                prefix, _, rest = name.partition("-")
+                kdir = self._root / name
+                if prefix == "k":
+                    try:
+                        key = bytes.fromhex(rest).decode("utf-8")
+                    except ValueError:
+                        continue
+                elif prefix == "h":
+                    try:
+                        key = (kdir / _KEY_NAME).read_bytes().decode("utf-8")
+                    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+                        continue
+                else:
+                    continue
+                if (after is None or key > after) and self._committed(kdir):
+                    found.append(key)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot list keys: {e}", store=self.description) from e
+        return page_of(found, None, limit)
+
+    @staticmethod
+    def _committed(kdir: Path) -> bool:
+        try:
+            names = os.listdir(kdir)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        for name in names:
+            prefix, _, number = name.partition("-")
+            if name == _MANIFEST or (prefix == "ckpt" and number.isdigit()):
+                return True
+            if prefix == "jrnl" and number.isdigit() and (kdir / name).stat().st_size > 0:
+                return True
+        return False
+
     async def load(self, key: str) -> StoredRecords | None:
         """Everything stored for ``key``, or None for a key never committed.
 
@@ -619,6 +686,45 @@ class FileStore:
             raise StoreCorrupt(missing.message, store=self.description, key=key,
                                seq=missing.seq)
         raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to load",
+                               store=self.description, key=key)
+
+    async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        """Every entry in the key's segments (those a checkpoint kept included), checked."""
+        return await self._run(self._history_sync, key)
+
+    def _history_sync(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        self._check_open(key)
+        for _ in range(_LOAD_ATTEMPTS):
+            try:
+                with self._mutex(key):
+                    kdir = self._key_dir(key, create=False)
+                    scan = self._scan(key, kdir, for_write=False)
+                    kept: list[tuple[int, bytes]] = []
+                    if not kdir.is_dir():
+                        return ()
+                    starts = sorted(int(n.partition("-")[2]) for n in os.listdir(kdir)
+                                    if n.startswith("jrnl-") and n[5:].isdigit())
+                    for start in starts:
+                        if start > scan.checkpoint_seq:
+                            break
+                        path = kdir / f"jrnl-{start:020d}"
+                        kept += self._parse_segment(key, path, start, path.read_bytes())[0]
+            except FileNotFoundError:
+                continue  # a checkpoint replaced files under us; read again
+            except OSError as e:
+                raise StoreUnavailable(f"cannot read: {e}", store=self.description,
+                                       key=key) from e
+            kept = [e for e in kept if e[0] <= scan.checkpoint_seq]
+            # Segments a crash left behind a checkpoint written without keep_journal are older
+            # than the kept run: only the run that reaches the checkpoint counts.
+            for i in range(len(kept) - 1, 0, -1):
+                if kept[i][0] != kept[i - 1][0] + 1:
+                    kept = kept[i:]
+                    break
+            if kept and kept[-1][0] != scan.checkpoint_seq:
+                kept = []
+            return contiguous([*kept, *scan.entries], key, self.description, scan.tail.seq)
+        raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to read",
                                store=self.description, key=key)
 
     # -- locking ----------------------------------------------------------------------------
@@ -704,8 +810,11 @@ class FileStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        keep_journal: bool = False,
     ) -> None:
-        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
+        """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``. With
+        ``keep_journal`` the entries are appended first, then the checkpoint is written and the
+        segments it covers stay (a crash between the two leaves the same seq as a journal).
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``, another store object holds
@@ -715,13 +824,14 @@ class FileStore:
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.
         """
-        check_commit_args(expected_seq, seq, entries, checkpoint)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
         if any(len(e) > _MAX_FRAME for e in entries):
             raise ValueError("a journal entry is larger than 4 GiB")
-        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint)
+        await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint,
+                        keep_journal)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None) -> None:
+                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
         self._check_open(key)
         with self._mutex(key):
             hold = self._held.get(key)
@@ -749,7 +859,13 @@ class FileStore:
                     raise StoreConflict(f"stale writer: stored seq is {tail.seq}, writer expected "
                                         f"{expected_seq}", store=self.description, key=key,
                                         seq=seq)
-                if checkpoint is not None:
+                if checkpoint is not None and keep_journal:
+                    appended = self._append(key, tail, kdir, expected_seq, entries)
+                    if old is not None and old.fd == appended.fd:
+                        old.fd = None  # closed once, below, never twice
+                    appended.close()
+                    new = self._write_checkpoint(key, kdir, seq, checkpoint, keep_journal=True)
+                elif checkpoint is not None:
                     new = self._write_checkpoint(key, kdir, seq, checkpoint)
                 else:
                     new = self._append(key, tail, kdir, expected_seq, entries)
@@ -853,7 +969,8 @@ class FileStore:
         raise StoreUnavailable(f"{what}, nothing committed: {error}", store=self.description,
                                key=key, seq=seq) from error
 
-    def _write_checkpoint(self, key: str, kdir: Path, seq: int, checkpoint: bytes) -> _Tail:
+    def _write_checkpoint(self, key: str, kdir: Path, seq: int, checkpoint: bytes, *,
+                          keep_journal: bool = False) -> _Tail:
         final = kdir / f"ckpt-{seq:020d}"
         tmp = kdir / f"ckpt-{seq:020d}.tmp"
         header = _sealed(_CKPT.pack(_CKPT_MAGIC, _VERSION, seq, len(checkpoint),
@@ -896,8 +1013,8 @@ class FileStore:
         try:
             for name in os.listdir(kdir):
                 prefix, _, number = name.partition("-")
-                if number.isdigit() and (prefix == "jrnl" or (prefix == "ckpt"
-                                                              and int(number) < seq)):
+                if number.isdigit() and ((prefix == "jrnl" and not keep_journal)
+                                         or (prefix == "ckpt" and int(number) < seq)):
                     os.unlink(kdir / name)
         except OSError:
             pass

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous, page_of
 
 __all__ = ("MemoryStore",)
 
@@ -18,6 +18,7 @@ class _Key:
     checkpoint: bytes | None = None
     checkpoint_seq: int = 0
     journal: list[tuple[int, bytes]] = field(default_factory=list)
+    kept: list[tuple[int, bytes]] = field(default_factory=list)  # covered by the checkpoint
 
 
 class MemoryStore:
@@ -88,6 +89,11 @@ class MemoryStore:
             del owners[key]
         self._held.discard(key)
 
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        check_keys_args(limit)
+        self._check_open()
+        return page_of((k for k, v in self._keys().items() if v.seq > 0), after, limit)
+
     async def load(self, key: str) -> StoredRecords | None:
         self._check_open(key)
         k = self._keys().get(key)
@@ -98,6 +104,13 @@ class MemoryStore:
                                store=self.description, key=key, seq=k.checkpoint_seq)
         return StoredRecords(k.seq, k.checkpoint, k.checkpoint_seq, tuple(k.journal))
 
+    async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        self._check_open(key)
+        k = self._keys().get(key)
+        if k is None:
+            return ()
+        return contiguous([*k.kept, *k.journal], key, self.description, k.seq)
+
     async def commit(
         self,
         key: str,
@@ -106,9 +119,10 @@ class MemoryStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        keep_journal: bool = False,
     ) -> None:
         self._check_open(key)
-        check_commit_args(expected_seq, seq, entries, checkpoint)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
         if self.fail_next_commits > 0:
             self.fail_next_commits -= 1
             raise StoreUnavailable("injected commit failure", store=self.description, key=key,
@@ -124,6 +138,11 @@ class MemoryStore:
         if checkpoint is not None:
             k.checkpoint = bytes(checkpoint)
             k.checkpoint_seq = seq
+            if keep_journal:
+                k.kept += [*k.journal, *zip(range(expected_seq + 1, seq + 1),
+                                            map(bytes, entries), strict=True)]
+            else:
+                k.kept = []
             k.journal = []
         else:
             k.journal.extend(zip(range(expected_seq + 1, seq + 1), map(bytes, entries),

@@ -36,7 +36,7 @@ from psycopg import sql
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._sqlite import records_from_rows
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous
 from ._worker import Worker
 
 __all__ = ("PostgresStore", "Secrets", "is_transient", "safe_dsn")
@@ -512,6 +512,25 @@ class PostgresStore:
 
     # -- reading and writing ----------------------------------------------------------------
 
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Committed keys from the keys table, in code point order (``COLLATE "C"`` on UTF-8
+        text), whatever the database's own collation."""
+        check_keys_args(limit)
+        return await self._run(self._riding, self._keys_sync, after, limit)
+
+    def _keys_sync(self, after: str | None, limit: int) -> list[str]:
+        conn = self._connection()
+        try:
+            with conn.transaction():
+                rows = conn.execute(
+                    sql.SQL('SELECT key FROM {} WHERE %s::text IS NULL OR key COLLATE "C" > '
+                            '%s::text ORDER BY key COLLATE "C" LIMIT %s').format(self._keys),
+                    (after, after, limit)).fetchall()
+        except psycopg.Error as e:
+            error = self._translate(e, "cannot list keys")
+            raise error from error.__cause__
+        return [str(r[0]) for r in rows]
+
     async def load(self, key: str) -> StoredRecords | None:
         """Everything stored for ``key``, read in one repeatable-read transaction, or None.
 
@@ -547,6 +566,33 @@ class PostgresStore:
             return None
         return records_from_rows(self.description, key, row, rows)
 
+    async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        """Every journal row of ``key`` (rows a checkpoint kept included), checked."""
+        self._check_key(key)
+        return await self._run(self._riding, self._history_sync, key)
+
+    def _history_sync(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        conn = self._connection(key)
+        try:
+            with conn.transaction(), conn.cursor(binary=True) as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = cur.execute(sql.SQL("SELECT seq FROM {} WHERE key = %s")
+                                  .format(self._keys), (key,)).fetchone()
+                rows = cur.execute(sql.SQL("SELECT seq, entry, crc FROM {} WHERE key = %s "
+                                           "ORDER BY seq").format(self._journal),
+                                   (key,)).fetchall()
+        except psycopg.Error as e:
+            error = self._translate(e, "cannot read the journal", key)
+            raise error from error.__cause__
+        out: list[tuple[int, bytes]] = []
+        for seq, entry, crc in rows:
+            data = bytes(entry)
+            if _crc(data) != crc:
+                raise StoreCorrupt("journal entry fails its checksum", store=self.description,
+                                   key=key, seq=seq)
+            out.append((int(seq), data))
+        return contiguous(out, key, self.description, 0 if row is None else int(row[0]))
+
     async def commit(
         self,
         key: str,
@@ -555,6 +601,7 @@ class PostgresStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
         transaction.
@@ -568,12 +615,12 @@ class PostgresStore:
             ValueError: the arguments break the commit rules.
         """
         self._check_key(key)
-        check_commit_args(expected_seq, seq, entries, checkpoint)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
         await self._run(self._riding, self._commit_sync, key, expected_seq, seq, entries,
-                        checkpoint)
+                        checkpoint, keep_journal)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None) -> None:
+                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
         conn = self._connection(key)
         if key in self._lost:
             raise StoreConflict("this store lost the key's lock when its connection dropped and "
@@ -592,7 +639,8 @@ class PostgresStore:
                     raise StoreConflict(f"stale writer: stored seq is {current}, writer expected "
                                         f"{expected_seq}", store=self.description, key=key,
                                         seq=seq)
-                self._write(conn, key, expected_seq, seq, entries, checkpoint, token)
+                self._write(conn, key, expected_seq, seq, entries, checkpoint, token,
+                            keep_journal)
                 committing = True
                 conn.execute("COMMIT")
             except BaseException:
@@ -610,7 +658,14 @@ class PostgresStore:
             raise error from error.__cause__
 
     def _write(self, conn: psycopg.Connection[Any], key: str, expected_seq: int, seq: int,
-               entries: Sequence[bytes], checkpoint: bytes | None, token: uuid.UUID) -> None:
+               entries: Sequence[bytes], checkpoint: bytes | None, token: uuid.UUID,
+               keep_journal: bool = False) -> None:
+        if checkpoint is not None and keep_journal:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    sql.SQL("INSERT INTO {} VALUES (%s, %s, %b, %s)").format(self._journal),
+                    [(key, s, bytes(e), _crc(e))
+                     for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)])
         if checkpoint is not None:
             conn.execute(
                 sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %b, %s, %s) ON CONFLICT (key) DO "
@@ -618,8 +673,9 @@ class PostgresStore:
                         "checkpoint = excluded.checkpoint, checkpoint_crc = "
                         "excluded.checkpoint_crc, last_commit = excluded.last_commit")
                 .format(self._keys), (key, seq, seq, checkpoint, _crc(checkpoint), token))
-            conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s AND seq <= %s")
-                         .format(self._journal), (key, seq))
+            if not keep_journal:
+                conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s AND seq <= %s")
+                             .format(self._journal), (key, seq))
             return
         with conn.cursor() as cur:
             cur.executemany(

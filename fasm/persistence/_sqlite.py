@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._file import key_file_name, try_flock, unflock
-from ._store import StoredRecords, check_commit_args
+from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous
 from ._worker import Worker
 
 __all__ = ("SQLiteStore", "connect", "records_from_rows")
@@ -417,6 +417,22 @@ class SQLiteStore:
 
     # -- reading and writing ----------------------------------------------------------------
 
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Committed keys from ``fasm_keys`` (a row is written with a key's first records), in
+        SQLite's binary order, which for UTF-8 text is code point order."""
+        check_keys_args(limit)
+        return await self._run(self._patient, self._keys_sync, after, limit)
+
+    def _keys_sync(self, after: str | None, limit: int) -> list[str]:
+        conn = self._connection(None)
+        try:
+            rows = conn.execute(
+                "SELECT key FROM fasm_keys WHERE ?1 IS NULL OR key > ?1 ORDER BY key LIMIT ?2",
+                (after, limit)).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot list keys") from e
+        return [str(r[0]) for r in rows]
+
     async def load(self, key: str) -> StoredRecords | None:
         """Everything stored for ``key``, read in one transaction, or None.
 
@@ -454,6 +470,32 @@ class SQLiteStore:
             return None
         return records_from_rows(self.description, key, row, rows)
 
+    async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        """Every journal row of ``key`` (rows a checkpoint kept included), checked."""
+        return await self._run(self._patient, self._history_sync, key)
+
+    def _history_sync(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        conn = self._connection(key)
+        try:
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(f"SELECT {_SEQ} FROM fasm_keys k WHERE k.key = ?1",
+                                   (key,)).fetchone()
+                rows = conn.execute("SELECT seq, entry, crc FROM fasm_journal WHERE key = ? "
+                                    "ORDER BY seq", (key,)).fetchall()
+            finally:
+                _rollback(conn)
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot read the journal", key) from e
+        out: list[tuple[int, bytes]] = []
+        for seq, entry, crc in rows:
+            data = bytes(entry)
+            if _crc(data) != crc:
+                raise StoreCorrupt("journal entry fails its checksum", store=self.description,
+                                   key=key, seq=seq)
+            out.append((int(seq), data))
+        return contiguous(out, key, self.description, 0 if row is None else int(row[0]))
+
     async def commit(
         self,
         key: str,
@@ -462,6 +504,7 @@ class SQLiteStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
         ``BEGIN IMMEDIATE`` transaction.
@@ -473,12 +516,12 @@ class SQLiteStore:
             StoreCorrupt: the database file is damaged.
             ValueError: the arguments break the commit rules.
         """
-        check_commit_args(expected_seq, seq, entries, checkpoint)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
         await self._run(self._patient, self._commit_sync, key, expected_seq, seq, entries,
-                        checkpoint)
+                        checkpoint, keep_journal)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None) -> None:
+                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
         conn = self._connection(key)
         if checkpoint is None and len(entries) == 1 and expected_seq > 0:
             # The common commit, one entry on a known key, is one statement in autocommit: its
@@ -511,10 +554,11 @@ class SQLiteStore:
                         "INSERT INTO fasm_checkpoints VALUES (?, ?, ?) ON CONFLICT (key) "
                         "DO UPDATE SET data = excluded.data, crc = excluded.crc",
                         (key, checkpoint, _crc(checkpoint)))
-                    conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?",
-                                 (key, seq))
-                else:
-                    if row is None:  # the key's first commit; later appends leave this row be
+                    if not keep_journal:
+                        conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?",
+                                     (key, seq))
+                if checkpoint is None or keep_journal:
+                    if row is None and checkpoint is None:  # first commit; appends leave it be
                         conn.execute("INSERT INTO fasm_keys VALUES (?, 0, 0)", (key,))
                     conn.executemany(
                         "INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",

@@ -7,7 +7,8 @@ on decode even where the backend does not check. The two durability strategies m
 
 * snapshot: every commit carries a checkpoint and no entries;
 * journal: every commit appends entries; now and then one also carries a checkpoint, which lets the
-  store drop the entries it covers.
+  store drop the entries it covers (or, with ``keep_journal``, keep them as history for the replay
+  check, :func:`fasm.runtime.replay`).
 
 Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks them):
 
@@ -15,10 +16,13 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
    it or (if it raised or never returned) none of it. A torn write is never loaded as data.
 2. ``commit`` is fenced: when the key's sequence number is not ``expected_seq`` it raises
    :class:`~fasm.errors.StoreConflict` and writes nothing. A new key has sequence number 0.
-3. ``load`` returns the checkpoint and exactly the journal entries after it, in order.
+3. ``load`` returns the checkpoint and exactly the journal entries after it, in order;
+   ``history`` returns every journal entry still stored, kept ones included.
 4. ``acquire`` gives one store object exclusive use of a key until ``release`` or ``close``;
    another store object (in this or another process) that asks for it gets ``StoreConflict``.
-5. ``identity`` (after ``open``) is a random text made once, durably, when the store's data was
+5. ``keys`` lists every key that has committed (and no other), sorted by code point (Python's
+   ``str`` order), a page at a time after a given key.
+6. ``identity`` (after ``open``) is a random text made once, durably, when the store's data was
    first created (a UUID), the same every time the same data is opened again and different for
    every other store. The runtime puts it at the head of the idempotency keys it hands
    executors, so a fresh store (a new data directory) never reuses a key a provider already
@@ -27,9 +31,12 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from ..errors import StoreCorrupt
 
 __all__ = ("Store", "StoredRecords")
 
@@ -85,6 +92,29 @@ class Store(Protocol):
         """Release every key this object holds and disconnect. Safe to call twice."""
         ...
 
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` committed keys greater than ``after`` (all when None), sorted by code
+        point. Page through a store with ``after=page[-1]`` until a page comes back short.
+        Takes no lock: an operator's tool can list a store a runtime is writing.
+
+        Raises:
+            ValueError: ``limit`` is not positive.
+            StoreUnavailable: the store is not open or cannot be read.
+        """
+        ...
+
+    async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
+        """Every journal entry still stored for ``key`` as ``(seq, entry)``, ascending and
+        without gaps, ending at the key's seq (or at its checkpoint when the journal after it is
+        empty): those ``load`` returns, after those checkpoints kept (``keep_journal``). Empty
+        for a key never committed. Takes no lock.
+
+        Raises:
+            StoreCorrupt: a kept entry fails the backend's checks, or the kept entries have a gap.
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
     async def acquire(self, key: str) -> None:
         """Take exclusive use of ``key`` for this store object.
 
@@ -115,6 +145,7 @@ class Store(Protocol):
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
 
@@ -126,6 +157,9 @@ class Store(Protocol):
                 ``seq - expected_seq`` of them, or none when ``checkpoint`` is given.
             checkpoint: the encoded state as of ``seq``. When given, it replaces the stored
                 checkpoint and every journal entry up to ``seq`` may be dropped.
+            keep_journal: with a checkpoint, keep the journal entries it covers (and write
+                ``entries``, which must then be given) so that :meth:`history` still returns
+                them. ``load`` never returns them. A later checkpoint without it drops them.
 
         Raises:
             StoreConflict: the stored sequence number is not ``expected_seq``; nothing written.
@@ -135,10 +169,43 @@ class Store(Protocol):
         ...
 
 
+def check_keys_args(limit: int) -> None:
+    """Validate the arguments of :meth:`Store.keys` (shared by every backend)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+
+
+def contiguous(entries: Iterable[tuple[int, bytes]], key: str, store: str,
+               end: int) -> tuple[tuple[int, bytes], ...]:
+    """Check that ``entries`` (ascending) number consecutively up to ``end`` (shared by every
+    backend's :meth:`Store.history`).
+
+    Raises:
+        StoreCorrupt: they have a gap or do not end at ``end``.
+    """
+    out = tuple(entries)
+    for (a, _), (b, _) in itertools.pairwise(out):
+        if b != a + 1:
+            raise StoreCorrupt(f"kept journal has seq {b} after {a}", store=store, key=key,
+                               seq=b)
+    if out and out[-1][0] != end:
+        raise StoreCorrupt(f"kept journal ends at seq {out[-1][0]}, not at {end}", store=store,
+                           key=key, seq=end)
+    return out
+
+
+def page_of(keys: Iterable[str], after: str | None, limit: int) -> list[str]:
+    """The page :meth:`Store.keys` returns, from an unsorted collection of every key."""
+    return sorted(k for k in keys if after is None or k > after)[:limit]
+
+
 def check_commit_args(
-    expected_seq: int, seq: int, entries: Sequence[bytes], checkpoint: bytes | None
+    expected_seq: int, seq: int, entries: Sequence[bytes], checkpoint: bytes | None,
+    keep_journal: bool = False,
 ) -> None:
     """Validate the shape of a commit (shared by every backend)."""
+    if keep_journal and (checkpoint is None or len(entries) != seq - expected_seq):
+        raise ValueError("keep_journal needs a checkpoint and the commit's journal entries")
     if expected_seq < 0 or seq <= expected_seq:
         raise ValueError(f"seq must be greater than expected_seq >= 0 (got {expected_seq}->{seq})")
     if entries and len(entries) != seq - expected_seq:

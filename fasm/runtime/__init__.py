@@ -14,6 +14,7 @@ from ._events import ActionFailed as ActionFailed
 from ._events import ActionRetried as ActionRetried
 from ._events import ActionSlow as ActionSlow
 from ._events import CheckpointFailed as CheckpointFailed
+from ._events import DuplicateSubmitted as DuplicateSubmitted
 from ._events import HandlerFailed as HandlerFailed
 from ._events import Listener as Listener
 from ._events import RuntimeEvent as RuntimeEvent
@@ -25,6 +26,10 @@ from ._executors import Executor as Executor
 from ._executors import ExecutorFn as ExecutorFn
 from ._executors import Handler as Handler
 from ._executors import RetryPolicy as RetryPolicy
+from ._replay import DifferenceKind as DifferenceKind
+from ._replay import ReplayDifference as ReplayDifference
+from ._replay import ReplayReport as ReplayReport
+from ._replay import replay as replay
 from ._runtime import Committed as Committed
 from ._runtime import Runtime as Runtime
 
@@ -38,12 +43,16 @@ __all__ = (
     "ActionSlow",
     "Clock",
     "Committed",
+    "DifferenceKind",
+    "DuplicateSubmitted",
     "Executor",
     "ExecutorFn",
     "Handler",
     "HandlerFailed",
     "Listener",
     "ManualClock",
+    "ReplayDifference",
+    "ReplayReport",
     "RetryPolicy",
     "Rollback",
     "Runtime",
@@ -53,6 +62,7 @@ __all__ = (
     "TransactionRetried",
     "TransitionCommitted",
     "TransitionRejected",
+    "replay",
 )
 
 for _name in __all__:

@@ -1,12 +1,15 @@
 """Runtime events for listeners (metrics exporters, audit logs).
 
 A listener is a plain callable taking one event. It runs inline in the runtime's loop, so keep it
-quick; one that raises is logged and never stops the runtime.
+quick; one that raises is logged and never stops the runtime. The fields a listener alone needs
+(times, the submitter's context, the queue depth) are only gathered when a runtime has listeners.
+:mod:`fasm.otel` is a listener that turns these events into OpenTelemetry spans and metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import Context
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -17,6 +20,7 @@ __all__ = (
     "ActionRetried",
     "CheckpointFailed",
     "ActionSlow",
+    "DuplicateSubmitted",
     "HandlerFailed",
     "Listener",
     "RuntimeEvent",
@@ -39,6 +43,32 @@ class TransitionCommitted:
     group: int
     action_id: Any = None
     """For a committed ``TrackedActionCompleted``: the id of the completed action."""
+    machine: str = ""
+    """The machine's ``machine_name``."""
+    submitted_ns: int = 0
+    """Wall-clock time (``time.time_ns()``) the input entered the runtime's queue: the submit
+    call, or the executor's return for a result. Commit latency is the time of the event minus
+    this."""
+    context: Context | None = None
+    """The submitter's :mod:`contextvars` context, captured by ``submit`` (None for a result):
+    what a tracing listener reads the caller's current span from."""
+    queued: int = 0
+    """Inputs waiting in the runtime's queue behind this group when it committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateSubmitted:
+    """A submit's idempotency key had been committed, as transition ``seq``: it was answered
+    with that outcome and nothing ran (no transition, so no :class:`TransitionCommitted`)."""
+
+    key: str
+    seq: int
+    input_kind: str
+    machine: str = ""
+    submitted_ns: int = 0
+    """As in :class:`TransitionCommitted`."""
+    context: Context | None = None
+    """As in :class:`TransitionCommitted`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +79,13 @@ class TransitionRejected:
     input_kind: str
     error: BaseException
     expected: bool
+    machine: str = ""
+    submitted_ns: int = 0
+    """As in :class:`TransitionCommitted`."""
+    context: Context | None = None
+    """As in :class:`TransitionCommitted`."""
+    action_id: Any = None
+    """For a refused ``TrackedActionCompleted``: the id of the action whose result it was."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +95,9 @@ class ActionDispatched:
     key: str
     action_id: Any
     action: Any
+    machine: str = ""
+    seq: int | None = None
+    """The transition that emitted it; None when restore re-emitted it at start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +109,9 @@ class ActionRetried:
     attempt: int
     error: BaseException
     delay: float
+    machine: str = ""
+    started_ns: int = 0
+    """Wall-clock time (``time.time_ns()``) the failed attempt started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +121,9 @@ class ActionCompleted:
     key: str
     action_id: Any
     attempts: int
+    machine: str = ""
+    started_ns: int = 0
+    """Wall-clock time (``time.time_ns()``) the last attempt started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +136,9 @@ class ActionFailed:
     attempts: int
     error: BaseException
     result: Any
+    machine: str = ""
+    started_ns: int = 0
+    """Wall-clock time (``time.time_ns()``) the last attempt started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +204,7 @@ class ActionSlow:
     action_id: Any
     attempt: int
     elapsed: float
+    machine: str = ""
 
 
 RuntimeEvent: TypeAlias = (
@@ -168,6 +218,7 @@ RuntimeEvent: TypeAlias = (
     | TransactionRetried
     | CheckpointFailed
     | ActionSlow
+    | DuplicateSubmitted
 )
 
 Listener: TypeAlias = Callable[[RuntimeEvent], None]

@@ -6,9 +6,11 @@ through a store, or a database transaction. The loop here knows only the host's 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -56,6 +58,7 @@ from ._events import (
     ActionFailed,
     ActionRetried,
     ActionSlow,
+    DuplicateSubmitted,
     HandlerFailed,
     Listener,
     RuntimeEvent,
@@ -121,6 +124,9 @@ class _Submit:
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: Committed[Any, Any, Any] | None = None
     error: BaseException | None = None
+    # For listeners only (0 and None without them): when it was queued, the submitter's context.
+    submitted_ns: int = 0
+    context: contextvars.Context | None = None
 
     def answer(self, outcome: Committed[Any, Any, Any] | None, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
@@ -140,6 +146,8 @@ class _Call:
 class _Result:
     input: TrackedActionCompleted[Any, Any]
     key: None = None
+    submitted_ns: int = 0  # for listeners only
+    context: None = None
 
 
 _Item = _Submit | _Result
@@ -308,6 +316,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._handler_timeout = handler_timeout
         self.shutdown_grace = shutdown_grace
         self._listeners = tuple(listeners)
+        self._machine_name: str = type(machine).machine_name
         self._rng = random.Random(seed)
         self._executors = self._check_executors(dict(executors or {}))
         self._handlers = self._check_handlers(dict(handlers or {}))
@@ -545,6 +554,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """
         engine = self._require_running()
         item = _Submit(self._checked(engine.validate(value)), _checked_key(idempotency_key))
+        if self._listeners:
+            item.submitted_ns = time.time_ns()
+            item.context = contextvars.copy_context()  # O(1): contexts are immutable maps
         if self._full() is not None:
             # Admission comes before the queue: a waiting submit holds no queue slot, so the
             # results that make room never wait behind it.
@@ -786,6 +798,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         for event in result.events:
             self._emit(event)
         committed: list[tuple[_Item, Accepted]] = []
+        emitted_by: dict[Any, int] | None = None
         for item, step in zip(batch, result.steps, strict=True):
             if isinstance(step, Accepted):
                 committed.append((item, step))
@@ -800,15 +813,22 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             for action in done_actions:
                 self._count(action, -1)
             if self._listeners:
-                for _, step in committed:
+                queued = self._queued()
+                emitted_by = {}
+                for item, step in committed:
                     done = (step.input.id if isinstance(step.input, TrackedActionCompleted)
                             else None)
-                    self._emit(TransitionCommitted(self.key, step.seq, input_kind(step.input),
-                                                   len(step.actions), len(committed), done))
+                    self._emit(TransitionCommitted(
+                        self.key, step.seq, input_kind(step.input), len(step.actions),
+                        len(committed), done, self._machine_name, item.submitted_ns,
+                        item.context, queued))
+                    for action in step.actions:
+                        if isinstance(action, Tracked):
+                            emitted_by[action.id] = step.seq
             if engine.cut_short is not None:
                 self._window_cut_short(engine)
             # The engine's order: commit, then dispatch, then answer the submitters.
-            self._dispatch(release)
+            self._dispatch(release, emitted_by)
         for item, step in zip(batch, result.steps, strict=True):
             if isinstance(item, _Result):
                 if isinstance(step, StoreError):
@@ -848,6 +868,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             except StoreCorrupt as e:
                 item.answer(None, e.located(store=self._host.description, key=self.key))
                 return
+        if self._listeners:
+            self._emit(DuplicateSubmitted(self.key, step.seq, input_kind(item.input),
+                                          self._machine_name, item.submitted_ns, item.context))
         item.answer(Committed(step.seq, actions or (), True), None)
 
     def _run_reads(self) -> None:
@@ -870,7 +893,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     def _rejected(self, item: _Item, step: Failed) -> None:
         kind = input_kind(step.input)
         expected = isinstance(step.error, Rejected)
-        self._emit(TransitionRejected(self.key, kind, step.error, expected))
+        if self._listeners:
+            self._emit(TransitionRejected(
+                self.key, kind, step.error, expected, self._machine_name, item.submitted_ns,
+                item.context, item.input.id if isinstance(item, _Result) else None))
         extra = {"fasm_key": self.key, "fasm_input_kind": kind}
         if isinstance(item, _Result):
             # A result the stf refuses is dropped, never fatal. The id is no longer waited on
@@ -919,7 +945,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     # -- actions --------------------------------------------------------------------------------
 
-    def _dispatch(self, release: Release) -> None:
+    def _dispatch(self, release: Release, emitted_by: dict[Any, int] | None = None) -> None:
+        """Start the released actions; ``emitted_by`` maps a tracked action's id to the seq of
+        the transition that emitted it (for listeners; None at restore)."""
         work = self._work
         assert work is not None
         if anyio.current_effective_deadline() == -math.inf:
@@ -934,7 +962,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         for tracked in release.tracked:
             action = tracked.action
             self._count(action, +1)
-            self._emit(ActionDispatched(self.key, tracked.id, action))
+            if self._listeners:
+                self._emit(ActionDispatched(
+                    self.key, tracked.id, action, self._machine_name,
+                    None if emitted_by is None else emitted_by.get(tracked.id)))
             if type(action) is Timer and self._builtin_timer is not None:
                 self._timers.add(tracked.id, action.at)
             else:
@@ -978,6 +1009,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         extra: dict[str, Any] = {"fasm_key": self.key, "fasm_action_id": tracked.id}
         while True:
             attempt += 1
+            started_ns = time.time_ns() if self._listeners else 0
             deadline = None if policy.timeout is None else self.clock.now() + policy.timeout
             try:
                 result = await self._attempt(tracked, spec, attempt, deadline)
@@ -994,7 +1026,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     else:
                         log.warning("tracked action %r gave up after %d attempts: %r",
                                     tracked.id, attempt, e, extra=extra)
-                        self._emit(ActionFailed(self.key, tracked.id, attempt, e, result))
+                        self._emit(ActionFailed(self.key, tracked.id, attempt, e, result,
+                                                self._machine_name, started_ns))
                         return result
                 delay = policy.delay(attempt, self._rng)
                 # Proportionate: a WARNING for the first failure and at attempts 10, 100, 1000,
@@ -1003,10 +1036,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 level = logging.WARNING if _loud_attempt(attempt) else logging.DEBUG
                 log.log(level, "tracked action %r attempt %d failed: %r; retry in %.3fs",
                         tracked.id, attempt, e, delay, extra=extra)
-                self._emit(ActionRetried(self.key, tracked.id, attempt, e, delay))
+                self._emit(ActionRetried(self.key, tracked.id, attempt, e, delay,
+                                         self._machine_name, started_ns))
                 await self.clock.sleep_until(self.clock.now() + delay)
                 continue
-            self._emit(ActionCompleted(self.key, tracked.id, attempt))
+            self._emit(ActionCompleted(self.key, tracked.id, attempt, self._machine_name,
+                                       started_ns))
             return result
 
     async def _attempt(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any], attempt: int,
@@ -1064,7 +1099,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     "%ss); it is not cancelled", action_id, attempt, elapsed,
                     self._slow_action_after, extra={"fasm_key": self.key,
                                                     "fasm_action_id": action_id})
-        self._emit(ActionSlow(self.key, action_id, attempt, elapsed))
+        self._emit(ActionSlow(self.key, action_id, attempt, elapsed, self._machine_name))
 
     def _check_result(self, result: Any) -> None:
         """A result that does not validate field for field, or cannot be written as a record,
@@ -1097,7 +1132,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     async def _deliver(self, action_id: Any, result: Any) -> None:
         assert self._send is not None
         try:
-            await self._send.send(_Result(TrackedActionCompleted(action_id, result)))
+            await self._send.send(_Result(TrackedActionCompleted(action_id, result),
+                                          submitted_ns=time.time_ns() if self._listeners else 0))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             # Stopping: the result is not committed, so the state still says the action is
             # pending and restore re-emits it on the next start.

@@ -245,8 +245,10 @@ class ObjectHost:
                 skipped = True
         plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         try:
+            # keep_journal only when asked for, so a store written before it existed still works
+            keep = {"keep_journal": True} if plan.keep_journal else {}
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
-                                    entries=plan.entries, checkpoint=plan.checkpoint)
+                                    entries=plan.entries, checkpoint=plan.checkpoint, **keep)
         except Exception as e:  # a KeyboardInterrupt or a cancellation goes on as itself
             error = e if isinstance(e, FasmError) else StoreError(
                 f"store commit raised {e!r}", store=self.store.description, key=self.key,

@@ -19,6 +19,7 @@ from ._sim_config import FaultPlan as FaultPlan
 from ._sim_config import SimExecutor as SimExecutor
 from ._sim_config import Weighted as Weighted
 from ._sim_pytest import simulation_test as simulation_test
+from ._sim_report import Effects as Effects
 from ._sim_report import Failure as Failure
 from ._sim_report import Progress as Progress
 from ._sim_report import SeedResult as SeedResult
@@ -40,6 +41,7 @@ __all__ = (
     "CRASH_POINTS",
     "Checks",
     "CrashPoint",
+    "Effects",
     "ExecutorSpec",
     "Failure",
     "FaultPlan",

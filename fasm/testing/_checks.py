@@ -26,6 +26,7 @@ __all__ = (
     "Violation",
     "check_invariants",
     "diff",
+    "name_of",
     "run_sync",
     "short",
 )
@@ -82,15 +83,15 @@ def check_invariants(invariants: Sequence[Invariant], state: Any) -> None:
         try:
             verdict = inv(state)
         except Exception as e:
-            raise Violation("invariant", f"{_name(inv)} raised {e!r}") from e
+            raise Violation("invariant", f"{name_of(inv)} raised {e!r}") from e
         if verdict is None or verdict is True:
             continue
         if verdict is False:
-            raise Violation("invariant", f"{_name(inv)} returned False")
-        raise Violation("invariant", f"{_name(inv)}: {verdict}")
+            raise Violation("invariant", f"{name_of(inv)} returned False")
+        raise Violation("invariant", f"{name_of(inv)}: {verdict}")
 
 
-def _name(fn: Callable[..., Any]) -> str:
+def name_of(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 

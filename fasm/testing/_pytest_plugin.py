@@ -9,7 +9,9 @@ Registered as the ``pytest11`` entry point ``fasm``, so installing fasm is enoug
 
 from __future__ import annotations
 
+import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,9 +41,10 @@ class SimRunner:
     """Runs a :class:`Simulation` with the command line's seed, seeds, steps and budget, and
     fails the test with the report and the replay command."""
 
-    def __init__(self, config: pytest.Config, nodeid: str) -> None:
+    def __init__(self, config: pytest.Config, nodeid: str, path: Path | None = None) -> None:
         self.config = config
         self.nodeid = nodeid
+        self.target = _target(config, nodeid, path)
         self.seed: int | None = config.getoption("--fasm-seed")
         self.seeds: int | None = config.getoption("--fasm-seeds")
         self.budget: float | None = config.getoption("--fasm-budget")
@@ -76,7 +79,7 @@ class SimRunner:
     __call__ = check
 
     def _replay(self, seed: int, steps: int) -> str:
-        command = ["pytest", self.nodeid, f"--fasm-seed={seed}"]
+        command = ["pytest", self.target, f"--fasm-seed={seed}"]
         if self.steps is not None:
             command.append(f"--fasm-steps={steps}")
         return shlex.join(command)
@@ -87,7 +90,17 @@ class SimRunner:
             reporter.write_line(f"{self.nodeid}: {progress}")
 
 
+def _target(config: pytest.Config, nodeid: str, path: Path | None) -> str:
+    """The test as the replay command names it: its node id with the file relative to the
+    directory pytest was run from (a node id is relative to the rootdir, which may differ)."""
+    params = getattr(config, "invocation_params", None)
+    if path is None or params is None:
+        return nodeid
+    _, sep, rest = nodeid.partition("::")
+    return os.path.relpath(path, params.dir) + sep + rest
+
+
 @pytest.fixture
 def fasm_sim(request: pytest.FixtureRequest) -> SimRunner:
     """Runs simulations with the ``--fasm-*`` options: ``fasm_sim.check(sim, seeds=20)``."""
-    return SimRunner(request.config, request.node.nodeid)
+    return SimRunner(request.config, request.node.nodeid, request.node.path)

@@ -8,6 +8,7 @@ exactly, or ``shrink`` a failure with hypothesis. See docs/04_testing.md.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import random
 import sys
@@ -21,7 +22,7 @@ from ..persistence._durability import Durability, Journal
 from ..runtime._engine import Rollback
 from ._checks import Violation
 from ._sim_config import Checks, ExecutorSpec, FaultPlan, executor_table
-from ._sim_report import Failure, Progress, SeedResult, SimReport, format_trace
+from ._sim_report import Effects, Failure, Progress, SeedResult, SimReport, format_trace
 from ._sim_setup import Setup
 from ._sim_world import Run
 
@@ -58,6 +59,11 @@ class Simulation(Generic[S, I]):
             retry policy). ``Timer`` needs none: it fires from the simulated clock.
         invariants: functions of state that raise, or return False or a message, when the state
             is wrong.
+        effects: functions of the run's untracked actions (an :class:`Effects`: emitted,
+            handled, and lost by a crash between commit and handler) that judge them the way
+            invariants judge state; run after every restart and at the end of the run. Use them
+            for fire-and-forget work that must not be lost (a refund sent as an untracked
+            action, say).
         faults: what goes wrong (default :class:`FaultPlan()`: crashes at every boundary, store
             failures, executor failures and timeouts).
         checks: which checks run (default: all of them).
@@ -87,6 +93,7 @@ class Simulation(Generic[S, I]):
         inputs: InputSource[S, I] | SearchStrategy[I],
         executors: Mapping[type[Any], ExecutorSpec] | None = None,
         invariants: Sequence[Callable[[S], object]] = (),
+        effects: Sequence[Callable[[Effects], object]] = (),
         faults: FaultPlan | None = None,
         checks: Checks | None = None,
         durability: Durability | None = None,
@@ -116,6 +123,7 @@ class Simulation(Generic[S, I]):
             executors=executor_table(type(machine).__qualname__, types.tracked_action,
                                      dict(executors or {})),
             invariants=tuple(invariants),
+            effects=tuple(effects),
             plan=self.faults,
             checks=self.checks,
             durability=durability if durability is not None else _DURABILITY,
@@ -124,6 +132,7 @@ class Simulation(Generic[S, I]):
             idempotency_window=idempotency_window,
         )
         self._strategy = _is_strategy(inputs)
+        self._setups: dict[Checks, Setup] = {}
 
     # -- one seed ---------------------------------------------------------------------------------
 
@@ -148,6 +157,15 @@ class Simulation(Generic[S, I]):
             Exception: as :meth:`run_seed`.
         """
         return self._run_seed(seed, steps or self.steps, None, keep_trace=True)
+
+    def _setup_for(self, checks: Checks | None) -> Setup:
+        """The setup, or a copy with other checks (made once per set of checks)."""
+        if checks is None or checks == self.checks:
+            return self._setup
+        found = self._setups.get(checks)
+        if found is None:
+            found = self._setups[checks] = dataclasses.replace(self._setup, checks=checks)
+        return found
 
     def _rngs(self, seed: int) -> tuple[random.Random, random.Random, random.Random]:
         # Separate streams, so that changing the input source does not move the fault schedule.
@@ -181,15 +199,18 @@ class Simulation(Generic[S, I]):
         skip: float = 0.0,
         max_arrivals: int | None = None,
         replay: str | None = None,
+        dropped: frozenset[int] = frozenset(),
+        checks: Checks | None = None,
     ) -> SeedResult:
         """Run one simulation with the given random streams and input drawer (the seeded and the
         hypothesis drivers both come here). Most users want :meth:`run` or :meth:`run_seed`.
+        ``checks``, when given, replaces the simulation's checks for this run.
 
         Raises:
             Exception: as :meth:`run_seed`.
         """
-        run = Run(self._setup, rngs, draw_input, steps, trace_limit=trace_limit, skip=skip,
-                  max_arrivals=max_arrivals)
+        run = Run(self._setup_for(checks), rngs, draw_input, steps, trace_limit=trace_limit,
+                  skip=skip, max_arrivals=max_arrivals, dropped=dropped)
         started = time.perf_counter()
         failure = None
         try:
@@ -322,9 +343,31 @@ class Simulation(Generic[S, I]):
 
         return hypothesis_test(self, steps=steps, settings=settings)
 
+    def shrink_seed(self, seed: int, *, steps: int | None = None, budget: float = 10.0,
+                    max_runs: int = 2000) -> Failure | None:
+        """Shrink the failure of one seeded run: the same check failing in a run with as few
+        inputs, faults and executor surprises as this search finds, or None if the seed passes.
+
+        The seed's run is recorded (every random choice of its three streams, the inputs'
+        choices grouped by arrival), then replayed with arrivals dropped and choices set to 0
+        ("no fault", "the shortest latency", "the first outcome") for as long as the same check
+        still fails. No hypothesis, no hashing, no clock in the search: the result is the same in
+        every process, as long as the search ends within ``budget`` seconds and ``max_runs``
+        runs (the failure says when it did not). A failure found at any step shrinks.
+
+        Raises:
+            Exception: as :meth:`run_seed`.
+        """
+        from ._sim_shrink import shrink_seed
+
+        return shrink_seed(self, seed, steps=steps or self.steps, budget=budget,
+                           max_runs=max_runs)
+
     def shrink(self, *, steps: int = 30, max_examples: int = 200,
                derandomize: bool = True) -> Failure | None:
         """Search with hypothesis and return the shrunk failure, or None if none was found.
+        Runs are at most ``steps`` inputs long, so a failure that needs more is not found: to
+        shrink a failure a seeded run found, use :meth:`shrink_seed`.
 
         Raises:
             Exception: an error that is not a check failure (from the input source, say).

@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeAlias, TypeVar
 from .._machine import type_members
 from .._timer import Timer
 from ..errors import DefinitionError
-from ..runtime._executors import RetryPolicy
+from ..runtime._executors import ActionContext, RetryPolicy
 
 __all__ = (
     "CRASH_POINTS",
@@ -154,10 +154,15 @@ class Checks:
         duplicates: a result for an action that is not pending (completed already, or never
             emitted) is refused or changes nothing.
         liveness: at the end, with faults off and the clock run forward, every tracked action
-            pending at that point completes.
+            committed and not completed at that point completes (by the store's record, not by
+            what ``restore`` re-emitted), within 50 failed attempts in a row of one action and
+            20,000 events ("work never finishes" otherwise); and ``restore`` on the final state
+            re-emits nothing whose result was committed.
         idempotency: a resent submit whose key was committed is answered as a duplicate.
         errors: an stf raises only :class:`~fasm.Rejected` (or subclasses); anything else is a
             bug, not a refusal.
+        ids: a tracked action is emitted with an id that is already in flight (the Runtime
+            would silently not dispatch it): reported at that step as an id collision.
         encodable: after every accepted transition, the state encodes as a checkpoint. A
             transition that puts a value the codec cannot write into the state (an object in an
             ``Any`` field, an int of 2**64 or more, a lone surrogate) is reported at that step,
@@ -175,6 +180,7 @@ class Checks:
     liveness: bool = True
     idempotency: bool = True
     errors: bool = True
+    ids: bool = True
     encodable: bool = True
 
     @classmethod
@@ -187,7 +193,7 @@ class Checks:
         """Only the user's invariants: the fastest mode, for long soak runs."""
         return cls(atomicity=False, determinism=False, restore=False, absorbed=False,
                    duplicates=False, liveness=False, idempotency=False, errors=False,
-                   encodable=False)
+                   ids=False, encodable=False)
 
 
 class Weighted(Generic[R]):
@@ -234,8 +240,12 @@ class SimExecutor(Generic[A, R]):
 
     Args:
         result: what an attempt that does not fail returns: a :class:`Weighted` distribution, or
-            a function of the action (``fn(action)``) or of the action and the run's RNG
-            (``fn(action, rng)``). It must be deterministic apart from ``rng``.
+            a function of the action (``fn(action)``), of the action and the run's RNG
+            (``fn(action, rng)``), or of those and the attempt's
+            :class:`~fasm.runtime.ActionContext` (``fn(action, rng, ctx)``: the idempotency key
+            and attempt number a production executor gets, to model an idempotent provider). It
+            must be deterministic apart from ``rng``. A function that raises makes the attempt
+            fail, retried per ``retry`` as in production.
         retry: the retry policy, as the production :class:`~fasm.runtime.Executor` would have it
             (attempts, backoff, per-attempt ``timeout``).
         on_exhausted: turns the last failure into a result when ``retry.max_attempts`` is
@@ -250,7 +260,7 @@ class SimExecutor(Generic[A, R]):
     retry: RetryPolicy = _NO_LIMIT
     on_exhausted: Callable[[A, BaseException], R] | None = None
     latency: tuple[float, float] | None = None
-    _with_rng: bool = field(default=False, init=False, repr=False, compare=False)
+    _arity: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.retry.max_attempts is not None and self.on_exhausted is None:
@@ -259,24 +269,26 @@ class SimExecutor(Generic[A, R]):
         if self.latency is not None:
             _check_range("SimExecutor.latency", self.latency)
         if not isinstance(self.result, Weighted):
-            object.__setattr__(self, "_with_rng", _positional_arity(self.result) >= 2)
+            object.__setattr__(self, "_arity", min(3, _positional_arity(self.result)))
 
-    def produce(self, action: A, rng: random.Random) -> R:
-        """The result of one successful attempt."""
+    def produce(self, action: A, rng: random.Random, ctx: ActionContext) -> R:
+        """The result of one attempt that is not an injected failure (raising: it failed)."""
         spec = self.result
         if isinstance(spec, Weighted):
             return spec.sample(rng)
-        if self._with_rng:
+        if self._arity >= 3:
+            return spec(action, rng, ctx)  # type: ignore[call-arg]
+        if self._arity == 2:
             return spec(action, rng)  # type: ignore[call-arg]
         return spec(action)  # type: ignore[call-arg]
 
 
 ExecutorSpec: TypeAlias = (
     SimExecutor[Any, Any] | Weighted[Any] | Callable[[Any], Any]
-    | Callable[[Any, random.Random], Any]
+    | Callable[[Any, random.Random], Any] | Callable[[Any, random.Random, ActionContext], Any]
 )
 """What ``executors={Type: spec}`` accepts: a :class:`SimExecutor`, a :class:`Weighted`
-distribution, or a function of the action (and optionally the RNG)."""
+distribution, or a function of the action (and optionally the RNG, and the action context)."""
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int:
@@ -285,7 +297,7 @@ def _positional_arity(fn: Callable[..., Any]) -> int:
     except (TypeError, ValueError):  # builtins without a signature: assume fn(action)
         return 1
     if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return 2
+        return 3
     return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 

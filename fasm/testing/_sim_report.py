@@ -12,7 +12,8 @@ from .._inputs import Normal
 from ..errors import FasmError
 from ._checks import short
 
-__all__ = ("Failure", "Progress", "SeedResult", "SimReport", "SimulationFailed", "format_trace")
+__all__ = ("Effects", "Failure", "Progress", "SeedResult", "SimReport", "SimulationFailed",
+           "format_trace")
 
 _COUNT_ORDER = (
     "steps", "inputs", "transitions", "commits", "rejections", "errors", "duplicate submits",
@@ -56,6 +57,8 @@ def _event(kind: str, a: Any, b: Any) -> str:
     if kind == "retry":
         attempt, outcome, delay = b
         return f"action {a!r} attempt {attempt}: {outcome}; retry in {delay:.3f}s"
+    if kind == "raised":
+        return f"action {a!r}: the simulated executor raised {short(b, 120)}"
     if kind == "exhausted":
         return f"action {a!r}: attempts exhausted; on_exhausted -> {short(b, 100)}"
     if kind == "drain":
@@ -90,7 +93,7 @@ class Failure:
         time: the simulated clock then.
         check: which check failed (``invariant``, ``atomicity``, ``determinism``, ``restore``,
             ``absorbed``, ``duplicates``, ``liveness``, ``idempotency``, ``errors``,
-            ``encodable``, ``input``, ``executor``).
+            ``encodable``, ``ids``, ``effects``, ``input``, ``executor``).
         message: why.
         faults: the faults injected up to then, as ``(step, time, what)``.
         trace: the last events before the failure, formatted.
@@ -156,9 +159,12 @@ class SeedResult:
         elapsed: real seconds it took.
         failure: the failed check, or None.
         trace: the run's events, formatted (the last ``trace_limit`` of them).
-        state: the machine's state when the run ended (after the liveness phase, or at the
-            failure), for domain counts and assertions of your own; read it, do not keep
-            simulating with it.
+        state: the machine's state when the run ended, for domain counts and assertions of
+            your own; read it, do not keep simulating with it. With the liveness check on, the
+            state after the liveness phase, which runs until every tracked action has completed
+            (those emitted during the phase too, within a bound: a timer re-armed for ever never
+            settles), so a correct machine holds no pending work; with it off, the state where
+            the main phase stopped; after a failure, the state at the failure.
     """
 
     seed: int | None
@@ -178,6 +184,32 @@ class SeedResult:
     def trace_text(self) -> str:
         """The trace as one string (what the determinism test compares byte for byte)."""
         return "\n".join(self.trace) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    """The untracked actions of a run so far, given to the ``effects`` checks of a
+    :class:`~fasm.testing.Simulation`.
+
+    An untracked action is fire-and-forget: its handler runs after the commit, and a crash
+    between the commit and the handler loses it (the simulation crashes there at the
+    ``after-commit`` point). Nothing in the state says it was lost, so no invariant over state
+    can see it; an effects check can, e.g. "no refund is lost"::
+
+        def no_lost_refunds(fx: Effects) -> object:
+            return not [a for _, a in fx.lost if isinstance(a, Refund)] or "a refund was lost"
+
+    Attributes:
+        emitted: ``(seq, action)`` of every untracked action of a committed transition.
+        handled: those whose handler ran (released after their commit).
+        lost: those a crash between the commit and the handler lost.
+        state: the machine's state now (read it, do not change it).
+    """
+
+    emitted: tuple[tuple[int, Any], ...]
+    handled: tuple[tuple[int, Any], ...]
+    lost: tuple[tuple[int, Any], ...]
+    state: Any
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from ..persistence._durability import Durability
 from ..runtime._engine import Engine, Rollback, StrictValidator
 from ._checks import Invariant, StateTools
 from ._sim_config import Checks, FaultPlan, SimExecutor, lookup
+from ._sim_report import Effects
 
 __all__ = ("Setup",)
 
@@ -27,6 +28,7 @@ class Setup:
     initial: Callable[[], Any]
     executors: dict[type[Any], SimExecutor[Any, Any]]
     invariants: tuple[Invariant, ...]
+    effects: tuple[Callable[[Effects], object], ...]
     plan: FaultPlan
     checks: Checks
     durability: Durability
@@ -51,6 +53,11 @@ class Setup:
         # own): a Weighted distribution hands out the same few objects again and again.
         self._valid_results: dict[int, Any] = {}
         self._executor_cache: dict[type[Any], SimExecutor[Any, Any]] = {}
+
+    @property
+    def machine_name(self) -> str:
+        """The name production writes into executors' idempotency keys."""
+        return type(self.machine).machine_name
 
     def executor_for(self, action_type: type[Any]) -> SimExecutor[Any, Any]:
         """The simulated executor of an action class (its own, or its nearest base's)."""

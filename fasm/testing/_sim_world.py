@@ -34,7 +34,7 @@ from typing import Any
 
 import pydantic
 
-from .._actions import Tracked
+from .._actions import ActionList, Tracked
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._timer import Timer, TimerFired
 from ..errors import (
@@ -48,16 +48,19 @@ from ..persistence._codec import Unencodable
 from ..persistence._durability import Writer, decode_records
 from ..persistence._memory import MemoryStore
 from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release
+from ..runtime._executors import ActionContext
 from ._checks import (
     Violation,
     check_invariants,
     diff,
+    name_of,
     perturb_sets,
     run_sync,
     short,
     unencodable_message,
 )
 from ._sim_config import CrashPoint
+from ._sim_report import Effects
 from ._sim_setup import Setup
 from ._sim_verify import Verifier
 
@@ -66,6 +69,11 @@ __all__ = ("Run", "Setup")
 # Event kinds on the virtual-time heap.
 _ARRIVE, _ATTEMPT_END, _RETRY, _DELIVER, _TIMER = range(5)
 _EXHAUSTED = 1000  # this many None inputs in a row end the input phase
+# The liveness phase gives up (work never finishes) after this many failed attempts in a row of
+# one action, or this many events in all, with faults off.
+DRAIN_FAILED_ATTEMPTS = 50
+DRAIN_EVENTS = 20_000
+_SETTLE_EVENTS = 2_000  # events spent finishing work emitted during the liveness phase
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +107,7 @@ class Run(Verifier):
         trace_limit: int | None = 400,
         skip: float = 0.0,
         max_arrivals: int | None = None,
+        dropped: frozenset[int] = frozenset(),
     ) -> None:
         self.s = setup
         self.plan = setup.plan
@@ -108,6 +117,12 @@ class Run(Verifier):
         self.steps = steps
         self.skip = skip
         self.arrivals_left = max_arrivals
+        # Shrinking: arrivals (numbered from 0) that bring no input, and the input stream's hook
+        # told where each arrival's draws begin.
+        self.dropped = dropped
+        self.arrivals = 0
+        self.begin_arrival: Callable[[int], None] | None = getattr(self.rng_inputs,
+                                                                    "begin_arrival", None)
         self.nones = 0
         self.exhausted = False
         self.store = MemoryStore()
@@ -128,6 +143,17 @@ class Run(Verifier):
         # re-emit. ``live`` is the same over accepted (not yet committed) transitions too.
         self.durable: dict[Any, Any] = {}
         self.live: dict[Any, Any] = {}
+        # The same as ``durable`` but by the store's truth alone, not reset from what restore
+        # re-emits: what liveness waits for when the restore check is off. ``done`` is the step
+        # at which each tracked action's result was committed.
+        self.owed: dict[Any, Any] = {}
+        self.done: dict[Any, int] = {}
+        self.completions: dict[Any, int] = {}  # results committed, per id
+        self.failing: dict[Any, tuple[int, str]] = {}  # action id -> failed attempts in a row
+        # Untracked actions: committed (seq, action), and those whose handler ran.
+        self.emitted_untracked: list[tuple[int, Any]] = []
+        self.handled_untracked: list[tuple[int, Any]] = []
+        self.lost_untracked: list[tuple[int, Any]] = []
         self.refused: dict[Any, int] = {}
         self.keys_durable: dict[str, int] = {}
         self.keys_live: dict[str, int] = {}
@@ -181,6 +207,8 @@ class Run(Verifier):
                 break
         if self.checks.liveness:
             self.drain()
+        if self.s.effects:
+            self.check_effects()
 
     def advance(self) -> bool:
         """Move time to the next event and handle it; False when there is none."""
@@ -212,10 +240,16 @@ class Run(Verifier):
     def arrive(self) -> None:
         if self.phase != "main" or self.exhausted:
             return
+        n = self.arrivals
+        self.arrivals = n + 1
+        if self.begin_arrival is not None:
+            self.begin_arrival(n)
         self.push(self.now + self.rng_inputs.uniform(*self.plan.input_interval), _ARRIVE)
         if self.arrivals_left is not None:
             self.arrivals_left -= 1
             self.exhausted = self.arrivals_left <= 0
+        if n in self.dropped:
+            return
         # ``skip`` is only used under hypothesis: random() shrinks to 0.0, so a shrunk run keeps
         # only the inputs the failure needs.
         if self.skip and self.rng_inputs.random() < self.skip:
@@ -229,13 +263,16 @@ class Run(Verifier):
         self.nones = 0
         try:
             value = self.s.validator.validate(value)
-            self.s.codec.pack("input", value)  # as Runtime.submit: refused if it cannot be written
-        except (InvalidInput, Unencodable) as e:
+            packed = self.s.codec.pack("input", value)  # as Runtime.submit: refused if it
+        except (InvalidInput, Unencodable) as e:        # cannot be written
             raise Violation("input", f"the input source produced {short(value)}, which the "
                                      f"machine does not accept: {e}") from e
+        normal = Normal(value)
+        # As Runtime._checked: the journal entry reuses the bytes made here.
+        object.__setattr__(normal, "_packed", packed)
         self.submits += 1
         key = f"k{self.submits}" if self.chance(self.plan.keyed) else None
-        item = _Item(Normal(value), key, self.submits)
+        item = _Item(normal, key, self.submits)
         if key is not None:
             self.unacked[key] = item
         self.count("inputs")
@@ -261,6 +298,7 @@ class Run(Verifier):
                 self.attempt(tracked.id, action, 1)
         if release.untracked:
             self.count("untracked", len(release.untracked))
+            self.handled_untracked.extend((seq, u.action) for seq, u in release.untracked)
 
     def attempt(self, action_id: Any, action: Any, attempt: int) -> None:
         spec = self.s.executor_for(type(action))
@@ -280,13 +318,21 @@ class Run(Verifier):
             if limit is not None and took > limit:
                 took, outcome, value = limit, "timeout", TimeoutError("slower than its timeout")
             else:
-                outcome, value = "ok", spec.produce(action, rng)
+                ctx = ActionContext(
+                    machine_key=self.s.key, action_id=action_id,
+                    idempotency_key=f"sim/{self.s.machine_name}/{self.s.key}/{action_id}",
+                    attempt=attempt, deadline=None if limit is None else self.now + limit)
+                try:
+                    outcome, value = "ok", spec.produce(action, rng, ctx)
+                except Exception as e:  # as in production: a failed attempt, retried
+                    outcome, value = "raised", e
         self.push(self.now + took, _ATTEMPT_END,
                   (self.inc, action_id, action, attempt, outcome, value))
 
     def attempt_ended(self, action_id: Any, action: Any, attempt: int, outcome: str,
                       value: Any) -> None:
         if outcome == "ok":
+            self.failing.pop(action_id, None)
             self.count("results:ok")
             self.check_result(action, value)
             self.deliver(action_id, value, "")
@@ -298,7 +344,12 @@ class Run(Verifier):
             return
         self.count(f"results:{outcome}")
         kind = type(action).__qualname__
-        self.fault(f"{kind} {action_id!r} attempt {attempt}: {outcome}")
+        if outcome == "raised":
+            self.note("raised", action_id, value)
+        else:
+            self.fault(f"{kind} {action_id!r} attempt {attempt}: {outcome}")
+        n = self.failing.get(action_id, (0, ""))[0] + 1
+        self.failing[action_id] = (n, f"{outcome}: {short(value, 80)}")
         spec = self.s.executor_for(type(action))
         policy = spec.retry
         if policy.max_attempts is not None and attempt >= policy.max_attempts:
@@ -306,6 +357,7 @@ class Run(Verifier):
             result = spec.on_exhausted(action, value)
             self.check_result(action, result)
             self.count("results:exhausted")
+            self.failing.pop(action_id, None)
             self.note("exhausted", action_id, result)
             self.deliver(action_id, result, "")
             return
@@ -387,6 +439,8 @@ class Run(Verifier):
         self.note("start", engine.seq, emitted)
         if self.checks.invariants:
             check_invariants(self.s.invariants, engine.state)
+        if self.s.effects and self.inc > 1:
+            self.check_effects()
         self.dispatch(release)
         # A client resends, with its key, every submit it got no answer for.
         for item in sorted(self.unacked.values(), key=lambda i: i.n):
@@ -464,6 +518,8 @@ class Run(Verifier):
                 self.live.pop(inp.id, None)  # type: ignore[union-attr]
             for action in step.actions:
                 if isinstance(action, Tracked):
+                    if checks.ids:
+                        self.check_id(action, inp)
                     self.live[action.id] = action.action
             if item.key is not None:
                 if checks.idempotency and item.key in self.keys_live:
@@ -488,6 +544,26 @@ class Run(Verifier):
         else:
             self.failed(item, step, pending, pre, before)
             answered.append(item)
+
+    def check_id(self, action: Tracked[Any, Any], inp: Any) -> None:
+        """An emitted tracked id must not be in flight: not released and uncompleted, nor
+        emitted by an accepted step not yet committed (the engine would not dispatch it)."""
+        engine = self.engine
+        flying = action.id in engine.in_flight
+        for step in engine.pending:
+            if isinstance(step.input, TrackedActionCompleted) and step.input.id == action.id:
+                flying = False
+            for other in step.actions:
+                if other is action:
+                    break
+                if isinstance(other, Tracked) and other.id == action.id:
+                    flying = True
+        if flying:
+            raise Violation("ids", f"id collision: {short(inp)} emitted {short(action)}, but a "
+                            f"tracked action with id {action.id!r} is already in flight "
+                            f"({short(self.live.get(action.id, engine.in_flight.get(action.id)))})"
+                            ". The Runtime does not dispatch an id that is in flight, so this "
+                            "action never runs: give every tracked action a fresh id")
 
     def failed(self, item: _Item, step: Failed, pending: bool, pre: Any, before: Any) -> None:
         engine, checks, tools = self.engine, self.checks, self.s.tools
@@ -581,7 +657,8 @@ class Run(Verifier):
             self.store.fail_next_commits = 1
         try:
             run_sync(self.store.commit(self.s.key, expected_seq=write.expected_seq, seq=write.seq,
-                                       entries=write.entries, checkpoint=write.checkpoint),
+                                       entries=write.entries, checkpoint=write.checkpoint,
+                                       **({"keep_journal": True} if write.keep_journal else {})),
                      "MemoryStore.commit")
         except StoreUnavailable:
             # The Runtime stops on a store failure; its process is restarted.
@@ -595,15 +672,29 @@ class Run(Verifier):
         counts["commits"] = counts.get("commits", 0) + 1
         counts["transitions"] = counts.get("transitions", 0) + len(steps)
         self.note("commit", (write.expected_seq, write.seq), write.checkpoint is not None)
+        owed, done = self.owed, self.done
         for step in steps:
             if isinstance(step.input, TrackedActionCompleted):
                 self.durable.pop(step.input.id, None)
+                if owed.pop(step.input.id, None) is not None:
+                    done[step.input.id] = self.step
+                    self.completions[step.input.id] = self.completions.get(step.input.id, 0) + 1
             for action in step.actions:
                 if isinstance(action, Tracked):
                     self.durable[action.id] = action.action
+                    owed[action.id] = action.action
+                else:
+                    self.emitted_untracked.append((step.seq, action.action))
             if step.idempotency_key is not None:
                 self.keys_durable[step.idempotency_key] = step.seq
         if "after-commit" in plan.crash_points and self.chance(plan.crash):
+            # Between the commit and the handlers: the committed untracked actions are lost.
+            lost = [(s.seq, a.action) for s in steps for a in s.actions
+                    if not isinstance(a, Tracked)]
+            if lost:
+                self.lost_untracked.extend(lost)
+                self.fault(f"{len(lost)} untracked action(s) lost: "
+                           f"{short([a for _, a in lost], 120)}")
             self.crash("after-commit")
             return True
         release = engine.committed(steps)
@@ -613,36 +704,116 @@ class Run(Verifier):
             self.probe_restore()
         return False
 
+    def effects(self) -> Effects:
+        """The untracked actions of the run so far, for the user's effect checks."""
+        return Effects(tuple(self.emitted_untracked), tuple(self.handled_untracked),
+                       tuple(self.lost_untracked), self.engine.state)
+
+    def check_effects(self) -> None:
+        effects = self.effects()
+        for fn in self.s.effects:
+            try:
+                verdict = fn(effects)
+            except Exception as e:
+                raise Violation("effects", f"{name_of(fn)} raised {e!r}") from e
+            if verdict is None or verdict is True:
+                continue
+            raise Violation("effects", f"{name_of(fn)} returned False" if verdict is False
+                            else f"{name_of(fn)}: {verdict}")
+
     # -- the end: liveness ------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Faults off, no new inputs, clock forward: everything pending must complete."""
+        """Faults off, no new inputs, clock forward: everything pending must complete, and the
+        final state must hold no pending work that nothing executes.
+
+        Gives up, as a liveness failure, when one action fails ``DRAIN_FAILED_ATTEMPTS``
+        attempts in a row or ``DRAIN_EVENTS`` events pass (work that never finishes)."""
         self.phase = "drain"
         self.plan = self.plan.quiet
-        self.note("drain", len(self.durable))
+        waiting = {**self.owed, **self.durable}
+        # An action completes when a result for it is committed, even if that transition emits
+        # the same id again (a timer re-armed under its own id).
+        completions = self.completions
+        base = {i: completions.get(i, 0) for i in waiting}
+        self.note("drain", len(waiting))
         self.heap = [e for e in self.heap if e[2] != _ARRIVE]
         heapq.heapify(self.heap)
-        waiting = dict(self.durable)
-        limit = self.step + 1000 + 20 * len(waiting)
-        while waiting and self.step < limit and (self.queue or self.heap):
+        self.failing.clear()
+        events = 0
+        stuck: Any = None
+        while waiting and (self.queue or self.heap):
+            if events >= DRAIN_EVENTS:
+                break
+            stuck = next((i for i, (n, _) in self.failing.items()
+                          if n >= DRAIN_FAILED_ATTEMPTS and i in waiting), None)
+            if stuck is not None:
+                break
+            events += 1
             if self.queue and not self.busy():
                 self.batch()
             else:
                 self.advance()
-            for action_id in [i for i in waiting if i not in self.durable]:
+            for action_id in [i for i in waiting if completions.get(i, 0) > base[i]
+                              or (i not in self.owed and i not in self.durable)]:
                 del waiting[action_id]
-        if not waiting:
-            return
+        if waiting:
+            self.stuck(waiting, stuck, events)
+        # Let work emitted during the phase finish too (not judged: a periodic timer never does),
+        # so that the final state is as settled as the machine lets it be.
+        while (self.owed or self.queue) and (self.queue or self.heap) \
+                and events < DRAIN_EVENTS + _SETTLE_EVENTS:
+            events += 1
+            if self.queue and not self.busy():
+                self.batch()
+            else:
+                self.advance()
+        self.check_settled()
+
+    def stuck(self, waiting: dict[Any, Any], stuck: Any, events: int) -> None:
         lines = []
         for action_id, action in waiting.items():
+            failing = self.failing.get(action_id)
             if action_id in self.refused:
                 why = (f"its result was refused at step {self.refused[action_id]} and the "
                        "Runtime dropped it")
             elif action_id not in self.engine.in_flight:
-                why = "nothing is executing it (not in flight)"
+                why = ("nothing is executing it (not in flight): restore did not re-emit it "
+                       "after a restart" if self.inc > 1 else
+                       "nothing is executing it (not in flight)")
+            elif failing is not None and failing[0] >= DRAIN_FAILED_ATTEMPTS:
+                why = (f"work never finishes: {failing[0]} attempts in a row failed with faults "
+                       f"off (last: {failing[1]}); an attempt timeout shorter than the "
+                       "executor's latency, or an executor that always raises, retried forever")
+            elif failing is not None:
+                why = (f"still in flight after {events} events, {failing[0]} failed attempt(s) "
+                       f"in a row (last: {failing[1]})")
             else:
-                why = "still in flight when the drain gave up"
+                why = f"still in flight when the drain gave up after {events} events"
             lines.append(f"{action_id!r} ({short(action)}): {why}")
         raise Violation("liveness", "with faults off and the clock run forward, these tracked "
-                                    "actions never completed:\n" + "\n".join(lines))
+                                    "actions never completed (work never finishes):\n"
+                        + "\n".join(lines))
 
+    def check_settled(self) -> None:
+        """Restore on the final state must re-emit only work still in flight: an action whose
+        result was committed but that the state still holds as pending is work that only a
+        restart re-sends, and then every time."""
+        actions: ActionList[Any, Any, Any] = ActionList()
+        try:
+            run_sync(self.s.machine.restore(self.engine.state, actions), "restore")
+        except Exception as e:
+            raise Violation("liveness", f"restore raised {e!r} on the final state") from e
+        stale = [a for a in actions if isinstance(a, Tracked) and a.id not in self.owed
+                 and a.id not in self.engine.in_flight]
+        if stale:
+            lines = []
+            for a in stale:
+                when = (f"its result was committed at step {self.done[a.id]}"
+                        if a.id in self.done else "it was never emitted")
+                lines.append(f"{a.id!r} ({short(a.action)}): {when}, yet the state still holds "
+                             "it as pending, so it never finishes (restore re-sends it after "
+                             "every restart)")
+            raise Violation("liveness", "after the liveness phase, restore on the final state "
+                            "re-emits tracked actions that nothing is waiting for:\n"
+                            + "\n".join(lines))

@@ -447,6 +447,82 @@ async def check_unicode_keys(suite: _Suite) -> None:
         await store.release("")
 
 
+async def check_keys(suite: _Suite) -> None:
+    """``keys`` lists exactly the committed keys, sorted by code point, a page at a time: keys
+    of every shape (unicode, long ones a backend may hash), never a key only acquired."""
+    prefix = suite.key("list/")
+    names = ["b", "a", "ключ", "日本", "Z", "a/b", "", "x" * 300, "é", "\U0001f511"]
+    keys = [prefix + n for n in names]
+    async with suite.opened() as store:
+        await _raises(ValueError, store.keys(limit=0), "keys(limit=0)")
+        for i, key in enumerate(keys):
+            if i % 2:
+                await store.commit(key, expected_seq=0, seq=1, checkpoint=b"c")
+            else:
+                await store.commit(key, expected_seq=0, seq=2, entries=[b"e1", b"e2"])
+        await store.acquire(prefix + "only-acquired")
+        want = sorted(keys)
+        for reopen in (False, True):
+            if reopen and not suite.durable:
+                break
+            if reopen:
+                await store.close()
+                store = await suite.make_store()
+                await store.open()
+            listed: list[str] = []
+            after = prefix[:-1]  # just before every key under the prefix, "" included
+            while True:
+                page = await store.keys(after=after, limit=3)
+                _check(page == sorted(page) and all(k > after for k in page),
+                       f"keys(after={after!r}, limit=3) returned {page!r}: not sorted after it")
+                _check(len(page) <= 3, f"keys(limit=3) returned {len(page)} keys")
+                mine = [k for k in page if k.startswith(prefix)]
+                listed += mine
+                if len(page) < 3 or any(k > prefix and not k.startswith(prefix) for k in page):
+                    break
+                after = page[-1]
+            _check(listed == want, f"keys listed {listed!r} under the suite's prefix, expected "
+                   f"{want!r}{' after a reopen' if reopen else ''}")
+        everything = await store.keys(limit=10**9)
+        _check(set(want) <= set(everything) and everything == sorted(everything),
+               "keys() without after must list every committed key, sorted")
+        await store.close()
+
+
+async def check_history(suite: _Suite) -> None:
+    """A checkpoint with ``keep_journal`` keeps the entries it covers for ``history`` (``load``
+    still returns only what follows it); one without drops them all."""
+    key = suite.key("history")
+    e = [f"entry {i}".encode() for i in range(8)]
+    async with suite.opened() as store:
+        _check(await store.history(key) == (), "history of a key never committed must be ()")
+        await _raises(ValueError, store.commit(key, expected_seq=0, seq=1, checkpoint=b"c",
+                                               keep_journal=True),
+                      "keep_journal without the commit's entries")
+        await store.commit(key, expected_seq=0, seq=2, entries=e[1:3])
+        await store.commit(key, expected_seq=2, seq=3, entries=e[3:4], checkpoint=b"cp3",
+                           keep_journal=True)
+        await store.commit(key, expected_seq=3, seq=5, entries=e[4:6])
+    for reopen in (False, True):
+        if reopen and not suite.durable:
+            break
+        async with suite.opened() as store:
+            _expect(await store.load(key), 5, b"cp3", 3, [(4, e[4]), (5, e[5])],
+                    "load after a checkpoint that kept its journal")
+            got = [(s, bytes(d)) for s, d in await store.history(key)]
+            _check(got == [(i, e[i]) for i in range(1, 6)],
+                   f"history returned seqs {[s for s, _ in got]}, expected 1..5")
+    async with suite.opened() as store:
+        await store.commit(key, expected_seq=5, seq=6, entries=e[6:7], checkpoint=b"cp6",
+                           keep_journal=True)
+        seqs = [s for s, _ in await store.history(key)]
+        _check(seqs == [1, 2, 3, 4, 5, 6], f"history after a second kept checkpoint: {seqs}")
+        await store.commit(key, expected_seq=6, seq=7, checkpoint=b"cp7")
+        _expect(await store.load(key), 7, b"cp7", 7, [], "load after a checkpoint")
+        seqs = [s for s, _ in await store.history(key)]
+        _check(seqs == [], f"a checkpoint without keep_journal must drop the history, got {seqs}")
+
+
 async def check_tiny_state(suite: _Suite) -> None:
     """A one-byte and an empty checkpoint, and an empty entry, are kept as given."""
     async with suite.opened() as store:
@@ -489,6 +565,8 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "big_checkpoint": check_big_checkpoint,
     "many_keys": check_many_keys,
     "unicode_keys": check_unicode_keys,
+    "keys": check_keys,
+    "history": check_history,
     "tiny_state": check_tiny_state,
     "close_twice": check_close_twice,
 }
@@ -591,6 +669,12 @@ class StoreConformance:
 
     async def test_unicode_keys(self) -> None:
         await self._run_check("unicode_keys")
+
+    async def test_keys(self) -> None:
+        await self._run_check("keys")
+
+    async def test_history(self) -> None:
+        await self._run_check("history")
 
     async def test_tiny_state(self) -> None:
         await self._run_check("tiny_state")

@@ -165,6 +165,13 @@ class _Lenient(MemoryStore):
         return await super().load(key)
 
 
+class _Unsorted(MemoryStore):
+    """Lists keys in the order they were made, not sorted."""
+
+    async def keys(self, after: str | None = None, limit: int = 1000) -> list[str]:
+        return [k for k in self._keys() if after is None or k > after][:limit]
+
+
 class _Forgetful(MemoryStore):
     """Drops the journal tail it cannot read instead of raising StoreCorrupt."""
 
@@ -181,6 +188,7 @@ class _Forgetful(MemoryStore):
     (_Shared, "acquire"),
     (_Forgetful, "corruption"),
     (_Lenient, "lost_checkpoint"),
+    (_Unsorted, "keys"),
 ])
 async def test_check_store_names_the_failed_check(store_class: type[MemoryStore],
                                                   check: str) -> None:

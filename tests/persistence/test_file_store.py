@@ -599,3 +599,50 @@ async def test_two_processes_after_the_lock_file_was_deleted(tmp_path: Path) -> 
         got = await store.load(KEY)
         assert got is not None and got.seq == 8 and got.journal[-1] == (8, b"parent8")
         await store.close()
+
+
+# -- listing keys and kept history -------------------------------------------------------------
+
+
+async def test_a_long_key_written_by_an_older_fasm_is_listed_after_its_next_commit(
+        tmp_path: Path) -> None:
+    """An h- directory holds the key's name since keys() was added; one made before (no name
+    file) still loads, and is listed once it is written again."""
+    long = "x" * 300
+    store = await opened(tmp_path)
+    await store.commit(long, expected_seq=0, seq=1, entries=[b"one"])
+    await store.commit(KEY, expected_seq=0, seq=1, entries=[b"one"])
+    assert await store.keys() == [KEY, long]
+    await store.close()
+    (key_dir(tmp_path, long) / "key").unlink()  # as an older fasm left it
+    store = await opened(tmp_path)
+    assert await store.keys() == [KEY]
+    got = await store.load(long)
+    assert got is not None and got.seq == 1
+    await store.commit(long, expected_seq=1, seq=2, entries=[b"two"])
+    assert await store.keys() == [KEY, long]
+    await store.close()
+
+
+async def test_a_key_only_acquired_is_not_listed(tmp_path: Path) -> None:
+    store = await opened(tmp_path)
+    await store.acquire(KEY)
+    assert await store.keys() == []
+    await store.close()
+
+
+async def test_kept_segments_are_not_read_by_load(tmp_path: Path) -> None:
+    """A segment a checkpoint kept is history: damage in it fails history(), never load()."""
+    store = await opened(tmp_path)
+    await store.commit(KEY, expected_seq=0, seq=2, entries=[b"one", b"two"])
+    await store.commit(KEY, expected_seq=2, seq=3, entries=[b"three"], checkpoint=b"cp",
+                       keep_journal=True)
+    await store.commit(KEY, expected_seq=3, seq=4, entries=[b"four"])
+    await store.close()
+    flip_file_byte(segment(tmp_path, 1), FRAME_HEADER + 1)
+    store = await opened(tmp_path)
+    got = await store.load(KEY)
+    assert got is not None and got.checkpoint == b"cp" and [s for s, _ in got.journal] == [4]
+    with pytest.raises(StoreCorrupt):
+        await store.history(KEY)
+    await store.close()

@@ -11,7 +11,7 @@ import pytest
 
 import fasm.testing
 from fasm import DefinitionError, FasmError
-from fasm.runtime import RetryPolicy
+from fasm.runtime import ActionContext, RetryPolicy
 from fasm.testing import (
     Checks,
     FaultPlan,
@@ -35,6 +35,9 @@ from tests.testing.machines import (
     desk_sim,
     stock_is_conserved,
 )
+
+CTX = ActionContext(machine_key="sim", action_id=1, idempotency_key="sim/m/sim/1", attempt=1,
+                    deadline=None)
 
 
 def test_public_names_are_exported_with_public_modules() -> None:
@@ -74,8 +77,9 @@ def test_sim_executor_options() -> None:
         seen.append(rng.random())
         return Shipped()
 
-    assert SimExecutor(with_rng).produce(Ship(1), random.Random(0)) == Shipped()
-    assert seen and SimExecutor(lambda a: Lost("y")).produce(Ship(1), random.Random(0)) == Lost("y")
+    assert SimExecutor(with_rng).produce(Ship(1), random.Random(0), CTX) == Shipped()
+    lost = SimExecutor(lambda a: Lost("y"))
+    assert seen and lost.produce(Ship(1), random.Random(0), CTX) == Lost("y")
 
 
 def test_executor_table_is_checked_like_the_runtimes() -> None:

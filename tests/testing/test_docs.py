@@ -57,3 +57,13 @@ def test_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
                 "sim, all checks"):
         assert row in out
     assert "clinic bookings (larger)" in out and "seed PaymentMachine" in out
+
+
+def test_the_shrink_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import bench_shrink
+
+    bench_shrink.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "shrunk to" in out and "wallet: rare double refund" in out
+    shown = {m["name"]: m["text"] for m in _OUTPUT.finditer(DOC)}["bench/bench_shrink.py"]
+    assert shown.splitlines()[0] == out.splitlines()[0]

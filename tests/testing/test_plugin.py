@@ -63,6 +63,22 @@ def test_defaults_then_replay_the_failing_seed(sims: Path) -> None:
     assert "1 seed(s) x 200 steps" in again.stdout
 
 
+def test_replay_line_works_from_the_directory_pytest_ran_in(tmp_path: Path) -> None:
+    # rootdir is tmp_path (its pytest.ini); pytest runs in tmp_path/sub, where node ids still
+    # start with "sub/".
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "test_sims.py").write_text(SIMS)
+    run = _pytest(sub, "test_sims.py::test_broken")
+    found = re.search(r"replay: (pytest (\S+) --fasm-seed=(\d+))", run.stdout)
+    assert found, run.stdout
+    assert found.group(2) == "test_sims.py::test_broken"
+    args = found.group(1).split()[1:]
+    again = _pytest(sub, *args)
+    assert f"failed at seed {found.group(3)}, " in again.stdout, again.stdout
+
+
 class _Config:
     """Just enough of pytest.Config for SimRunner: the options and no terminal reporter."""
 
