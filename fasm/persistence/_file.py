@@ -113,8 +113,9 @@ def key_file_name(key: str) -> str:
     return "h-" + hashlib.sha256(raw).hexdigest()
 
 
-def try_flock(path: Path) -> int | None:
-    """Open ``path`` (creating it) and take an exclusive, non-blocking ``flock`` on it.
+def try_flock(path: Path, *, shared: bool = False) -> int | None:
+    """Open ``path`` (creating it) and take an exclusive (or ``shared``), non-blocking ``flock``
+    on it.
 
     Returns the file descriptor holding the lock, or None when another open file (in this process
     or another) holds it. The kernel releases the lock when the descriptor is closed, including
@@ -122,7 +123,7 @@ def try_flock(path: Path) -> int | None:
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
