@@ -476,7 +476,7 @@ async def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     (key_dir(tmp_path) / "manifest").unlink()  # what format 1 wrote
     (tmp_path / "FASM-STORE").write_text("fasm file store 1\n", encoding="utf-8")
     store = await opened(tmp_path)
-    assert (tmp_path / "FASM-STORE").read_text(encoding="utf-8") == "fasm file store 2\n"
+    assert (tmp_path / "FASM-STORE").read_text(encoding="utf-8") == "fasm file store 3\n"
     got = await store.load(KEY)
     assert got is not None and (got.seq, got.checkpoint, got.journal) == (
         6, b"c3", ((4, b"4"), (5, b"5"), (6, b"6")))
