@@ -421,6 +421,22 @@ async def check_in_flight(suite: _Suite) -> None:
             await flags(store, "after reopening", {a: False, b: True, c: True})
 
 
+async def check_in_flight_many_keys(suite: _Suite) -> None:
+    """keys_in_flight finds exactly the marked keys among many, committed in groups."""
+    keys = [suite.key(f"busy-{i:04d}") for i in range(600)]
+    async with suite.opened() as store:
+        await store.acquire_all()
+        for start in range(0, len(keys), 100):
+            await store.commit_many([KeyCommit(k, 0, 1, [b"e"], in_flight=(i % 20 == 0))
+                                     for i, k in enumerate(keys[start:start + 100], start)])
+        await store.commit_many([KeyCommit(keys[0], 1, 2, [b"f"], in_flight=False),
+                                 KeyCommit(keys[1], 1, 2, [b"f"], in_flight=True)])
+        want = sorted([keys[1], *(k for i, k in enumerate(keys) if i % 20 == 0 and i)])
+        got = [k for k in await store.keys_in_flight() if k.startswith(suite.key("busy-"))]
+        _check(got == want, f"keys_in_flight found {len(got)} of {len(keys)} keys "
+                            f"({got[:3]}...), expected the {len(want)} marked ({want[:3]}...)")
+
+
 async def check_acquire_all(suite: _Suite) -> None:
     """acquire_all conflicts both ways with another object's acquire; it lets commit_many
     write keys never acquired one by one; release_all and close give it up."""
@@ -628,6 +644,7 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "acquire": check_acquire,
     "commit_many": check_commit_many,
     "in_flight": check_in_flight,
+    "in_flight_many_keys": check_in_flight_many_keys,
     "acquire_all": check_acquire_all,
     "corruption": check_corruption,
     "lost_checkpoint": check_lost_checkpoint,
@@ -727,6 +744,9 @@ class StoreConformance:
 
     async def test_in_flight(self) -> None:
         await self._run_check("in_flight")
+
+    async def test_in_flight_many_keys(self) -> None:
+        await self._run_check("in_flight_many_keys")
 
     async def test_acquire_all(self) -> None:
         await self._run_check("acquire_all")
