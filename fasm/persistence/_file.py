@@ -929,8 +929,8 @@ class FileStore:
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``, another store object holds
-                the key (or the whole store), or the lock file this object held was deleted or replaced; nothing
-                written.
+                the key (or the whole store), or the lock file this object held was deleted or
+                replaced; nothing written.
             StoreUnavailable: the write failed (disk full, I/O error); nothing committed.
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.
