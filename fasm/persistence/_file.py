@@ -84,6 +84,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
+from ._file_redo import decode_group as _decode_group
+from ._file_redo import encode_group as _encode_group
 from ._store import KeyCommit, StoredRecords, check_commit_args, check_many_args, not_held
 from ._worker import Worker
 
@@ -98,8 +100,6 @@ _ALL_LOCK = "FASM-STORE-ALL"  # flock'd exclusive by acquire_all, shared by hold
 _GROUP_LOCK = "FASM-STORE-GROUP"  # flock'd by a group commit and by the replay of its record
 _REDO = "FASM-STORE-REDO"  # the record of the group commit being applied
 _IN_FLIGHT = "FASM-STORE-IN-FLIGHT"  # the in-flight index: one file per marked key
-_REDO_MAGIC = b"FRDO"
-_REDO_HEAD = struct.Struct(">4sHQI")  # magic, version, payload length, payload crc
 _IDENTITY_NAME = "FASM-STORE-ID"  # starts with the marker's name: not "other files" at open
 _MANIFEST = "manifest"
 _MANIFEST_MAGIC = b"FMAN"
@@ -259,56 +259,6 @@ class _Part:
                 pass
         if self.temporary is not None:
             self.temporary.close()
-
-
-_U32 = struct.Struct(">I")
-_PART = struct.Struct(">QQbBQI")  # expected seq, seq, in_flight (-1: None), has ckpt, len, n
-
-
-def _encode_group(commits: Sequence[KeyCommit]) -> bytes:
-    out = [_U32.pack(len(commits))]
-    for c in commits:
-        key = c.key.encode("utf-8")
-        flag = -1 if c.in_flight is None else int(c.in_flight)
-        ckpt = b"" if c.checkpoint is None else bytes(c.checkpoint)
-        out += [_U32.pack(len(key)), key,
-                _PART.pack(c.expected_seq, c.seq, flag, c.checkpoint is not None, len(ckpt),
-                           len(c.entries)), ckpt]
-        for e in c.entries:
-            out += [_U32.pack(len(e)), bytes(e)]
-    return b"".join(out)
-
-
-def _decode_group(data: bytes) -> list[KeyCommit] | None:
-    """The parts of a redo record, or None when it is torn or fails its checksums."""
-    size = _REDO_HEAD.size
-    if len(data) < size + _CRC or _crc(data[:size]) != int.from_bytes(data[size:size + _CRC],
-                                                                      "big"):
-        return None
-    magic, version, length, crc = _REDO_HEAD.unpack(data[:size])
-    payload = data[size + _CRC:]
-    if magic != _REDO_MAGIC or version != _VERSION or len(payload) != length or _crc(
-            payload) != crc:
-        return None
-    view = memoryview(payload)
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        pos += n
-        return bytes(view[pos - n:pos])
-
-    (count,) = _U32.unpack(take(4))
-    commits = []
-    for _ in range(count):
-        (klen,) = _U32.unpack(take(4))
-        key = take(klen).decode("utf-8")
-        expected, seq, flag, has_ckpt, clen, n = _PART.unpack(take(_PART.size))
-        ckpt = take(clen) if has_ckpt else None
-        entries = tuple(take(_U32.unpack(take(4))[0]) for _ in range(n))
-        commits.append(KeyCommit(key, expected, seq, entries, ckpt,
-                                 None if flag < 0 else bool(flag)))
-    return commits
 
 
 @dataclass(slots=True)
@@ -1133,8 +1083,7 @@ class FileStore:
         return new
 
     def _write_redo(self, commits: Sequence[KeyCommit]) -> None:
-        payload = _encode_group(commits)
-        head = _sealed(_REDO_HEAD.pack(_REDO_MAGIC, _VERSION, len(payload), _crc(payload)))
+        head, payload = _encode_group(commits)
         tmp = self._root / f"{_REDO}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
