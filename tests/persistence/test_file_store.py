@@ -672,3 +672,19 @@ async def test_a_format_2_store_opens_with_no_key_in_flight(tmp_path: Path) -> N
     assert got is not None and got.seq == 6 and not got.in_flight
     assert await store.keys_in_flight() == []
     await store.close()
+
+
+async def test_an_unacquired_commit_is_refused_while_another_object_holds_the_store(
+        tmp_path: Path) -> None:
+    a, b = await opened(tmp_path), await opened(tmp_path)
+    await a.acquire_all()
+    with pytest.raises(StoreConflict, match="acquire_all"):
+        await b.commit("k", expected_seq=0, seq=1, entries=[b"x"])
+    with pytest.raises(StoreConflict, match="acquire_all"):
+        await b.commit("k", expected_seq=0, seq=1, entries=[b"x"], in_flight=True)
+    assert await a.load("k") is None
+    await a.release_all()
+    await b.commit("k", expected_seq=0, seq=1, entries=[b"x"], in_flight=True)
+    assert await a.keys_in_flight() == ["k"]
+    await a.close()
+    await b.close()
