@@ -720,12 +720,23 @@ class PostgresStore:
         try:
             conn.execute("BEGIN")
             try:
-                for c in sorted(commits, key=lambda c: self._xact_key(c.key)):
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._xact_key(c.key))
+                if len(commits) == 1:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                                 self._xact_key(first.key))
+                    row = conn.execute(sql.SQL("SELECT key, seq FROM {} WHERE key = %s FOR "
+                                               "UPDATE").format(self._keys),
+                                       (first.key,)).fetchone()
+                    stored = {} if row is None else {row[0]: row[1]}
+                else:  # one round trip each for the locks (in a fixed order) and the fences
+                    conn.execute(
+                        "SELECT count(pg_advisory_xact_lock(%s, k)) FROM (SELECT k FROM "
+                        "unnest(%s::int[]) AS k ORDER BY k) AS ordered",
+                        (self._ns, sorted(self._xact_key(c.key)[1] for c in commits)))
+                    stored = dict(conn.execute(
+                        sql.SQL("SELECT key, seq FROM {} WHERE key = ANY(%s) FOR UPDATE")
+                        .format(self._keys), ([c.key for c in commits],)).fetchall())
                 for c in commits:
-                    row = conn.execute(sql.SQL("SELECT seq FROM {} WHERE key = %s FOR UPDATE")
-                                       .format(self._keys), (c.key,)).fetchone()
-                    current = 0 if row is None else row[0]
+                    current = stored.get(c.key, 0)
                     if current != c.expected_seq:
                         raise StoreConflict(f"stale writer: stored seq is {current}, writer "
                                             f"expected {c.expected_seq}", store=self.description,
