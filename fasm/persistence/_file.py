@@ -54,7 +54,7 @@ the commit point. Then each key's part is applied as a plain commit (journal app
 together at the end) and the in-flight index updated, and the record is deleted. A crash before
 the rename leaves no record (or a torn ``.tmp``, ignored and deleted): nothing of the group is
 visible, as no key was touched. A crash after it leaves the record, which the next ``open``,
-``acquire``, ``acquire_all``, group commit or unacquired ``commit`` (in any process, under the
+``acquire``, ``acquire_all`` or commit (in any process, under the
 group lock) replays: a key still at its ``expected_seq`` (a torn append is cut off first) gets
 its part, a key at ``seq`` already has it. The in-flight index is the directory
 ``FASM-STORE-IN-FLIGHT``: one file per marked key, named like its key directory and holding
@@ -916,7 +916,7 @@ class FileStore:
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
                      checkpoint: bytes | None) -> None:
         self._check_open(key)
-        if key not in self._held and os.path.exists(self._root / _REDO):
+        if os.path.exists(self._root / _REDO):  # a group a crash (or a failing disk) left
             self._replay()
         with self._mutex(key):
             hold = self._held.get(key)
@@ -1060,7 +1060,10 @@ class FileStore:
                     f"the group commit is recorded but applying it failed ({e}): it will be "
                     "applied by the next open, acquire or group commit, as after a crash",
                     store=self.description) from e
-            os.unlink(self._root / _REDO)  # applied and durable: the record is not needed
+            try:
+                os.unlink(self._root / _REDO)  # applied and durable: the record is not needed
+            except OSError:
+                pass  # replaying it changes nothing: every part is at its seq already
             for part in parts:
                 assert part.new is not None
                 self._update_manifest(part.kdir, part.new)
@@ -1142,6 +1145,7 @@ class FileStore:
         if commits is None:  # fsync'd before its rename: damaged afterwards
             raise StoreCorrupt(f"{_REDO}: the record of a committed group fails its checksum",
                                store=self.description)
+        ours = []  # the parts no later commit has overwritten: their marks are the group's
         for c in commits:
             kdir = self._key_dir(c.key, create=True)
             dir_fd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1156,13 +1160,16 @@ class FileStore:
                     new = self._apply(c, kdir, tail, sync=True)
                     new.close()
                     self._update_manifest(kdir, new)
-                elif not c.seq <= tail.seq:
+                    ours.append(c)
+                elif tail.seq == c.seq:  # applied; its mark may not be (every commit that
+                    ours.append(c)      # changes a mark also moves the seq on)
+                elif not c.seq < tail.seq:
                     raise StoreCorrupt(f"{_REDO}: a committed group moves the key from seq "
                                        f"{c.expected_seq} to {c.seq}, but it is at {tail.seq}",
                                        store=self.description, key=c.key, seq=tail.seq)
             finally:
                 os.close(dir_fd)
-        self._set_marks(commits)
+        self._set_marks(ours)
         os.unlink(path)
         self._sync_dir(self._root)
 

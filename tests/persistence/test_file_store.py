@@ -688,3 +688,21 @@ async def test_an_unacquired_commit_is_refused_while_another_object_holds_the_st
     assert await a.keys_in_flight() == ["k"]
     await a.close()
     await b.close()
+
+
+async def test_replaying_an_old_record_leaves_later_marks_alone(tmp_path: Path) -> None:
+    """A record replayed after its keys moved on (say its deletion failed) changes nothing: the
+    marks of later commits stand."""
+    from fasm.persistence import KeyCommit
+
+    await _group_left_by_a_crash(tmp_path)
+    store = await opened(tmp_path)  # replays: a at 2 and b at 3, both in flight
+    await store.commit("a", expected_seq=2, seq=3, entries=[b"a3"], in_flight=False)
+    store._write_redo([KeyCommit("a", 1, 2, [b"a2"], in_flight=True),
+                       KeyCommit("b", 1, 3, checkpoint=b"b@3", in_flight=True)])
+    await store.close()
+    store = await opened(tmp_path)
+    got = await store.load("a")
+    assert got is not None and got.seq == 3 and not got.in_flight
+    assert await store.keys_in_flight() == ["b"]
+    await store.close()
