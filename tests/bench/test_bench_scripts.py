@@ -67,3 +67,11 @@ def test_bench_http_quick(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["1", "32", "32"], out  # the client counts; the restart
     assert "requests/s" in out and "backlog" in out and "restart with the backlog" in out
     assert not any(tmp_path.iterdir()), "the run left its files behind"
+
+
+@pytest.mark.slow
+def test_bench_multikey_quick(tmp_path: Path) -> None:
+    out = run("bench_multikey.py", "--quick", "--dir", str(tmp_path))
+    for line in ("1. commit_many of 64 keys", "sqlite", "file", "2. start-up", "20,000"):
+        assert line in out
+    assert not any(tmp_path.iterdir()), "the run left its files behind"
