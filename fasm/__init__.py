@@ -8,6 +8,8 @@ flight is lost. :mod:`fasm.testing` runs the same engine under seeded crashes an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._actions import Action as Action
 from ._actions import ActionList as ActionList
 from ._actions import ActionsContainer as ActionsContainer
@@ -30,6 +32,9 @@ from .errors import Rejected as Rejected
 from .errors import RestoreFailed as RestoreFailed
 from .errors import TransitionFailed as TransitionFailed
 
+if TYPE_CHECKING:
+    from .persistence._store import KeyCommit as KeyCommit
+
 __all__ = (
     "Action",
     "ActionList",
@@ -41,6 +46,7 @@ __all__ = (
     "FasmError",
     "Input",
     "InvalidInput",
+    "KeyCommit",
     "MachineTypes",
     "Normal",
     "Rejected",
@@ -58,7 +64,19 @@ __version__ = "0.1.0"
 
 # Show public names in tracebacks and reprs (anyio and trio do the same).
 for _name in __all__:
+    if _name not in globals():
+        continue  # loaded on first use (__getattr__ below)
     _obj = globals()[_name]
     if isinstance(_obj, type) and _obj.__module__.startswith("fasm._"):
         _obj.__module__ = "fasm"
 del _name, _obj
+
+
+def __getattr__(name: str) -> Any:
+    # The store's data types live in fasm.persistence, which imports anyio: load them only when
+    # asked, so that the core model stays free of I/O libraries.
+    if name == "KeyCommit":
+        from .persistence._store import KeyCommit
+
+        return KeyCommit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

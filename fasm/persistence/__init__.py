@@ -21,6 +21,7 @@ from ._kv import KV as KV
 from ._kv import Keyspace as Keyspace
 from ._memory import MemoryStore as MemoryStore
 from ._sqlite import SQLiteStore as SQLiteStore
+from ._store import KeyCommit as KeyCommit
 from ._store import Store as Store
 from ._store import StoredRecords as StoredRecords
 from ._txn import Database as Database
@@ -38,6 +39,7 @@ __all__ = (
     "Durability",
     "FileStore",
     "Journal",
+    "KeyCommit",
     "Keyspace",
     "MemoryStore",
     "PostgresDatabase",

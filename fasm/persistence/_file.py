@@ -47,6 +47,20 @@ Theory of operation (the rules live here and nowhere else):
   the first one wrote. Loads take no file lock: a load racing another process's checkpoint
   retries.
 
+Group commits (``commit_many``, and a ``commit`` that sets or clears the in-flight mark) are made
+atomic across keys by a redo record. Under ``FASM-STORE-GROUP`` (an flock) and every key's
+directory lock, with every key fenced, the whole group is written to ``FASM-STORE-REDO.tmp``
+with a checksummed header, fsync'd and renamed to ``FASM-STORE-REDO`` (root fsync'd): that is
+the commit point. Then each key's part is applied as a plain commit (journal appends synced
+together at the end) and the in-flight index updated, and the record is deleted. A crash before
+the rename leaves no record (or a torn ``.tmp``, ignored and deleted): nothing of the group is
+visible, as no key was touched. A crash after it leaves the record, which the next ``open``,
+``acquire``, ``acquire_all`` or commit (in any process, under the
+group lock) replays: a key still at its ``expected_seq`` (a torn append is cut off first) gets
+its part, a key at ``seq`` already has it. The in-flight index is the directory
+``FASM-STORE-IN-FLIGHT``: one file per marked key, named like its key directory and holding
+the key, so ``keys_in_flight`` lists the marked keys and never the others.
+
 Every file operation runs on the store's own worker thread, one hand-off per store call, so the
 event loop never waits on the disk and the store works on asyncio and trio alike (or, with
 ``inline=True``, on the event loop's thread). A held key's newest segment stays open between
@@ -56,6 +70,7 @@ timestamps) where the platform has it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -64,20 +79,37 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous, page_of
+from ._file_redo import decode_group as _decode_group
+from ._file_redo import encode_group as _encode_group
+from ._store import (
+    KeyCommit,
+    StoredRecords,
+    check_commit_args,
+    check_keys_args,
+    check_many_args,
+    contiguous,
+    not_held,
+    page_of,
+)
 from ._worker import Worker
 
 __all__ = ("FileStore",)
 
 _MARKER_NAME = "FASM-STORE"
-_MARKER_TEXT = "fasm file store 2\n"  # 2: per-key manifest, commits lock the key's directory
-_UPGRADABLE = ("fasm file store 1\n",)  # formats whose files are valid as they are under 2
+# 2: per-key manifest, commits lock the key's directory; 3: group commits (redo record) and the
+# in-flight index
+_MARKER_TEXT = "fasm file store 3\n"
+_UPGRADABLE = ("fasm file store 1\n", "fasm file store 2\n")  # valid as they are under 3
+_ALL_LOCK = "FASM-STORE-ALL"  # flock'd exclusive by acquire_all, shared by holders of keys
+_GROUP_LOCK = "FASM-STORE-GROUP"  # flock'd by a group commit and by the replay of its record
+_REDO = "FASM-STORE-REDO"  # the record of the group commit being applied
+_IN_FLIGHT = "FASM-STORE-IN-FLIGHT"  # the in-flight index: one file per marked key
 _IDENTITY_NAME = "FASM-STORE-ID"  # starts with the marker's name: not "other files" at open
 _MANIFEST = "manifest"
 _KEY_NAME = "key"  # in an h- directory: the key it is for (its name is a hash)
@@ -115,8 +147,9 @@ def key_file_name(key: str) -> str:
     return "h-" + hashlib.sha256(raw).hexdigest()
 
 
-def try_flock(path: Path) -> int | None:
-    """Open ``path`` (creating it) and take an exclusive, non-blocking ``flock`` on it.
+def try_flock(path: Path, *, shared: bool = False) -> int | None:
+    """Open ``path`` (creating it) and take an exclusive (or ``shared``), non-blocking ``flock``
+    on it.
 
     Returns the file descriptor holding the lock, or None when another open file (in this process
     or another) holds it. The kernel releases the lock when the descriptor is closed, including
@@ -124,7 +157,7 @@ def try_flock(path: Path) -> int | None:
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
@@ -212,6 +245,34 @@ def _file_id(st: os.stat_result) -> tuple[int, int]:
 
 
 @dataclass(slots=True)
+class _Part:
+    """One key's part of a group commit while it is made."""
+
+    commit: KeyCommit
+    kdir: Path
+    hold: _Hold | None
+    temporary: _Hold | None
+    locked: bool = False
+    old: _Tail | None = None
+    tail: _Tail | None = None
+    new: _Tail | None = None
+
+    def finish(self) -> None:
+        old, new = self.old, self.new
+        if old is not None and (new is None or old.fd != new.fd):
+            old.close()
+        if new is not None and self.temporary is not None:
+            new.close()
+        if self.locked and self.hold is not None:
+            try:
+                fcntl.flock(self.hold.dir_fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        if self.temporary is not None:
+            self.temporary.close()
+
+
+@dataclass(slots=True)
 class _Scan:
     tail: _Tail
     checkpoint_seq: int = 0
@@ -274,6 +335,9 @@ class FileStore:
         self._tails: dict[str, _Tail] = {}  # only for held keys: nobody else writes them
         self._durable_dirs: set[str] = set()  # keys whose directory entry we fsync'd
         self._identity: str | None = None
+        self._shared: int | None = None  # shared flock on FASM-STORE-ALL while keys are held
+        self._all: int | None = None  # exclusive flock on it, taken by acquire_all
+        self._group = threading.Lock()  # one group commit (or replay) at a time in this object
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self.inline:
@@ -330,10 +394,16 @@ class FileStore:
                     raise StoreCorrupt(f"unknown store format {text.strip()!r}",
                                        store=self.description)
             self._identity = self._read_identity()
+            (self._root / _IN_FLIGHT).mkdir(exist_ok=True)
         except OSError as e:
             raise StoreUnavailable(f"cannot open the store directory: {e}",
                                    store=self.description) from e
         self._open = True
+        try:
+            self._replay()  # a group commit that a crash interrupted after its commit point
+        except BaseException:
+            self._open = False
+            raise
 
     def _read_identity(self) -> str:
         """The identity in its file, made first when there is none: written to a temporary
@@ -381,10 +451,18 @@ class FileStore:
         with self._state:
             held, self._held = self._held, {}
             tails, self._tails = self._tails, {}
+            locks = [self._shared, self._all]
+            self._shared = self._all = None
         for tail in tails.values():
             tail.close()
         for hold in held.values():
             hold.close()  # closing the descriptor (or the process ending) frees the lock anyway
+        for fd in locks:
+            if fd is not None:
+                try:
+                    unflock(fd)
+                except OSError:
+                    pass
 
     def _check_open(self, key: str | None) -> None:
         if not self._open:
@@ -680,8 +758,9 @@ class FileStore:
                                        key=key) from e
             if checkpoint is None and not scan.entries:
                 return None
+            marked = os.path.exists(self._root / _IN_FLIGHT / key_file_name(key))
             return StoredRecords(scan.tail.seq, checkpoint, scan.checkpoint_seq,
-                                 tuple(scan.entries))
+                                 tuple(scan.entries), marked)
         if missing is not None:
             raise StoreCorrupt(missing.message, store=self.description, key=key,
                                seq=missing.seq)
@@ -751,8 +830,98 @@ class FileStore:
             if hold is None:
                 raise StoreConflict("key is held by another store object or process",
                                     store=self.description, key=key)
+            try:
+                if self._all is None and self._shared is None:
+                    self._shared = self._take_shared(key)
+            except BaseException:
+                hold.close()
+                raise
             with self._state:
                 self._held[key] = hold
+        if os.path.exists(self._root / _REDO):
+            self._replay()  # a crashed group commit may hold a part of this key
+
+    def _take_shared(self, key: str | None) -> int:
+        """A shared flock on the all-lock: refused while another object holds acquire_all."""
+        try:
+            fd = try_flock(self._root / _ALL_LOCK, shared=True)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot take the store's lock file: {e}",
+                                   store=self.description, key=key) from e
+        if fd is None:
+            raise StoreConflict("the whole store is held by another store object or process "
+                                "(acquire_all)", store=self.description, key=key)
+        return fd
+
+    async def acquire_all(self) -> None:
+        """Take exclusive use of every key: an exclusive ``flock`` on ``FASM-STORE-ALL``, which
+        every other object holding a key (or committing one it did not acquire) takes shared.
+
+        Raises:
+            StoreConflict: another store object or process holds the store or one of its keys.
+            StoreUnavailable: the store is closed or the lock file cannot be created.
+        """
+        await self._run(self._acquire_all_sync)
+
+    def _acquire_all_sync(self) -> None:
+        self._check_open("")
+        with self._state:
+            if self._all is not None:
+                return
+            shared, self._shared = self._shared, None
+        if shared is not None:  # our own shared lock would refuse our exclusive one
+            unflock(shared)
+        try:
+            fd = try_flock(self._root / _ALL_LOCK)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot take the store's lock file: {e}",
+                                   store=self.description) from e
+        if fd is None:
+            if self._held:
+                self._shared = try_flock(self._root / _ALL_LOCK, shared=True)
+            raise StoreConflict("another store object or process holds the store or one of "
+                                "its keys", store=self.description)
+        self._all = fd
+        self._replay()
+
+    async def release_all(self) -> None:
+        """Give up what :meth:`acquire_all` took (nothing if it is not held)."""
+        await self._run(self._release_all_sync)
+
+    def _release_all_sync(self) -> None:
+        with self._state:
+            fd, self._all = self._all, None
+        if fd is None:
+            return
+        try:
+            unflock(fd)
+        except OSError:
+            pass
+        if self._held and self._open:  # keys acquired one by one stay held
+            self._shared = try_flock(self._root / _ALL_LOCK, shared=True)
+
+    async def keys_in_flight(self) -> list[str]:
+        """Every key whose in-flight mark is set, sorted: the files of ``FASM-STORE-IN-FLIGHT``.
+
+        Raises:
+            StoreUnavailable: the directory cannot be read.
+        """
+        return await self._run(self._keys_in_flight_sync)
+
+    def _keys_in_flight_sync(self) -> list[str]:
+        self._check_open("")
+        index = self._root / _IN_FLIGHT
+        keys = []
+        try:
+            for name in os.listdir(index):
+                if not name.endswith(".tmp"):
+                    keys.append((index / name).read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            pass  # a mark deleted while we listed
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreUnavailable(f"cannot read the in-flight index: {e}",
+                                   store=self.description) from e
+        return sorted(keys)
 
     @staticmethod
     def _take(kdir: Path) -> _Hold | None:
@@ -795,10 +964,18 @@ class FileStore:
         with self._mutex(key), self._state:
             hold = self._held.pop(key, None)
             tail = self._tails.pop(key, None)
+            shared = None
+            if not self._held:
+                shared, self._shared = self._shared, None
         if tail is not None:
             tail.close()
         if hold is not None:
             hold.close()
+        if shared is not None:
+            try:
+                unflock(shared)
+            except OSError:
+                pass
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -810,16 +987,18 @@ class FileStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        in_flight: bool | None = None,
         keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``. With
         ``keep_journal`` the entries are appended first, then the checkpoint is written and the
         segments it covers stay (a crash between the two leaves the same seq as a journal).
+        With ``in_flight`` given it runs as a group commit of one key: the mark changes with it.
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``, another store object holds
-                the key, or the lock file this object held was deleted or replaced; nothing
-                written.
+                the key (or the whole store), or the lock file this object held was deleted or
+                replaced; nothing written.
             StoreUnavailable: the write failed (disk full, I/O error); nothing committed.
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.
@@ -827,22 +1006,51 @@ class FileStore:
         check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
         if any(len(e) > _MAX_FRAME for e in entries):
             raise ValueError("a journal entry is larger than 4 GiB")
+        if in_flight is not None:
+            part = KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
+                             keep_journal)
+            await self._run(self._group_sync, [part], False)
+            return
         await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint,
                         keep_journal)
+
+    async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
+        """Commit several keys atomically through a redo record (see the module's notes).
+
+        Raises:
+            StoreConflict: a key's stored seq is not its ``expected_seq``, or a key is not held
+                by this object; nothing written.
+            StoreUnavailable: the write failed before the commit point (nothing committed), or
+                after it (the message says so: the group is applied by the next open, acquire
+                or group commit, as after a crash).
+            StoreCorrupt: a key's files are damaged; nothing written.
+            ValueError: a key appears twice, or a part breaks the commit rules.
+        """
+        check_many_args(commits)
+        if not commits:
+            return
+        if any(len(e) > _MAX_FRAME for c in commits for e in c.entries):
+            raise ValueError("a journal entry is larger than 4 GiB")
+        await self._run(self._group_sync, commits, True)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
                      checkpoint: bytes | None, keep_journal: bool = False) -> None:
         self._check_open(key)
+        if os.path.exists(self._root / _REDO):  # a group a crash (or a failing disk) left
+            self._replay()
         with self._mutex(key):
             hold = self._held.get(key)
             held = hold is not None
             temporary: _Hold | None = None
+            shared: int | None = None
             locked: int | None = None  # the directory descriptor we flock'd
             old: _Tail | None = None
             new: _Tail | None = None
             try:
                 kdir = self._key_dir(key, create=True)
                 if hold is None:
+                    if self._all is None and self._shared is None:
+                        shared = self._take_shared(key)
                     hold = temporary = self._take(kdir)
                     if hold is None:
                         raise StoreConflict("key is held by another store object or process",
@@ -893,6 +1101,210 @@ class FileStore:
                         pass  # closing the descriptor (below, or at release) unlocks it too
                 if temporary is not None:
                     temporary.close()
+                if shared is not None:
+                    unflock(shared)
+
+    # -- group commits ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _group_locked(self) -> Iterator[None]:
+        """One group commit or replay at a time, across store objects and processes."""
+        with self._group:
+            fd = os.open(self._root / _GROUP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _group_sync(self, commits: Sequence[KeyCommit], require_held: bool) -> None:
+        self._check_open(commits[0].key)
+        if require_held:
+            for c in commits:
+                if self._all is None and c.key not in self._held:
+                    raise not_held(self.description, c.key, c.seq)
+        try:
+            with self._group_locked():
+                self._replay_locked()
+                stripes = sorted({hash(c.key) % _STRIPES for c in commits})
+                for i in stripes:
+                    self._stripes[i].acquire()
+                try:
+                    self._group_commit(commits)
+                finally:
+                    for i in reversed(stripes):
+                        self._stripes[i].release()
+        except _FilesMissing as e:
+            raise StoreCorrupt(e.message, store=self.description, key=e.key, seq=e.seq) from None
+        except OSError as e:
+            raise StoreUnavailable(f"commit failed, nothing committed: {e}",
+                                   store=self.description) from e
+
+    def _group_commit(self, commits: Sequence[KeyCommit]) -> None:
+        """Under the group lock and the keys' mutexes: fence, record, apply, forget."""
+        parts: list[_Part] = []
+        shared: int | None = None
+        try:
+            if self._all is None and self._shared is None:
+                shared = self._take_shared(commits[0].key)
+            for c in commits:
+                kdir = self._key_dir(c.key, create=True)
+                hold = self._held.get(c.key)
+                part = _Part(c, kdir, hold, None)
+                if hold is None:
+                    part.hold = part.temporary = self._take(kdir)
+                    if part.hold is None:
+                        raise StoreConflict("key is held by another store object or process",
+                                            store=self.description, key=c.key, seq=c.seq)
+                parts.append(part)
+                held = part.hold
+                assert held is not None
+                fcntl.flock(held.dir_fd, fcntl.LOCK_EX)
+                part.locked = True
+                self._check_hold(c.key, held, c.seq)
+                with self._state:
+                    part.old = self._tails.pop(c.key, None)
+                part.tail = (part.old if part.old is not None
+                             else self._scan(c.key, kdir, for_write=True).tail)
+                if part.tail.seq != c.expected_seq:
+                    raise StoreConflict(f"stale writer: stored seq is {part.tail.seq}, writer "
+                                        f"expected {c.expected_seq}", store=self.description,
+                                        key=c.key, seq=c.seq)
+            self._write_redo(commits)  # the commit point
+            try:
+                for part in parts:
+                    assert part.tail is not None
+                    part.new = self._apply(part.commit, part.kdir, part.tail, sync=False)
+                for part in parts:
+                    if part.new is not None and part.new.fd is not None and self._fsync:
+                        _datasync(part.new.fd)
+                self._set_marks(commits)
+            except (OSError, StoreUnavailable) as e:
+                for part in parts:
+                    part.new = None  # rescan at the next commit
+                raise StoreUnavailable(
+                    f"the group commit is recorded but applying it failed ({e}): it will be "
+                    "applied by the next open, acquire or group commit, as after a crash",
+                    store=self.description) from e
+            try:
+                os.unlink(self._root / _REDO)  # applied and durable: the record is not needed
+            except OSError:
+                pass  # replaying it changes nothing: every part is at its seq already
+            for part in parts:
+                assert part.new is not None
+                self._update_manifest(part.kdir, part.new)
+                if part.temporary is None:
+                    with self._state:
+                        self._tails[part.commit.key] = part.new
+        finally:
+            for part in parts:
+                part.finish()
+            if shared is not None:
+                unflock(shared)
+
+    def _apply(self, c: KeyCommit, kdir: Path, tail: _Tail, *, sync: bool) -> _Tail:
+        if c.checkpoint is not None and c.keep_journal:
+            # Synced here, not with the group's appends: the checkpoint after it closes it.
+            appended = self._append(c.key, tail, kdir, c.expected_seq, c.entries)
+            if tail.fd == appended.fd:
+                tail.fd = None  # closed once, below, never twice
+            appended.close()
+            new = self._write_checkpoint(c.key, kdir, c.seq, c.checkpoint, keep_journal=True)
+        elif c.checkpoint is not None:
+            new = self._write_checkpoint(c.key, kdir, c.seq, c.checkpoint)
+        else:
+            new = self._append(c.key, tail, kdir, c.expected_seq, c.entries, sync=sync)
+        if new.manifest is None:
+            new.manifest = tail.manifest
+        return new
+
+    def _write_redo(self, commits: Sequence[KeyCommit]) -> None:
+        head, payload = _encode_group(commits)
+        tmp = self._root / f"{_REDO}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            self._write_at(fd, head, 0)
+            self._write_at(fd, payload, len(head))
+            if self._fsync:
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, self._root / _REDO)
+        self._sync_dir(self._root)
+
+    def _set_marks(self, commits: Sequence[KeyCommit]) -> None:
+        """Make the in-flight index say what the group's parts say (idempotent)."""
+        index = self._root / _IN_FLIGHT
+        changed = False
+        for c in commits:
+            path = index / key_file_name(c.key)
+            if c.in_flight is True and not path.exists():
+                tmp = index / f"{path.name}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                try:
+                    self._write_at(fd, c.key.encode("utf-8"), 0)
+                    if self._fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                changed = True
+            elif c.in_flight is False and path.exists():
+                path.unlink()
+                changed = True
+        if changed:
+            self._sync_dir(index)
+
+    def _replay(self) -> None:
+        with self._group_locked():
+            self._replay_locked()
+
+    def _replay_locked(self) -> None:
+        """Under the group lock: apply the group commit a crash interrupted after its commit
+        point, if any, and delete its record (idempotent: a crash here is replayed again)."""
+        path = self._root / _REDO
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            try:
+                os.unlink(self._root / f"{_REDO}.tmp")  # a group that never committed
+            except FileNotFoundError:
+                pass
+            return
+        commits = _decode_group(data)
+        if commits is None:  # fsync'd before its rename: damaged afterwards
+            raise StoreCorrupt(f"{_REDO}: the record of a committed group fails its checksum",
+                               store=self.description)
+        ours = []  # the parts no later commit has overwritten: their marks are the group's
+        for c in commits:
+            kdir = self._key_dir(c.key, create=True)
+            dir_fd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(dir_fd, fcntl.LOCK_EX)
+                with self._state:
+                    old = self._tails.pop(c.key, None)
+                if old is not None:
+                    old.close()
+                tail = self._scan(c.key, kdir, for_write=True).tail
+                if tail.seq == c.expected_seq:
+                    new = self._apply(c, kdir, tail, sync=True)
+                    new.close()
+                    self._update_manifest(kdir, new)
+                    ours.append(c)
+                elif tail.seq == c.seq:  # applied; its mark may not be (every commit that
+                    ours.append(c)      # changes a mark also moves the seq on)
+                elif not c.seq < tail.seq:
+                    raise StoreCorrupt(f"{_REDO}: a committed group moves the key from seq "
+                                       f"{c.expected_seq} to {c.seq}, but it is at {tail.seq}",
+                                       store=self.description, key=c.key, seq=tail.seq)
+            finally:
+                os.close(dir_fd)
+        self._set_marks(ours)
+        os.unlink(path)
+        self._sync_dir(self._root)
 
     def _update_manifest(self, kdir: Path, tail: _Tail) -> None:
         """After a durable commit: make the manifest name the segment ``tail`` appends to (or,
@@ -921,7 +1333,7 @@ class FileStore:
         tail.named = tail.segment is not None
 
     def _append(self, key: str, tail: _Tail, kdir: Path, expected_seq: int,
-                entries: Sequence[bytes]) -> _Tail:
+                entries: Sequence[bytes], *, sync: bool = True) -> _Tail:
         last = expected_seq + len(entries)
         data = b"".join(_frame(s, last, bytes(e))
                         for s, e in zip(range(expected_seq + 1, last + 1), entries, strict=True))
@@ -939,7 +1351,7 @@ class FileStore:
         # else: our own descriptor, which ends where our last append did
         try:
             self._write_at(fd, data, offset)
-            if self._fsync:
+            if self._fsync and sync:  # else the caller syncs it
                 _datasync(fd)
             if offset == 0:  # a new segment (or one a failed writer left empty)
                 self._sync_dir(kdir)

@@ -3,7 +3,8 @@
 Tables (``<prefix>`` is ``table_prefix``, in ``schema``)::
 
     <prefix>meta(name PRIMARY KEY, value)         the format version; the store's identity
-    <prefix>keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc, last_commit)
+    <prefix>keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc, last_commit,
+                 in_flight)                    with a partial index on the keys in flight
     <prefix>journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
 
 A commit is one transaction: a transaction-scoped advisory lock on the key (so that two first
@@ -12,6 +13,13 @@ the writes, and a ``last_commit`` token unique to this commit. The token is how 
 connection dropped while ``COMMIT`` was in flight finds out, after reconnecting, whether it
 committed: the store never acknowledges a commit that did not commit, and does not report as
 failed one that did whenever the database can be asked.
+
+``commit_many`` is the same transaction over several keys: their advisory locks in key order (so
+two groups never deadlock), every key fenced, every key written with the same token, one
+``COMMIT``. The in-flight mark is the ``in_flight`` column, set in the commit's transaction; the
+partial index ``<prefix>keys_in_flight ... WHERE in_flight`` holds only the marked keys, so
+``keys_in_flight`` never reads the others. (Format 1 had no such column: ``open`` adds it, false
+for every key, with the index, and upgrades the format number.)
 
 psycopg is imported only here. Its async connection needs an asyncio event loop, so the store
 drives a synchronous ``psycopg.Connection`` from its own worker thread, one call at a time: it
@@ -36,14 +44,23 @@ from psycopg import sql
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._sqlite import records_from_rows
-from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous
+from ._store import (
+    KeyCommit,
+    StoredRecords,
+    check_commit_args,
+    check_keys_args,
+    check_many_args,
+    contiguous,
+    not_held,
+)
 from ._worker import Worker
 
 __all__ = ("PostgresStore", "Secrets", "is_transient", "safe_dsn")
 
 log = logging.getLogger("fasm.persistence")
 
-_FORMAT = "1"
+_FORMAT = "2"  # 2: the in_flight column and its partial index
+_UPGRADABLE = ("1",)
 _T = TypeVar("_T")
 _RELOCK_TIMEOUT = "2s"  # waiting for our own dead session to let go of its locks
 _RESOLVE_TIMEOUT = "10s"
@@ -60,6 +77,8 @@ _SCHEMA = (
     "checkpoint_seq bigint NOT NULL, checkpoint bytea, checkpoint_crc bigint, last_commit uuid)",
     "CREATE TABLE IF NOT EXISTS {journal} (key text NOT NULL, seq bigint NOT NULL, "
     "entry bytea NOT NULL, crc bigint NOT NULL, PRIMARY KEY (key, seq))",
+    "ALTER TABLE {keys} ADD COLUMN IF NOT EXISTS in_flight boolean NOT NULL DEFAULT false",
+    "CREATE INDEX IF NOT EXISTS {index} ON {keys} (key) WHERE in_flight",
 )
 
 
@@ -218,13 +237,19 @@ class PostgresStore:
         self._keys = sql.Identifier(schema, f"{table_prefix}keys")
         self._journal = sql.Identifier(schema, f"{table_prefix}journal")
         self._meta = sql.Identifier(schema, f"{table_prefix}meta")
+        self._index = sql.Identifier(f"{table_prefix}keys_in_flight")
         self._ns = int.from_bytes(_hash(schema, table_prefix)[:4], "big", signed=True)
+        # No key's lock has this hash input: keys cannot hold NUL.
+        self._all_key = int.from_bytes(_hash(schema, table_prefix, "", "all"), "big", signed=True)
         self._conn: psycopg.Connection[Any] | None = None
         self._pid: int | None = None
         self._opened = False
         self._worker = Worker(f"fasm-postgres-store-{self._app}")
         self._held: set[str] = set()
         self._lost: set[str] = set()
+        self._all = False  # acquire_all holds the all-lock exclusively
+        self._shared = False  # holders of keys hold it shared
+        self._all_lost = False
         self._guard = threading.Lock()
         self._identity = ""
 
@@ -370,6 +395,19 @@ class PostgresStore:
                 held = sorted(self._held)
             if held:
                 conn.execute(f"SET lock_timeout = '{_RELOCK_TIMEOUT}'")
+            if self._all or self._shared:
+                if self._all or held:
+                    conn.execute(f"SET lock_timeout = '{_RELOCK_TIMEOUT}'")
+                try:
+                    conn.execute("SELECT pg_advisory_lock(%s)" if self._all else
+                                 "SELECT pg_advisory_lock_shared(%s)", (self._all_key,))
+                except psycopg.errors.LockNotAvailable:
+                    with self._guard:  # another store object took the store while we were away
+                        self._all_lost = self._all
+                        self._all = self._shared = False
+                        self._lost.update(self._held)
+                        self._held.clear()
+                        held = []
             for k in held:
                 try:
                     conn.execute("SELECT pg_advisory_lock(%s)", (self._session_key(k),))
@@ -418,12 +456,16 @@ class PostgresStore:
                     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self._schema)))
                 for statement in _SCHEMA:
                     conn.execute(sql.SQL(statement).format(
-                        meta=self._meta, keys=self._keys, journal=self._journal))
+                        meta=self._meta, keys=self._keys, journal=self._journal,
+                        index=self._index))
                 conn.execute(sql.SQL("INSERT INTO {} VALUES ('format', %s) ON CONFLICT DO NOTHING")
                              .format(self._meta), (_FORMAT,))
                 row = conn.execute(sql.SQL("SELECT value FROM {} WHERE name = 'format'")
                                    .format(self._meta)).fetchone()
-                if row is None or row[0] != _FORMAT:
+                if row is not None and row[0] in _UPGRADABLE:  # the ALTER above migrated it
+                    conn.execute(sql.SQL("UPDATE {} SET value = %s WHERE name = 'format'")
+                                 .format(self._meta), (_FORMAT,))
+                elif row is None or row[0] != _FORMAT:
                     raise StoreCorrupt(f"unknown store format {row!r}", store=self.description)
                 conn.execute(sql.SQL("INSERT INTO {} VALUES ('identity', %s) "
                                      "ON CONFLICT DO NOTHING").format(self._meta),
@@ -452,6 +494,7 @@ class PostgresStore:
         with self._guard:
             self._held.clear()
             self._lost.clear()
+            self._all = self._shared = self._all_lost = False
         conn = self._conn
         if conn is not None and not conn.closed and not conn.broken:
             try:
@@ -488,6 +531,18 @@ class PostgresStore:
         if row is None or not row[0]:
             raise StoreConflict("key is held by another store object or process",
                                 store=self.description, key=key)
+        if not self._all and not self._shared:
+            try:
+                row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)",
+                                   (self._all_key,)).fetchone()
+                if row is None or not row[0]:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (self._session_key(key),))
+                    raise StoreConflict("the whole store is held by another store object or "
+                                        "process (acquire_all)", store=self.description, key=key)
+            except psycopg.Error as e:
+                error = self._translate(e, "cannot lock the key", key)
+                raise error from error.__cause__
+            self._shared = True
         with self._guard:
             self._held.add(key)
             self._lost.discard(key)
@@ -507,8 +562,73 @@ class PostgresStore:
             return  # the session, and the lock with it, is gone already
         try:
             conn.execute("SELECT pg_advisory_unlock(%s)", (self._session_key(key),))
+            if not self._held and self._shared:
+                self._shared = False
+                conn.execute("SELECT pg_advisory_unlock_shared(%s)", (self._all_key,))
         except psycopg.Error:
             self._drop_connection()  # ending the session releases the lock for sure
+
+    async def acquire_all(self) -> None:
+        """Take ``pg_try_advisory_lock`` on the store's own lock, which every other store
+        object holding a key holds shared (a no-op if this object holds it already).
+
+        Raises:
+            StoreConflict: another store object or process holds the store or one of its keys.
+            StoreUnavailable: the server cannot be reached.
+        """
+        await self._run(self._riding, self._acquire_all_sync)
+
+    def _acquire_all_sync(self) -> None:
+        conn = self._connection()
+        if self._all:
+            return
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._all_key,)).fetchone()
+        except psycopg.Error as e:
+            error = self._translate(e, "cannot lock the store")
+            raise error from error.__cause__
+        if row is None or not row[0]:
+            raise StoreConflict("another store object or process holds the store or one of "
+                                "its keys", store=self.description)
+        self._all, self._all_lost = True, False
+
+    async def release_all(self) -> None:
+        """Give up what :meth:`acquire_all` took (nothing if it is not held)."""
+        await self._run(self._release_all_sync)
+
+    def _release_all_sync(self) -> None:
+        self._all_lost = False
+        if not self._all:
+            return
+        self._all = False
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            return
+        try:
+            if self._held and not self._shared:  # keys acquired one by one stay held
+                conn.execute("SELECT pg_advisory_lock_shared(%s)", (self._all_key,))
+                self._shared = True
+            conn.execute("SELECT pg_advisory_unlock(%s)", (self._all_key,))
+        except psycopg.Error:
+            self._drop_connection()
+
+    async def keys_in_flight(self) -> list[str]:
+        """Every key whose in-flight mark is set, sorted (through the partial index).
+
+        Raises:
+            StoreUnavailable: the server cannot be reached.
+        """
+        return await self._run(self._riding, self._keys_in_flight_sync)
+
+    def _keys_in_flight_sync(self) -> list[str]:
+        conn = self._connection()
+        try:
+            rows = conn.execute(sql.SQL("SELECT key FROM {} WHERE in_flight ORDER BY key")
+                                .format(self._keys)).fetchall()
+        except psycopg.Error as e:
+            error = self._translate(e, "cannot list the keys in flight")
+            raise error from error.__cause__
+        return [str(k) for (k,) in rows]
 
     # -- reading and writing ----------------------------------------------------------------
 
@@ -547,8 +667,8 @@ class PostgresStore:
             with conn.transaction(), conn.cursor(binary=True) as cur:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 row = cur.execute(
-                    sql.SQL("SELECT seq, checkpoint_seq, checkpoint, checkpoint_crc FROM {} "
-                            "WHERE key = %s").format(self._keys), (key,)).fetchone()
+                    sql.SQL("SELECT seq, checkpoint_seq, checkpoint, checkpoint_crc, in_flight "
+                            "FROM {} WHERE key = %s").format(self._keys), (key,)).fetchone()
                 rows = [] if row is None else cur.execute(
                     sql.SQL("SELECT seq, entry, crc FROM {} WHERE key = %s AND seq > %s "
                             "ORDER BY seq").format(self._journal), (key, row[1])).fetchall()
@@ -564,7 +684,7 @@ class PostgresStore:
                                store=self.description, key=key)
         if row is None:
             return None
-        return records_from_rows(self.description, key, row, rows)
+        return records_from_rows(self.description, key, row[:4], rows, bool(row[4]))
 
     async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
         """Every journal row of ``key`` (rows a checkpoint kept included), checked."""
@@ -601,10 +721,11 @@ class PostgresStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        in_flight: bool | None = None,
         keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
-        transaction.
+        transaction (with the in-flight mark, when given).
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``, or this store lost the key to
@@ -616,31 +737,68 @@ class PostgresStore:
         """
         self._check_key(key)
         check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
-        await self._run(self._riding, self._commit_sync, key, expected_seq, seq, entries,
-                        checkpoint, keep_journal)
+        await self._run(self._riding, self._commit_sync,
+                        [KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
+                                   keep_journal)])
 
-    def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
-        conn = self._connection(key)
-        if key in self._lost:
-            raise StoreConflict("this store lost the key's lock when its connection dropped and "
-                                "another store object took it; acquire it again",
-                                store=self.description, key=key, seq=seq)
+    async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
+        """Commit several keys in one transaction (see the module's notes).
+
+        Raises:
+            StoreConflict: a key's stored seq is not its ``expected_seq``, or a key is not held
+                by this object; nothing written.
+            StoreUnavailable: as for :meth:`commit`.
+            ValueError: a key appears twice, holds NUL, or a part breaks the commit rules.
+        """
+        check_many_args(commits)
+        if not commits:
+            return
+        for c in commits:
+            self._check_key(c.key)
+            if not self._all and c.key not in self._held:
+                raise not_held(self.description, c.key, c.seq)
+        await self._run(self._riding, self._commit_sync, commits)
+
+    def _commit_sync(self, commits: Sequence[KeyCommit]) -> None:
+        first = commits[0]
+        conn = self._connection(first.key)
+        if self._all_lost and len(commits) > 1:
+            raise StoreConflict("this store lost the whole store's lock when its connection "
+                                "dropped and another store object took it; acquire_all again",
+                                store=self.description)
+        for c in commits:
+            if c.key in self._lost:
+                raise StoreConflict("this store lost the key's lock when its connection dropped "
+                                    "and another store object took it; acquire it again",
+                                    store=self.description, key=c.key, seq=c.seq)
         token = uuid.uuid4()
         committing = False
         try:
             conn.execute("BEGIN")
             try:
-                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._xact_key(key))
-                row = conn.execute(sql.SQL("SELECT seq FROM {} WHERE key = %s FOR UPDATE")
-                                   .format(self._keys), (key,)).fetchone()
-                current = 0 if row is None else row[0]
-                if current != expected_seq:
-                    raise StoreConflict(f"stale writer: stored seq is {current}, writer expected "
-                                        f"{expected_seq}", store=self.description, key=key,
-                                        seq=seq)
-                self._write(conn, key, expected_seq, seq, entries, checkpoint, token,
-                            keep_journal)
+                if len(commits) == 1:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                                 self._xact_key(first.key))
+                    row = conn.execute(sql.SQL("SELECT key, seq FROM {} WHERE key = %s FOR "
+                                               "UPDATE").format(self._keys),
+                                       (first.key,)).fetchone()
+                    stored = {} if row is None else {row[0]: row[1]}
+                else:  # one round trip each for the locks (in a fixed order) and the fences
+                    conn.execute(
+                        "SELECT count(pg_advisory_xact_lock(%s, k)) FROM (SELECT k FROM "
+                        "unnest(%s::int[]) AS k ORDER BY k) AS ordered",
+                        (self._ns, sorted(self._xact_key(c.key)[1] for c in commits)))
+                    stored = dict(conn.execute(
+                        sql.SQL("SELECT key, seq FROM {} WHERE key = ANY(%s) FOR UPDATE")
+                        .format(self._keys), ([c.key for c in commits],)).fetchall())
+                for c in commits:
+                    current = stored.get(c.key, 0)
+                    if current != c.expected_seq:
+                        raise StoreConflict(f"stale writer: stored seq is {current}, writer "
+                                            f"expected {c.expected_seq}", store=self.description,
+                                            key=c.key, seq=c.seq)
+                for c in commits:
+                    self._write(conn, c, token)
                 committing = True
                 conn.execute("COMMIT")
             except BaseException:
@@ -652,15 +810,19 @@ class PostgresStore:
                 raise
         except psycopg.Error as e:
             if committing and (conn.broken or conn.closed):
-                self._resolve(key, seq, token, e)
+                self._resolve(first.key, first.seq, token, e)
                 return
-            error = self._translate(e, "commit failed, nothing committed", key, seq)
+            error = self._translate(e, "commit failed, nothing committed", first.key, first.seq)
             raise error from error.__cause__
 
-    def _write(self, conn: psycopg.Connection[Any], key: str, expected_seq: int, seq: int,
-               entries: Sequence[bytes], checkpoint: bytes | None, token: uuid.UUID,
-               keep_journal: bool = False) -> None:
-        if checkpoint is not None and keep_journal:
+    def _write(self, conn: psycopg.Connection[Any], c: KeyCommit, token: uuid.UUID) -> None:
+        """Inside the commit's transaction: write one key's part, stamped with ``token``."""
+        key, expected_seq, seq, entries, checkpoint = (c.key, c.expected_seq, c.seq, c.entries,
+                                                       c.checkpoint)
+        flag = sql.SQL("{}.in_flight").format(self._keys) if c.in_flight is None else (
+            sql.SQL("true") if c.in_flight else sql.SQL("false"))
+        mark = sql.Literal(bool(c.in_flight))
+        if checkpoint is not None and c.keep_journal:
             with conn.cursor() as cur:
                 cur.executemany(
                     sql.SQL("INSERT INTO {} VALUES (%s, %s, %b, %s)").format(self._journal),
@@ -668,12 +830,14 @@ class PostgresStore:
                      for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)])
         if checkpoint is not None:
             conn.execute(
-                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %b, %s, %s) ON CONFLICT (key) DO "
+                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %b, %s, %s, {}) ON CONFLICT (key) DO "
                         "UPDATE SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq, "
                         "checkpoint = excluded.checkpoint, checkpoint_crc = "
-                        "excluded.checkpoint_crc, last_commit = excluded.last_commit")
-                .format(self._keys), (key, seq, seq, checkpoint, _crc(checkpoint), token))
-            if not keep_journal:
+                        "excluded.checkpoint_crc, last_commit = excluded.last_commit, "
+                        "in_flight = {}")
+                .format(self._keys, mark, flag),
+                (key, seq, seq, checkpoint, _crc(checkpoint), token))
+            if not c.keep_journal:
                 conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s AND seq <= %s")
                              .format(self._journal), (key, seq))
             return
@@ -683,9 +847,10 @@ class PostgresStore:
                 [(key, s, bytes(e), _crc(e))
                  for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)])
         conn.execute(
-            sql.SQL("INSERT INTO {} (key, seq, checkpoint_seq, last_commit) VALUES (%s, %s, 0, "
-                    "%s) ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, "
-                    "last_commit = excluded.last_commit").format(self._keys), (key, seq, token))
+            sql.SQL("INSERT INTO {} (key, seq, checkpoint_seq, last_commit, in_flight) VALUES "
+                    "(%s, %s, 0, %s, {}) ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, "
+                    "last_commit = excluded.last_commit, in_flight = {}")
+            .format(self._keys, mark, flag), (key, seq, token))
 
     def _resolve(self, key: str, seq: int, token: uuid.UUID, error: psycopg.Error) -> None:
         """The connection died while COMMIT was in flight: find out whether it committed.

@@ -6,6 +6,7 @@ Tables::
     fasm_keys(key PRIMARY KEY, seq, checkpoint_seq) seq as of the last checkpoint write
     fasm_checkpoints(key PRIMARY KEY, data, crc)
     fasm_journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
+    fasm_in_flight(key PRIMARY KEY)                the in-flight index: one row per marked key
 
 A key's sequence number is the larger of ``fasm_keys.seq`` and its last journal row's seq, so a
 journal append writes the journal's B-tree page and nothing else: one page in the WAL per commit,
@@ -18,6 +19,12 @@ A commit is one ``BEGIN IMMEDIATE`` transaction: read the key's seq, refuse a st
 append entries (or replace the checkpoint and delete the entries it covers) and ``COMMIT``; a
 commit of one entry on a key that has one is a single fenced ``INSERT ... SELECT ... WHERE`` in
 autocommit, which SQLite runs under the write lock it takes before reading.
+``commit_many`` is the same transaction over several keys: every key is fenced first, then
+every key written, then one ``COMMIT`` (one fsync of the WAL for the group). The in-flight mark
+is a row in ``fasm_in_flight`` inserted or deleted in the commit's transaction, so
+``keys_in_flight`` reads that small table and never the keys. (Format 3 had no such table: its
+data is valid format 4 data, with no key marked, and ``open`` creates the table and upgrades the
+format number in place.)
 Every record carries a CRC-32 that ``load`` checks, because SQLite itself checksums nothing.
 
 The connection is used from the store's own worker thread, one call at a time, so the event loop
@@ -39,15 +46,24 @@ from typing import Any, Literal, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from ._file import key_file_name, try_flock, unflock
-from ._store import StoredRecords, check_commit_args, check_keys_args, contiguous
+from ._store import (
+    KeyCommit,
+    StoredRecords,
+    check_commit_args,
+    check_keys_args,
+    check_many_args,
+    contiguous,
+    not_held,
+)
 from ._worker import Worker
 
 __all__ = ("SQLiteStore", "connect", "records_from_rows")
 
 log = logging.getLogger("fasm.persistence")
 
-_FORMAT = "3"  # 2: checkpoints moved out of fasm_keys; 3: appends leave fasm_keys alone
-_UPGRADABLE = ("2",)  # formats whose data is valid as it is under _FORMAT
+_FORMAT = "4"  # 2: checkpoints moved out of fasm_keys; 3: appends leave fasm_keys alone;
+# 4: the in-flight index (fasm_in_flight)
+_UPGRADABLE = ("2", "3")  # formats whose data is valid as it is under _FORMAT
 # A key's seq: its last journal row's, or the one fasm_keys recorded with the last checkpoint.
 _SEQ = "max(k.seq, coalesce((SELECT max(j.seq) FROM fasm_journal j WHERE j.key = ?1), 0))"
 _FENCED_APPEND = ("INSERT INTO fasm_journal (key, seq, entry, crc) SELECT ?1, ?2, ?3, ?4 "
@@ -62,7 +78,10 @@ _SCHEMA = (
     "crc INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS fasm_journal (key TEXT NOT NULL, seq INTEGER NOT NULL, "
     "entry BLOB NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS fasm_in_flight (key TEXT PRIMARY KEY) WITHOUT ROWID",
 )
+_ALL_LOCK = "FASM-ALL"  # in <path>.locks/: flock'd exclusive by acquire_all, shared by acquire
+# (key lock files are named k-... or h-..., so no key's file has this name)
 
 
 def connect(path: str | os.PathLike[str], busy_timeout: float,
@@ -96,7 +115,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def records_from_rows(store: str, key: str, row: Sequence[Any],
-                      rows: Sequence[Sequence[Any]]) -> StoredRecords:
+                      rows: Sequence[Sequence[Any]], in_flight: bool = False) -> StoredRecords:
     """Check what a SQL store read for a key and build its records.
 
     Args:
@@ -104,6 +123,7 @@ def records_from_rows(store: str, key: str, row: Sequence[Any],
         key: the key.
         row: ``(seq, checkpoint_seq, checkpoint, checkpoint_crc)`` from the keys table.
         rows: ``(seq, entry, crc)`` journal rows after ``checkpoint_seq``, ascending.
+        in_flight: the key's in-flight mark.
 
     Raises:
         StoreCorrupt: a record fails its CRC-32, the journal has gaps or ends short of seq, the
@@ -136,7 +156,7 @@ def records_from_rows(store: str, key: str, row: Sequence[Any],
     if seq == 0:  # the row is written with the key's first records, never alone
         raise StoreCorrupt("the key has a row but its records are missing (deleted behind the "
                            "store's back)", store=store, key=key, seq=seq)
-    return StoredRecords(seq, checkpoint, checkpoint_seq, tuple(journal))
+    return StoredRecords(seq, checkpoint, checkpoint_seq, tuple(journal), in_flight)
 
 
 class SQLiteStore:
@@ -213,6 +233,8 @@ class SQLiteStore:
         self._worker = Worker(f"fasm-{self.description}")
         self._held: dict[str, int | None] = {}  # key -> flock fd (None for ":memory:")
         self._held_lock = threading.Lock()
+        self._shared: int | None = None  # shared flock on the all-lock while keys are held
+        self._all: int | None = None  # exclusive flock on it (-1 for ":memory:") by acquire_all
         self._identity = ""
 
     @property
@@ -363,8 +385,10 @@ class SQLiteStore:
     def _close_sync(self) -> None:
         with self._held_lock:
             held, self._held = self._held, {}
-        for fd in held.values():
-            if fd is not None:
+            shared, self._shared = self._shared, None
+            whole, self._all = self._all, None
+        for fd in [*held.values(), shared, whole]:
+            if fd is not None and fd >= 0:
                 try:
                     unflock(fd)
                 except OSError:
@@ -403,17 +427,100 @@ class SQLiteStore:
             if fd is None:
                 raise StoreConflict("key is held by another store object or process",
                                     store=self.description, key=key)
+            if self._all is None and self._shared is None:
+                # While this object holds keys, a shared lock on the all-lock keeps every other
+                # object's acquire_all out (and fails when one holds it).
+                try:
+                    shared = try_flock(Path(self._path + ".locks") / _ALL_LOCK, shared=True)
+                except OSError as e:
+                    unflock(fd)
+                    raise StoreUnavailable(f"cannot take the store's lock file: {e}",
+                                           store=self.description, key=key) from e
+                if shared is None:
+                    unflock(fd)
+                    raise StoreConflict("the whole store is held by another store object or "
+                                        "process (acquire_all)", store=self.description, key=key)
+                self._shared = shared
             self._held[key] = fd
 
     async def release(self, key: str) -> None:
         """Give up ``key``; releasing a key that is not held does nothing."""
         with self._held_lock:
             fd = self._held.pop(key, None)
-        if fd is not None:
+            shared = None
+            if not self._held:
+                shared, self._shared = self._shared, None
+        for d in (fd, shared):
+            if d is not None:
+                try:
+                    unflock(d)
+                except OSError:
+                    pass
+
+    async def acquire_all(self) -> None:
+        """Take exclusive use of every key: an exclusive ``flock`` on ``<path>.locks/FASM-ALL``,
+        which every other object's ``acquire`` takes shared (a no-op if held already).
+
+        Raises:
+            StoreConflict: another store object or process holds the store or one of its keys.
+            StoreUnavailable: the store is closed or the lock file cannot be created.
+        """
+        await self._run(self._acquire_all_sync)
+
+    def _acquire_all_sync(self) -> None:
+        self._connection(None)
+        with self._held_lock:
+            if self._all is not None:
+                return
+            if self._memory:
+                self._all = -1
+                return
+            shared, self._shared = self._shared, None
+            if shared is not None:  # our own shared lock would refuse our exclusive one
+                unflock(shared)
+            try:
+                fd = try_flock(Path(self._path + ".locks") / _ALL_LOCK)
+            except OSError as e:
+                raise StoreUnavailable(f"cannot take the store's lock file: {e}",
+                                       store=self.description) from e
+            if fd is None:
+                if self._held:  # take our shared lock back (nobody can hold it exclusive)
+                    self._shared = try_flock(Path(self._path + ".locks") / _ALL_LOCK,
+                                             shared=True)
+                raise StoreConflict("another store object or process holds the store or one of "
+                                    "its keys", store=self.description)
+            self._all = fd
+
+    async def release_all(self) -> None:
+        """Give up what :meth:`acquire_all` took (nothing if it is not held)."""
+        with self._held_lock:
+            fd, self._all = self._all, None
+            if fd is not None and fd >= 0 and self._held and not self._memory:
+                # keys acquired one by one stay held: they need the shared lock back
+                self._shared = try_flock(Path(self._path + ".locks") / _ALL_LOCK, shared=True)
+        if fd is not None and fd >= 0:
             try:
                 unflock(fd)
             except OSError:
                 pass
+
+    def _holds(self, key: str) -> bool:
+        return self._all is not None or key in self._held
+
+    async def keys_in_flight(self) -> list[str]:
+        """Every key whose in-flight mark is set, sorted (from ``fasm_in_flight``).
+
+        Raises:
+            StoreUnavailable: the database cannot be read.
+        """
+        return await self._run(self._patient, self._keys_in_flight_sync)
+
+    def _keys_in_flight_sync(self) -> list[str]:
+        conn = self._connection(None)
+        try:
+            return [k for (k,) in conn.execute("SELECT key FROM fasm_in_flight ORDER BY key")]
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot list the keys in flight") from e
 
     # -- reading and writing ----------------------------------------------------------------
 
@@ -454,6 +561,8 @@ class SQLiteStore:
                 rows = [] if row is None else conn.execute(
                     "SELECT seq, entry, crc FROM fasm_journal WHERE key = ? AND seq > ? "
                     "ORDER BY seq", (key, row[1])).fetchall()
+                marked = row is not None and conn.execute(
+                    "SELECT 1 FROM fasm_in_flight WHERE key = ?", (key,)).fetchone() is not None
                 orphans = row is None and conn.execute(
                     "SELECT 1 FROM fasm_journal WHERE key = ?1 UNION ALL "
                     "SELECT 1 FROM fasm_checkpoints WHERE key = ?1 LIMIT 1",
@@ -468,7 +577,7 @@ class SQLiteStore:
                                key=key)
         if row is None:
             return None
-        return records_from_rows(self.description, key, row, rows)
+        return records_from_rows(self.description, key, row, rows, marked)
 
     async def history(self, key: str) -> tuple[tuple[int, bytes], ...]:
         """Every journal row of ``key`` (rows a checkpoint kept included), checked."""
@@ -504,10 +613,11 @@ class SQLiteStore:
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        in_flight: bool | None = None,
         keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
-        ``BEGIN IMMEDIATE`` transaction.
+        ``BEGIN IMMEDIATE`` transaction (with the in-flight mark, when given).
 
         Raises:
             StoreConflict: the stored seq is not ``expected_seq``; nothing written.
@@ -517,55 +627,94 @@ class SQLiteStore:
             ValueError: the arguments break the commit rules.
         """
         check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
-        await self._run(self._patient, self._commit_sync, key, expected_seq, seq, entries,
-                        checkpoint, keep_journal)
+        await self._run(self._patient, self._commit_sync,
+                        KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
+                                  keep_journal))
 
-    def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
-        conn = self._connection(key)
-        if checkpoint is None and len(entries) == 1 and expected_seq > 0:
+    async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
+        """Commit several keys in one ``BEGIN IMMEDIATE`` transaction: all fenced, then all
+        written, then one ``COMMIT``.
+
+        Raises:
+            StoreConflict: a key's stored seq is not its ``expected_seq``, or a key is not held
+                by this object; nothing written.
+            StoreUnavailable: as for :meth:`commit`; nothing committed.
+            StoreCorrupt: the database file is damaged.
+            ValueError: a key appears twice, or a part breaks the commit rules.
+        """
+        check_many_args(commits)
+        if not commits:
+            return
+        for c in commits:
+            if not self._holds(c.key):
+                raise not_held(self.description, c.key, c.seq)
+        await self._run(self._patient, self._commit_many_sync, commits)
+
+    def _commit_sync(self, c: KeyCommit) -> None:
+        conn = self._connection(c.key)
+        if (c.checkpoint is None and len(c.entries) == 1 and c.expected_seq > 0
+                and c.in_flight is None):
             # The common commit, one entry on a known key, is one statement in autocommit: its
             # fence is its WHERE clause, read under the write lock the INSERT takes first, so
             # it costs what a plain single-row insert costs. Refused, it falls through to the
             # full transaction below, which says what the stored seq is.
-            entry = bytes(entries[0])
+            entry = bytes(c.entries[0])
             try:
-                if conn.execute(_FENCED_APPEND, (key, seq, entry, _crc(entry),
-                                                 expected_seq)).rowcount == 1:
+                if conn.execute(_FENCED_APPEND, (c.key, c.seq, entry, _crc(entry),
+                                                 c.expected_seq)).rowcount == 1:
                     return
             except sqlite3.Error as e:
-                raise self._translate(e, "commit failed, nothing committed", key, seq) from e
+                raise self._translate(e, "commit failed, nothing committed", c.key,
+                                      c.seq) from e
+        self._commit_many_sync([c])
+
+    def _commit_many_sync(self, commits: Sequence[KeyCommit]) -> None:
+        conn = self._connection(commits[0].key)
+        c = commits[0]
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute(f"SELECT {_SEQ} FROM fasm_keys k WHERE k.key = ?1",
-                                   (key,)).fetchone()
-                current = 0 if row is None else row[0]
-                if current != expected_seq:
-                    raise StoreConflict(f"stale writer: stored seq is {current}, writer "
-                                        f"expected {expected_seq}", store=self.description,
-                                        key=key, seq=seq)
-                if checkpoint is not None:
-                    conn.execute(
-                        "INSERT INTO fasm_keys VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
-                        "SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq",
-                        (key, seq, seq))
-                    conn.execute(
-                        "INSERT INTO fasm_checkpoints VALUES (?, ?, ?) ON CONFLICT (key) "
-                        "DO UPDATE SET data = excluded.data, crc = excluded.crc",
-                        (key, checkpoint, _crc(checkpoint)))
-                    if not keep_journal:
-                        conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?",
-                                     (key, seq))
-                if checkpoint is None or keep_journal:
-                    if row is None and checkpoint is None:  # first commit; appends leave it be
-                        conn.execute("INSERT INTO fasm_keys VALUES (?, 0, 0)", (key,))
-                    conn.executemany(
-                        "INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
-                        ((key, s, bytes(e), _crc(e))
-                         for s, e in zip(range(expected_seq + 1, seq + 1), entries, strict=True)))
+                rows = []
+                for c in commits:
+                    row = conn.execute(f"SELECT {_SEQ} FROM fasm_keys k WHERE k.key = ?1",
+                                       (c.key,)).fetchone()
+                    current = 0 if row is None else row[0]
+                    if current != c.expected_seq:
+                        raise StoreConflict(f"stale writer: stored seq is {current}, writer "
+                                            f"expected {c.expected_seq}", store=self.description,
+                                            key=c.key, seq=c.seq)
+                    rows.append(row is not None)
+                for c, known in zip(commits, rows, strict=True):
+                    self._write(conn, c, known)
                 conn.execute("COMMIT")
             finally:
                 _rollback(conn)
         except sqlite3.Error as e:
+            key, seq = (c.key, c.seq) if len(commits) == 1 else (None, None)
             raise self._translate(e, "commit failed, nothing committed", key, seq) from e
+
+    def _write(self, conn: sqlite3.Connection, c: KeyCommit, known: bool) -> None:
+        """Inside the commit's transaction: write one key's part (``known``: it has a row)."""
+        key, seq = c.key, c.seq
+        if c.checkpoint is not None:
+            conn.execute(
+                "INSERT INTO fasm_keys VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET seq = excluded.seq, checkpoint_seq = excluded.checkpoint_seq",
+                (key, seq, seq))
+            conn.execute(
+                "INSERT INTO fasm_checkpoints VALUES (?, ?, ?) ON CONFLICT (key) "
+                "DO UPDATE SET data = excluded.data, crc = excluded.crc",
+                (key, c.checkpoint, _crc(c.checkpoint)))
+            if not c.keep_journal:
+                conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?", (key, seq))
+        if c.checkpoint is None or c.keep_journal:
+            if not known and c.checkpoint is None:  # first commit; later appends leave it be
+                conn.execute("INSERT INTO fasm_keys VALUES (?, 0, 0)", (key,))
+            conn.executemany(
+                "INSERT INTO fasm_journal VALUES (?, ?, ?, ?)",
+                ((key, s, bytes(e), _crc(e))
+                 for s, e in zip(range(c.expected_seq + 1, seq + 1), c.entries, strict=True)))
+        if c.in_flight is True:
+            conn.execute("INSERT OR IGNORE INTO fasm_in_flight VALUES (?)", (key,))
+        elif c.in_flight is False:
+            conn.execute("DELETE FROM fasm_in_flight WHERE key = ?", (key,))

@@ -27,6 +27,18 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
    every other store. The runtime puts it at the head of the idempotency keys it hands
    executors, so a fresh store (a new data directory) never reuses a key a provider already
    saw. A store written by an older fasm without one gets one at its first ``open``.
+7. ``commit_many`` is one atomic, durable commit across keys: after a crash a later ``load``
+   sees every key's part of it or none of it. It is fenced per key (one stale key refuses the
+   whole group, naming the key) and every key must be held by the store object, by ``acquire``
+   or by ``acquire_all``.
+8. ``in_flight`` (on ``commit`` and :class:`KeyCommit`) sets or clears, in the same atomic
+   commit, a durable mark saying that the key has tracked actions (or timers) in flight; None
+   leaves it as it was. ``keys_in_flight`` lists the marked keys from an index the store keeps
+   in the same commit, never by reading every key, so finding them at start-up costs the
+   number of marked keys, not the number of keys stored.
+9. ``acquire_all`` gives one store object exclusive use of every key at once (a keyed runtime
+   holds a million keys without a lock each). It conflicts both ways with ``acquire`` of any
+   key by another store object: :class:`~fasm.errors.StoreConflict`.
 """
 
 from __future__ import annotations
@@ -36,9 +48,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ..errors import StoreCorrupt
+from ..errors import StoreConflict, StoreCorrupt
 
-__all__ = ("Store", "StoredRecords")
+__all__ = ("KeyCommit", "Store", "StoredRecords")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +63,40 @@ class StoredRecords:
         checkpoint_seq: the sequence number the checkpoint is at (0 without a checkpoint).
         journal: ``(seq, entry)`` pairs with ``checkpoint_seq < seq <= self.seq``, ascending and
             without gaps.
+        in_flight: the key's in-flight mark (rule 8): set by the last commit that said
+            ``in_flight=True`` unless a later one said ``False``.
     """
 
     seq: int
     checkpoint: bytes | None
     checkpoint_seq: int
     journal: tuple[tuple[int, bytes], ...]
+    in_flight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCommit:
+    """One key's part of :meth:`Store.commit_many`: the arguments of :meth:`Store.commit`.
+
+    Attributes:
+        key: the machine key.
+        expected_seq: the sequence number the writer believes is stored (0 for a new key).
+        seq: the new sequence number, greater than ``expected_seq``.
+        entries: journal entries numbered ``expected_seq + 1`` .. ``seq`` (or none with a
+            checkpoint).
+        checkpoint: the encoded state as of ``seq``, or None.
+        in_flight: set (True) or clear (False) the key's in-flight mark; None leaves it.
+        keep_journal: with a checkpoint, keep the journal entries it covers (see
+            :meth:`Store.commit`).
+    """
+
+    key: str
+    expected_seq: int
+    seq: int
+    entries: Sequence[bytes] = ()
+    checkpoint: bytes | None = None
+    in_flight: bool | None = None
+    keep_journal: bool = False
 
 
 @runtime_checkable
@@ -71,7 +111,7 @@ class Store(Protocol):
 
     @property
     def identity(self) -> str:
-        """The store's identity (rule 5): made with the store's data, stable across reopens,
+        """The store's identity (rule 6): made with the store's data, stable across reopens,
         distinct between stores. Available after :meth:`open`.
 
         Raises:
@@ -145,6 +185,7 @@ class Store(Protocol):
         seq: int,
         entries: Sequence[bytes] = (),
         checkpoint: bytes | None = None,
+        in_flight: bool | None = None,
         keep_journal: bool = False,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
@@ -157,6 +198,8 @@ class Store(Protocol):
                 ``seq - expected_seq`` of them, or none when ``checkpoint`` is given.
             checkpoint: the encoded state as of ``seq``. When given, it replaces the stored
                 checkpoint and every journal entry up to ``seq`` may be dropped.
+            in_flight: True or False records, in the same atomic commit, whether the key has
+                tracked actions (or timers) in flight after it (rule 8); None leaves the mark.
             keep_journal: with a checkpoint, keep the journal entries it covers (and write
                 ``entries``, which must then be given) so that :meth:`history` still returns
                 them. ``load`` never returns them. A later checkpoint without it drops them.
@@ -166,6 +209,44 @@ class Store(Protocol):
             StoreUnavailable: the write could not be made durable; nothing was committed.
             ValueError: the arguments break the rules above.
         """
+        ...
+
+    async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
+        """Durably and atomically commit several keys at once (rule 7): one durable write for
+        the group, all of it visible after a crash or none of it.
+
+        Args:
+            commits: one :class:`KeyCommit` per key, keys distinct, each following the rules
+                of :meth:`commit`. An empty sequence does nothing.
+
+        Raises:
+            StoreConflict: some key's stored seq is not its ``expected_seq``, or some key is not
+                held by this store object (by ``acquire`` or ``acquire_all``); the error names
+                the key, and nothing of the group is written.
+            StoreUnavailable: the write could not be made durable; nothing was committed.
+            ValueError: a key appears twice, or a part breaks the rules of :meth:`commit`.
+        """
+        ...
+
+    async def keys_in_flight(self) -> list[str]:
+        """Every key whose in-flight mark is set, sorted, read from the store's index (rule 8).
+
+        Raises:
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
+    async def acquire_all(self) -> None:
+        """Take exclusive use of every key, present and future, for this store object (rule 9).
+
+        Raises:
+            StoreConflict: another store object or process holds the whole store or a key.
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
+    async def release_all(self) -> None:
+        """Give up what :meth:`acquire_all` took. Doing it when not held does nothing."""
         ...
 
 
@@ -214,3 +295,21 @@ def check_commit_args(
         )
     if not entries and checkpoint is None:
         raise ValueError("a commit needs journal entries, a checkpoint, or both")
+
+
+def check_many_args(commits: Sequence[KeyCommit]) -> None:
+    """Validate the shape of a multi-key commit (shared by every backend)."""
+    seen: set[str] = set()
+    for c in commits:
+        if not isinstance(c, KeyCommit):
+            raise TypeError(f"commit_many takes KeyCommit objects, not {type(c).__name__}")
+        if c.key in seen:
+            raise ValueError(f"key {c.key!r} appears twice in one commit_many")
+        seen.add(c.key)
+        check_commit_args(c.expected_seq, c.seq, c.entries, c.checkpoint, c.keep_journal)
+
+
+def not_held(store: str, key: str, seq: int) -> StoreConflict:
+    """The error for a ``commit_many`` part on a key the store object does not hold."""
+    return StoreConflict("commit_many needs every key held by this store object (acquire it, "
+                         "or acquire_all); nothing written", store=store, key=key, seq=seq)

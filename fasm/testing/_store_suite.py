@@ -48,7 +48,7 @@ from .._inputs import Input, Normal
 from .._machine import StateMachine
 from ..errors import StoreConflict, StoreCorrupt
 from ..persistence._codec import Codec
-from ..persistence._store import Store, StoredRecords
+from ..persistence._store import KeyCommit, Store, StoredRecords
 from ._suite_runner import Skip, anyio_marks, run_all, run_as_test
 
 __all__ = ("STORE_CHECKS", "StoreConformance", "check_store")
@@ -309,6 +309,164 @@ async def check_acquire(suite: _Suite) -> None:
         await a.acquire(other)
 
 
+async def _refused(exc: type[BaseException], call: Awaitable[Any], what: str,
+                   key: str | None = None) -> None:
+    """Like _raises; with ``key``, the error must name it (``error.key``)."""
+    try:
+        await call
+    except exc as e:
+        if key is not None:
+            _check(getattr(e, "key", None) == key,
+                   f"{what}: the error names key {getattr(e, 'key', None)!r}, not {key!r}")
+        return
+    except BaseException as e:
+        raise AssertionError(f"{what}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"{what}: expected {exc.__name__}, nothing was raised")
+
+
+async def check_commit_many(suite: _Suite) -> None:
+    """commit_many writes every part or, refused (stale key, repeated key, bad part, key not
+    held), nothing; it survives reopening."""
+    k1, k2, k3 = (suite.key(f"many-{i}") for i in range(3))
+    async with suite.opened() as store:
+        for k in (k1, k2, k3):
+            await store.acquire(k)
+        await store.commit_many([])  # nothing to do
+        await store.commit(k3, expected_seq=0, seq=1, entries=[b"c1"])
+        await store.commit_many([
+            KeyCommit(k1, 0, 2, [b"a1", b"a2"]),
+            KeyCommit(k2, 0, 3, checkpoint=b"b@3"),
+            KeyCommit(k3, 1, 2, [b"c2"]),
+        ])
+        want = {k1: (2, None, 0, [(1, b"a1"), (2, b"a2")]), k2: (3, b"b@3", 3, []),
+                k3: (2, None, 0, [(1, b"c1"), (2, b"c2")])}
+
+        async def same(what: str, s: Store) -> None:
+            for k, (seq, cp, cps, journal) in want.items():
+                _expect(await s.load(k), seq, cp, cps, journal, f"{what}: {k}")
+
+        await same("after a commit_many of three keys", store)
+        await _refused(StoreConflict, store.commit_many([
+            KeyCommit(k1, 2, 3, [b"a3"]), KeyCommit(k2, 2, 4, checkpoint=b"stale"),
+            KeyCommit(k3, 2, 3, [b"c3"])]), "commit_many with one stale key", key=k2)
+        await same("after a commit_many refused for one stale key", store)
+        await _raises(ValueError, store.commit_many([
+            KeyCommit(k1, 2, 3, [b"a3"]), KeyCommit(k1, 3, 4, [b"a4"])]),
+            "commit_many naming a key twice")
+        await _raises(ValueError, store.commit_many([
+            KeyCommit(k1, 2, 3, [b"a3"]), KeyCommit(k3, 2, 2, checkpoint=b"x")]),
+            "commit_many with a part whose seq does not grow")
+        await same("after refused malformed commit_many calls", store)
+        free = suite.key("many-not-held")
+        await _refused(StoreConflict, store.commit_many([
+            KeyCommit(k1, 2, 3, [b"a3"]), KeyCommit(free, 0, 1, [b"f1"])]),
+            "commit_many with a key this store object does not hold", key=free)
+        await same("after a commit_many refused for a key not held", store)
+        _check(await store.load(free) is None, "a refused commit_many wrote its unheld key")
+        async with suite.opened() as other:
+            await _refused(StoreConflict, other.commit_many([KeyCommit(k1, 2, 3, [b"x"])]),
+                           "commit_many on a key another store object holds", key=k1)
+        await same("after another store's refused commit_many", store)
+    if suite.durable:
+        async with suite.opened() as store:
+            await same("after reopening", store)
+
+
+async def check_in_flight(suite: _Suite) -> None:
+    """The in-flight mark: set and cleared with commits (None leaves it), loaded with the key,
+    listed by keys_in_flight, untouched by refused commits, kept across reopening."""
+    a, b, c = (suite.key(f"in-flight-{i}") for i in range(3))
+
+    async def marked(store: Store) -> list[str]:
+        return [k for k in await store.keys_in_flight() if k.startswith(suite.key(""))]
+
+    async def flags(store: Store, what: str, want: dict[str, bool]) -> None:
+        for k, flag in want.items():
+            got = await store.load(k)
+            _check(got is not None and got.in_flight is flag,
+                   f"{what}: load({k!r}).in_flight is "
+                   f"{None if got is None else got.in_flight}, expected {flag}")
+        listed = await marked(store)
+        expected = sorted(k for k, flag in want.items() if flag)
+        _check(listed == expected, f"{what}: keys_in_flight lists {listed}, expected {expected}")
+
+    async with suite.opened() as store:
+        for k in (a, b, c):
+            await store.acquire(k)
+        await store.commit(a, expected_seq=0, seq=1, entries=[b"a1"])
+        await flags(store, "a key committed without a mark", {a: False})
+        await store.commit(a, expected_seq=1, seq=2, entries=[b"a2"], in_flight=True)
+        await flags(store, "after in_flight=True", {a: True})
+        await store.commit(a, expected_seq=2, seq=3, entries=[b"a3"])
+        await flags(store, "after a commit with in_flight=None", {a: True})
+        await store.commit(a, expected_seq=3, seq=4, checkpoint=b"a@4", in_flight=False)
+        await flags(store, "after a checkpoint with in_flight=False", {a: False})
+        await store.commit_many([KeyCommit(a, 4, 5, [b"a5"], in_flight=True),
+                                 KeyCommit(b, 0, 1, checkpoint=b"b@1", in_flight=True),
+                                 KeyCommit(c, 0, 1, [b"c1"])])
+        await flags(store, "after commit_many marking two keys", {a: True, b: True, c: False})
+        await _refused(StoreConflict, store.commit_many([
+            KeyCommit(a, 5, 6, [b"a6"], in_flight=False),
+            KeyCommit(c, 0, 1, [b"stale"], in_flight=True)]),
+            "commit_many with a stale key", key=c)
+        await _refused(StoreConflict, store.commit(b, expected_seq=0, seq=1, entries=[b"x"],
+                                                   in_flight=False), "a stale commit")
+        await flags(store, "after refused commits", {a: True, b: True, c: False})
+        await store.commit_many([KeyCommit(a, 5, 6, [b"a6"], in_flight=False),
+                                 KeyCommit(c, 1, 2, [b"c2"], in_flight=True)])
+        await flags(store, "after commit_many clearing one and marking another",
+                    {a: False, b: True, c: True})
+    if suite.durable:
+        async with suite.opened() as store:
+            await flags(store, "after reopening", {a: False, b: True, c: True})
+
+
+async def check_in_flight_many_keys(suite: _Suite) -> None:
+    """keys_in_flight finds exactly the marked keys among many, committed in groups."""
+    keys = [suite.key(f"busy-{i:04d}") for i in range(600)]
+    async with suite.opened() as store:
+        await store.acquire_all()
+        for start in range(0, len(keys), 100):
+            await store.commit_many([KeyCommit(k, 0, 1, [b"e"], in_flight=(i % 20 == 0))
+                                     for i, k in enumerate(keys[start:start + 100], start)])
+        await store.commit_many([KeyCommit(keys[0], 1, 2, [b"f"], in_flight=False),
+                                 KeyCommit(keys[1], 1, 2, [b"f"], in_flight=True)])
+        want = sorted([keys[1], *(k for i, k in enumerate(keys) if i % 20 == 0 and i)])
+        got = [k for k in await store.keys_in_flight() if k.startswith(suite.key("busy-"))]
+        _check(got == want, f"keys_in_flight found {len(got)} of {len(keys)} keys "
+                            f"({got[:3]}...), expected the {len(want)} marked ({want[:3]}...)")
+
+
+async def check_acquire_all(suite: _Suite) -> None:
+    """acquire_all conflicts both ways with another object's acquire; it lets commit_many
+    write keys never acquired one by one; release_all and close give it up."""
+    k, other = suite.key("all-1"), suite.key("all-2")
+    async with suite.opened() as a, suite.opened() as b:
+        await a.acquire_all()
+        await a.acquire_all()  # holding it already: a no-op
+        await _raises(StoreConflict, b.acquire(k), "acquire while another store holds all")
+        await _raises(StoreConflict, b.acquire_all(), "acquire_all while another store holds it")
+        await a.commit_many([KeyCommit(k, 0, 1, [b"k1"]), KeyCommit(other, 0, 1, [b"o1"])])
+        _expect(await a.load(k), 1, None, 0, [(1, b"k1")], "commit_many under acquire_all")
+        await b.release_all()  # not held by b: does nothing
+        await _raises(StoreConflict, b.acquire(k), "acquire after a release_all by a non-holder")
+        await a.release_all()
+        await b.acquire(k)
+        await _raises(StoreConflict, a.acquire_all(),
+                      "acquire_all while another store holds a key")
+        await a.acquire(other)  # another key is independent
+        await b.release(k)
+        await _raises(StoreConflict, b.acquire_all(),
+                      "acquire_all while another store holds a key (the other way)")
+        await a.release(other)
+        await b.acquire_all()
+        await _raises(StoreConflict, a.acquire(other), "acquire after the store changed hands")
+        await b.close()
+        await a.acquire_all()  # close released it
+        await a.release_all()
+        await a.acquire(k)
+
+
 async def check_corruption(suite: _Suite) -> None:
     """A record damaged behind the store's back is never loaded as valid data."""
     if suite.corrupt is None:
@@ -513,10 +671,15 @@ async def check_history(suite: _Suite) -> None:
             _check(got == [(i, e[i]) for i in range(1, 6)],
                    f"history returned seqs {[s for s, _ in got]}, expected 1..5")
     async with suite.opened() as store:
-        await store.commit(key, expected_seq=5, seq=6, entries=e[6:7], checkpoint=b"cp6",
-                           keep_journal=True)
+        await store.acquire(key)  # the second kept checkpoint goes through a group commit
+        await store.commit_many([KeyCommit(key, 5, 6, e[6:7], b"cp6", in_flight=True,
+                                           keep_journal=True)])
         seqs = [s for s, _ in await store.history(key)]
-        _check(seqs == [1, 2, 3, 4, 5, 6], f"history after a second kept checkpoint: {seqs}")
+        _check(seqs == [1, 2, 3, 4, 5, 6],
+               f"history after a kept checkpoint in commit_many: {seqs}")
+        got6 = await store.load(key)
+        _check(got6 is not None and got6.in_flight and got6.checkpoint == b"cp6",
+               "commit_many with keep_journal must set the checkpoint and the mark")
         await store.commit(key, expected_seq=6, seq=7, checkpoint=b"cp7")
         _expect(await store.load(key), 7, b"cp7", 7, [], "load after a checkpoint")
         seqs = [s for s, _ in await store.history(key)]
@@ -560,6 +723,10 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "durable_reopen": check_durable_reopen,
     "identity": check_identity,
     "acquire": check_acquire,
+    "commit_many": check_commit_many,
+    "in_flight": check_in_flight,
+    "in_flight_many_keys": check_in_flight_many_keys,
+    "acquire_all": check_acquire_all,
     "corruption": check_corruption,
     "lost_checkpoint": check_lost_checkpoint,
     "big_checkpoint": check_big_checkpoint,
@@ -654,6 +821,18 @@ class StoreConformance:
 
     async def test_acquire(self) -> None:
         await self._run_check("acquire")
+
+    async def test_commit_many(self) -> None:
+        await self._run_check("commit_many")
+
+    async def test_in_flight(self) -> None:
+        await self._run_check("in_flight")
+
+    async def test_in_flight_many_keys(self) -> None:
+        await self._run_check("in_flight_many_keys")
+
+    async def test_acquire_all(self) -> None:
+        await self._run_check("acquire_all")
 
     async def test_corruption(self) -> None:
         await self._run_check("corruption")

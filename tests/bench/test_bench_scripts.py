@@ -70,6 +70,14 @@ def test_bench_http_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_bench_multikey_quick(tmp_path: Path) -> None:
+    out = run("bench_multikey.py", "--quick", "--dir", str(tmp_path))
+    for line in ("1. commit_many of 64 keys", "sqlite", "file", "2. start-up", "20,000"):
+        assert line in out
+    assert not any(tmp_path.iterdir()), "the run left its files behind"
+
+
+@pytest.mark.slow
 def test_bench_restore_runs() -> None:
     out = run("bench_restore.py", "--pending", "2000")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]

@@ -476,7 +476,7 @@ async def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     (key_dir(tmp_path) / "manifest").unlink()  # what format 1 wrote
     (tmp_path / "FASM-STORE").write_text("fasm file store 1\n", encoding="utf-8")
     store = await opened(tmp_path)
-    assert (tmp_path / "FASM-STORE").read_text(encoding="utf-8") == "fasm file store 2\n"
+    assert (tmp_path / "FASM-STORE").read_text(encoding="utf-8") == "fasm file store 3\n"
     got = await store.load(KEY)
     assert got is not None and (got.seq, got.checkpoint, got.journal) == (
         6, b"c3", ((4, b"4"), (5, b"5"), (6, b"6")))
@@ -645,4 +645,110 @@ async def test_kept_segments_are_not_read_by_load(tmp_path: Path) -> None:
     assert got is not None and got.checkpoint == b"cp" and [s for s, _ in got.journal] == [4]
     with pytest.raises(StoreCorrupt):
         await store.history(KEY)
+
+
+# -- group commits and the in-flight index -----------------------------------------------------
+
+
+async def _group_left_by_a_crash(root: Path) -> None:
+    """Leave a group's redo record as a crash right after the commit point leaves it: written,
+    and no key touched yet (the record is the only trace of the group)."""
+    from fasm.persistence import KeyCommit
+
+    store = FileStore(root)
+    await store.open()
+    await store.acquire_all()
+    await store.commit_many([KeyCommit("a", 0, 1, [b"a1"]), KeyCommit("b", 0, 1, [b"b1"])])
+    group = [KeyCommit("a", 1, 2, [b"a2"], in_flight=True),
+             KeyCommit("b", 1, 3, checkpoint=b"b@3", in_flight=True)]
+    store._write_redo(group)  # the commit point, as the group's first step writes it
+    await store.close()
+
+
+async def test_a_recorded_group_is_applied_at_open(tmp_path: Path) -> None:
+    await _group_left_by_a_crash(tmp_path)
+    store = await opened(tmp_path)
+    a, b = await store.load("a"), await store.load("b")
+    assert a is not None and [e for _, e in a.journal] == [b"a1", b"a2"] and a.in_flight
+    assert b is not None and (b.seq, b.checkpoint, b.in_flight) == (3, b"b@3", True)
+    assert await store.keys_in_flight() == ["a", "b"]
+    assert not (tmp_path / "FASM-STORE-REDO").exists()
+    await store.close()
+
+
+async def test_a_recorded_group_is_applied_by_an_open_store_at_acquire(tmp_path: Path) -> None:
+    """A store opened before another process crashed with the record left applies it before it
+    hands out a key of the group."""
+    other = await opened(tmp_path)  # open before the record exists
+    await _group_left_by_a_crash(tmp_path)
+    await other.acquire("a")
+    got = await other.load("a")
+    assert got is not None and got.seq == 2
+    await other.close()
+
+
+async def test_a_torn_group_record_is_ignored(tmp_path: Path) -> None:
+    """A crash while the record was written (before its rename) leaves a .tmp: nothing of the
+    group is visible, and the leftover goes."""
+    store = await opened(tmp_path)
+    await store.commit("a", expected_seq=0, seq=1, entries=[b"a1"])
+    await store.close()
+    (tmp_path / "FASM-STORE-REDO.tmp").write_bytes(b"FRDO\0\1torn")
+    store = await opened(tmp_path)
+    got = await store.load("a")
+    assert got is not None and got.seq == 1
+    assert not (tmp_path / "FASM-STORE-REDO.tmp").exists()
+    await store.close()
+
+
+async def test_a_damaged_group_record_is_corruption(tmp_path: Path) -> None:
+    await _group_left_by_a_crash(tmp_path)
+    flip_file_byte(tmp_path / "FASM-STORE-REDO", 30)
+    with pytest.raises(StoreCorrupt, match="FASM-STORE-REDO"):
+        await FileStore(tmp_path).open()
+
+
+async def test_a_format_2_store_opens_with_no_key_in_flight(tmp_path: Path) -> None:
+    await checkpoint_and_journal(tmp_path)
+    (tmp_path / "FASM-STORE-IN-FLIGHT").rmdir()  # what format 2 had
+    (tmp_path / "FASM-STORE").write_text("fasm file store 2\n", encoding="utf-8")
+    store = await opened(tmp_path)
+    assert (tmp_path / "FASM-STORE").read_text(encoding="utf-8") == "fasm file store 3\n"
+    got = await store.load(KEY)
+    assert got is not None and got.seq == 6 and not got.in_flight
+    assert await store.keys_in_flight() == []
+    await store.close()
+
+
+async def test_an_unacquired_commit_is_refused_while_another_object_holds_the_store(
+        tmp_path: Path) -> None:
+    a, b = await opened(tmp_path), await opened(tmp_path)
+    await a.acquire_all()
+    with pytest.raises(StoreConflict, match="acquire_all"):
+        await b.commit("k", expected_seq=0, seq=1, entries=[b"x"])
+    with pytest.raises(StoreConflict, match="acquire_all"):
+        await b.commit("k", expected_seq=0, seq=1, entries=[b"x"], in_flight=True)
+    assert await a.load("k") is None
+    await a.release_all()
+    await b.commit("k", expected_seq=0, seq=1, entries=[b"x"], in_flight=True)
+    assert await a.keys_in_flight() == ["k"]
+    await a.close()
+    await b.close()
+
+
+async def test_replaying_an_old_record_leaves_later_marks_alone(tmp_path: Path) -> None:
+    """A record replayed after its keys moved on (say its deletion failed) changes nothing: the
+    marks of later commits stand."""
+    from fasm.persistence import KeyCommit
+
+    await _group_left_by_a_crash(tmp_path)
+    store = await opened(tmp_path)  # replays: a at 2 and b at 3, both in flight
+    await store.commit("a", expected_seq=2, seq=3, entries=[b"a3"], in_flight=False)
+    store._write_redo([KeyCommit("a", 1, 2, [b"a2"], in_flight=True),
+                       KeyCommit("b", 1, 3, checkpoint=b"b@3", in_flight=True)])
+    await store.close()
+    store = await opened(tmp_path)
+    got = await store.load("a")
+    assert got is not None and got.seq == 3 and not got.in_flight
+    assert await store.keys_in_flight() == ["b"]
     await store.close()

@@ -302,7 +302,7 @@ async def test_a_format_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
     await store.commit(KEY, expected_seq=3, seq=4, entries=[b"four"])
     await store.close()
     with db(path) as after:
-        assert after.execute("SELECT value FROM fasm_meta").fetchone() == ("3",)
+        assert after.execute("SELECT value FROM fasm_meta").fetchone() == ("4",)
     after.close()
     again = await opened(path)
     got = await again.load(KEY)
