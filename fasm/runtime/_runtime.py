@@ -12,24 +12,21 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
-import pydantic
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._actions import Tracked, Untracked
-from .._inputs import Input, Normal, TrackedActionCompleted
-from .._machine import StateMachine, type_members
+from .._inputs import Normal, TrackedActionCompleted
+from .._machine import StateMachine
 from .._timer import Timer, TimerFired
 from ..errors import (
     DefinitionError,
     FasmError,
     InvalidInput,
-    Overloaded,
     Rejected,
     RuntimeClosed,
     StoreCorrupt,
@@ -39,6 +36,8 @@ from ..persistence._codec import Codec, Unencodable
 from ..persistence._durability import Durability
 from ..persistence._store import Store
 from ..persistence._txn import Database
+from ._admission import Admission
+from ._attempts import Attempts
 from ._clock import Clock, SystemClock
 from ._dispatch import Dispatcher, TimerHeap
 from ._engine import (
@@ -48,16 +47,10 @@ from ._engine import (
     Failed,
     Release,
     Rollback,
-    StrictValidator,
-    _strict_adapter,
     input_kind,
 )
 from ._events import (
-    ActionCompleted,
     ActionDispatched,
-    ActionFailed,
-    ActionRetried,
-    ActionSlow,
     DuplicateSubmitted,
     HandlerFailed,
     Listener,
@@ -67,15 +60,16 @@ from ._events import (
     TransitionRejected,
 )
 from ._executors import (
-    ActionContext,
     Executor,
     ExecutorFn,
     Handler,
     with_deadline,
 )
 from ._host import StateHost
+from ._registry import check_executors, check_handlers, lookup, registered
 from ._state_database import DatabaseHost
 from ._state_object import ObjectHost
+from ._submits import Committed, Item, Read, Result, Submit, checked_key
 from ._tasks import fatal as _fatal
 from ._tasks import leaves as _leaves
 from ._tasks import real_error as _real
@@ -97,86 +91,6 @@ _ABANDON_AFTER = 0.5
 """Seconds (real time) a stop waits for cancelled executors and handlers to return before it
 abandons them. Cancelled work that responds is gone in microseconds; what is still running after
 this is stuck where cancellation cannot reach it (a blocking call in a worker thread)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Committed(Generic[TId, TA, U]):
-    """The outcome of a submit: the transition is durable.
-
-    Attributes:
-        seq: the transition's sequence number.
-        actions: the actions it emitted. For a duplicate, the actions of the transition that
-            first used the key (they were released then and are not released again); empty when
-            they are not known (a key a fasm before record format 3 wrote, or actions that could
-            not be encoded).
-        duplicate: true when the idempotency key had been committed before; nothing ran now.
-    """
-
-    seq: int
-    actions: tuple[Tracked[TId, TA] | Untracked[U], ...] = ()
-    duplicate: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Submit:
-    input: Input[Any, Any, Any]
-    key: str | None
-    done: anyio.Event = field(default_factory=anyio.Event)
-    outcome: Committed[Any, Any, Any] | None = None
-    error: BaseException | None = None
-    # For listeners only (0 and None without them): when it was queued, the submitter's context.
-    submitted_ns: int = 0
-    context: contextvars.Context | None = None
-
-    def answer(self, outcome: Committed[Any, Any, Any] | None, error: BaseException | None) -> None:
-        self.outcome, self.error = outcome, error
-        self.done.set()
-
-
-@dataclass(eq=False, slots=True)
-class _Call:
-    """An executor call running now: reported slow at ``report_at`` (clock time)."""
-
-    attempt: int
-    started: float
-    report_at: float
-
-
-@dataclass(eq=False, slots=True)
-class _Result:
-    input: TrackedActionCompleted[Any, Any]
-    key: None = None
-    submitted_ns: int = 0  # for listeners only
-    context: None = None
-
-
-_Item = _Submit | _Result
-
-
-@dataclass(eq=False, slots=True)
-class _Read:
-    fn: Callable[[Any], Any]
-    done: anyio.Event = field(default_factory=anyio.Event)
-    value: Any = None
-    error: BaseException | None = None
-
-    def run(self, state: Any) -> None:
-        try:
-            self.value = self.fn(state)
-        except Exception as e:  # the reader's error, raised in the reader's task
-            self.error = e
-        self.done.set()
-
-    def refuse(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-
-async def _timer_executor(clock: Clock, action: Timer) -> TimerFired:
-    """The built-in timer executor. The runtime fires its timers from one heap instead
-    (:class:`~fasm.runtime._dispatch.TimerHeap`); this runs only a ``Timer`` subclass."""
-    await clock.sleep_until(action.at)
-    return TimerFired(at=action.at, now=clock.now())
 
 
 class Runtime(Generic[S, I, TId, TA, TR, U]):
@@ -295,47 +209,38 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if admission_timeout is not None and admission_timeout < 0:
             raise DefinitionError(f"admission_timeout must be >= 0 or None, got "
                                   f"{admission_timeout}")
-        self._max_pending = max_pending_actions
         self._cut_short_warned = -math.inf
-        self._admission_timeout = admission_timeout
-        # Tracked actions in flight (timers not counted), overall and by registered executor
-        # class: kept here, not counted from the engine's table, so admission is O(1).
-        self._pending_total = 0
-        self._pending_by: dict[type[Any], int] = {}
-        # Submits admitted and not yet answered: each may still emit actions, so each holds a
-        # place under every limit until its transition's own actions are counted.
-        self._admitted = 0
-        self._room: anyio.Event | None = None  # set when in-flight work completes
         if handler_timeout <= 0 or shutdown_grace < 0:
             raise DefinitionError("handler_timeout must be > 0 and shutdown_grace >= 0")
         if slow_action_after is not None and not slow_action_after > 0:
             raise DefinitionError(f"slow_action_after must be > 0 or None, got {slow_action_after}")
-        self._slow_action_after = slow_action_after
         self._queue_size = queue_size
         self._max_group = max_group
         self._handler_timeout = handler_timeout
         self.shutdown_grace = shutdown_grace
         self._listeners = tuple(listeners)
         self._machine_name: str = type(machine).machine_name
-        self._rng = random.Random(seed)
-        self._executors = self._check_executors(dict(executors or {}))
-        self._handlers = self._check_handlers(dict(handlers or {}))
-        self._result_adapter: StrictValidator | None = None
+        name = type(machine).__qualname__
+        self._executors, self._builtin_timer = check_executors(
+            name, self.types.tracked_action, dict(executors or {}), self.clock)
+        self._handlers = check_handlers(name, self.types.untracked, dict(handlers or {}))
+        self._attempts = Attempts(
+            self.clock, key=key, machine_name=self._machine_name,
+            slow_action_after=slow_action_after, rng=random.Random(seed), emit=self._emit,
+            timed=bool(self._listeners), result_type=self.types.tracked_result,
+            codec=self._codec_)
+        self._admission = Admission(self.clock, self._executors, max_pending=max_pending_actions,
+                                    timeout=admission_timeout)
         self._engine: Engine | None = None
         self._status = "new"
-        self._identity = ""  # the store's or database's identity, read at start
         self._failure: BaseException | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._work: anyio.abc.TaskGroup | None = None
         self._work_stop: anyio.Event | None = None  # made in __aenter__ (needs a loop)
         self._work_done: anyio.Event | None = None
         self._abandoned = False
-        self._calls: dict[Any, _Call] = {}  # executor calls running now, by action id
-        self._watch_wake: anyio.Event | None = None  # the slow watchdog waits for a first call
-        self._watch_sleep: anyio.CancelScope | None = None  # ... or sleeps until _watch_due
-        self._watch_due = math.inf
-        self._send: MemoryObjectSendStream[_Item] | None = None
-        self._receive: MemoryObjectReceiveStream[_Item] | None = None
+        self._send: MemoryObjectSendStream[Item] | None = None
+        self._receive: MemoryObjectReceiveStream[Item] | None = None
         # Tracked actions wait for their executor as queue entries, not tasks (_dispatch.py).
         # Timers are not counted against max_in_flight; the built-in ones are not queued at all
         # but kept in one heap.
@@ -350,7 +255,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         # Reads wait while a group is between its stf and its commit (the live state is then
         # ahead of the durable one); the driver runs them as soon as the group is durable.
         self._in_group = False
-        self._reads: list[_Read] = []
+        self._reads: list[Read] = []
         self.store: Store | None = None
         """The store of a state-object runtime (None with ``database=``)."""
         self.durability: Durability | None = None
@@ -372,49 +277,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                               idempotency_window=idempotency_window,
                               idempotency_ttl=idempotency_ttl)
             self.store, self.durability, self._host = host.store, host.durability, host
-
-    # -- definition checks ----------------------------------------------------------------------
-
-    def _check_executors(
-        self, given: dict[type[Any], Executor[Any, Any] | ExecutorFn[Any, Any]]
-    ) -> dict[type[Any], Executor[Any, Any]]:
-        declared = [m for m in type_members(self.types.tracked_action) if isinstance(m, type)]
-        table: dict[type[Any], Executor[Any, Any]] = {}
-        for cls, spec in given.items():
-            if not any(issubclass(m, cls) for m in declared):
-                raise DefinitionError(
-                    f"executor registered for {cls.__qualname__}, which is not in "
-                    f"{type(self.machine).__qualname__}'s tracked-action type"
-                )
-            table[cls] = spec if isinstance(spec, Executor) else Executor(spec)
-        self._builtin_timer: Executor[Any, Any] | None = None
-        if Timer in declared and not any(issubclass(Timer, c) for c in table):
-            clock = self.clock
-            table[Timer] = self._builtin_timer = Executor(
-                lambda a, _ctx: _timer_executor(clock, a))
-        missing = [m.__qualname__ for m in declared if _lookup(table, m) is None]
-        if missing:
-            raise DefinitionError(
-                f"no executor for tracked action type(s) {', '.join(missing)} of "
-                f"{type(self.machine).__qualname__}: pass executors={{Type: fn}}"
-            )
-        return table
-
-    def _check_handlers(self, given: dict[type[Any], Handler]) -> dict[type[Any], Handler]:
-        declared = [m for m in type_members(self.types.untracked) if isinstance(m, type)]
-        for cls in given:
-            if not any(issubclass(m, cls) for m in declared):
-                raise DefinitionError(
-                    f"handler registered for {cls.__qualname__}, which is not in "
-                    f"{type(self.machine).__qualname__}'s untracked-action type"
-                )
-        missing = [m.__qualname__ for m in declared if _lookup(given, m) is None]
-        if missing:
-            raise DefinitionError(
-                f"no handler for untracked action type(s) {', '.join(missing)} of "
-                f"{type(self.machine).__qualname__}: pass handlers={{Type: fn}}"
-            )
-        return given
 
     # -- public surface -------------------------------------------------------------------------
 
@@ -471,7 +333,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._driver_done is not None and self._driver_done.is_set():
             # Cancelled (a crash) between a group's stf and its commit: nothing durable to show.
             raise self._closed() from self._failure
-        read = _Read(fn)
+        read = Read(fn)
         self._reads.append(read)
         await read.done.wait()
         if read.error is not None:
@@ -553,18 +415,19 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 stops as if the process had been killed).
         """
         engine = self._require_running()
-        item = _Submit(self._checked(engine.validate(value)), _checked_key(idempotency_key))
+        item = Submit(self._checked(engine.validate(value)), checked_key(idempotency_key))
         if self._listeners:
             item.submitted_ns = time.time_ns()
             item.context = contextvars.copy_context()  # O(1): contexts are immutable maps
-        if self._full() is not None:
+        admission = self._admission
+        if admission.full() is not None:
             # Admission comes before the queue: a waiting submit holds no queue slot, so the
             # results that make room never wait behind it.
-            await self._admit(self._admission_timeout if admission_timeout is None
-                              else admission_timeout)
+            await admission.admit(admission.timeout if admission_timeout is None
+                                  else admission_timeout, self._check_open)
         send = self._send
         assert send is not None
-        self._admitted += 1
+        admission.admitted += 1
         try:
             try:
                 try:
@@ -576,67 +439,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             await item.done.wait()
         finally:
             # Answered: the actions it emitted are counted (dispatch comes before the answer).
-            self._admitted -= 1
-            self._wake_room()
+            admission.admitted -= 1
+            admission.wake()
         if item.error is not None:
             raise item.error
         assert item.outcome is not None
         return cast(Committed[TId, TA, U], item.outcome)
-
-    def _full(self) -> str | None:
-        """The limit on in-flight tracked actions that is reached, or None.
-
-        A submit cannot know which action types its transition will emit (the stf has not run),
-        so it waits while *any* limit is reached: a per-executor limit exists to stop one slow
-        provider's backlog from growing, and letting other inputs through could not promise
-        that. Inputs that emit nothing wait too; that is the price of not guessing."""
-        admitted = self._admitted
-        if (self._max_pending is not None
-                and self._pending_total + admitted >= self._max_pending):
-            return "max_pending_actions"
-        for cls, spec in self._executors.items():
-            limit = spec.max_pending
-            if limit is not None and self._pending_by.get(cls, 0) + admitted >= limit:
-                return f"{cls.__qualname__}.max_pending"
-        return None
-
-    def _wake_room(self) -> None:
-        if self._room is not None:
-            self._room.set()
-            self._room = None
-
-    async def _admit(self, timeout: float | None) -> None:  # noqa: ASYNC109 (clock time)
-        """Wait until no limit on in-flight work is reached.
-
-        Raises:
-            Overloaded: still reached after ``timeout`` seconds (clock time).
-            RuntimeClosed: the runtime stopped while waiting.
-        """
-        deadline = None if timeout is None or math.isinf(timeout) else self.clock.now() + timeout
-        while (limit := self._full()) is not None:
-            if self._status != "running":
-                raise self._closed() from self._failure
-            if deadline is not None and self.clock.now() >= deadline:
-                raise Overloaded(
-                    f"{self._pending_total} tracked action(s) in flight ({limit} reached) and "
-                    f"no room within {timeout} s; nothing was queued: retry later",
-                    pending=self._pending_total, limit=limit)
-            self._room = room = self._room or anyio.Event()
-            try:
-                await with_deadline(self.clock, deadline, room.wait())
-            except TimeoutError:
-                continue  # the loop raises Overloaded, or admits if room was made meanwhile
-
-    def _count(self, action: Any, delta: int) -> None:
-        cls = type(action)
-        if cls is Timer:
-            return
-        self._pending_total += delta
-        key = _registered(self._executors, cls)
-        if key is not None:
-            self._pending_by[key] = self._pending_by.get(key, 0) + delta
-        if delta < 0:
-            self._wake_room()
 
     def _checked(self, value: Any) -> Normal[Any]:
         """The input, with its record bytes made now: one that cannot be written is refused
@@ -671,14 +479,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     f"{type(where).__qualname__} has no identity (got {identity!r}): a Store "
                     "gives a non-empty str made once with its data, the first part of every "
                     "executor idempotency key (see fasm.persistence.Store)")
-            self._identity = identity
+            self._attempts.identity = identity
             release = await self._host.restore(self._engine)
         except BaseException:
             self._status = "stopped"
             with anyio.CancelScope(shield=True):
                 await self._host.close()
             raise
-        self._send, self._receive = anyio.create_memory_object_stream[_Item](self._queue_size)
+        self._send, self._receive = anyio.create_memory_object_stream[Item](self._queue_size)
         self._work_stop = anyio.Event()
         self._work_done = anyio.Event()
         self._driver_done = anyio.Event()
@@ -708,8 +516,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         try:
             async with anyio.create_task_group() as work:
                 self._work = work
-                if self._slow_action_after is not None:
-                    work.start_soon(self._guarded, self._watch_slow, self._slow_action_after)
+                after = self._attempts.slow_action_after
+                if after is not None:
+                    work.start_soon(self._guarded, self._attempts.watch_slow, after)
                 ready.set()
                 await self._work_stop.wait()
                 work.cancel_scope.cancel()
@@ -729,7 +538,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert self._receive is not None
         receive = self._receive
         max_group = self._max_group
-        batch: list[_Item] = []
+        batch: list[Item] = []
         try:
             while True:
                 try:
@@ -766,7 +575,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             if self._driver_done is not None:
                 self._driver_done.set()
 
-    async def _process(self, batch: list[_Item]) -> None:
+    async def _process(self, batch: list[Item]) -> None:
         engine = self._require_engine()
         engine.now = self.clock.now()  # dates the group's idempotency keys (rule 6)
         try:
@@ -776,7 +585,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             error = e if isinstance(e, FasmError) else StoreError(
                 f"store commit raised {e!r}", store=self._host.description, key=self.key)
             for item in batch:
-                if isinstance(item, _Submit) and not item.done.is_set():
+                if isinstance(item, Submit) and not item.done.is_set():
                     item.answer(None, error)
             if error is e:
                 raise
@@ -790,14 +599,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             closed.__cause__ = e
             culprit = engine.interrupted if _fatal(e) else None
             for item in batch:
-                if isinstance(item, _Submit) and not item.done.is_set():
+                if isinstance(item, Submit) and not item.done.is_set():
                     item.answer(None, e if item.input is culprit else closed)
             raise
         for attempt, retried in result.retries:
             self._emit(TransactionRetried(self.key, attempt, len(batch), retried))
         for event in result.events:
             self._emit(event)
-        committed: list[tuple[_Item, Accepted]] = []
+        committed: list[tuple[Item, Accepted]] = []
         emitted_by: dict[Any, int] | None = None
         for item, step in zip(batch, result.steps, strict=True):
             if isinstance(step, Accepted):
@@ -811,7 +620,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                             and s.input.id in in_flight]
             release = engine.committed([s for _, s in committed])
             for action in done_actions:
-                self._count(action, -1)
+                self._admission.count(action, -1)
             if self._listeners:
                 queued = self._queued()
                 emitted_by = {}
@@ -830,7 +639,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             # The engine's order: commit, then dispatch, then answer the submitters.
             self._dispatch(release, emitted_by)
         for item, step in zip(batch, result.steps, strict=True):
-            if isinstance(item, _Result):
+            if isinstance(item, Result):
                 if isinstance(step, StoreError):
                     self._redeliver(item, step)
             elif isinstance(step, Accepted):
@@ -857,10 +666,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                      "idempotency_window or lower idempotency_ttl", engine.idempotency_window,
                      count, age, engine.idempotency_ttl, extra={"fasm_key": self.key})
 
-    def _answer_duplicate(self, item: _Item, step: Duplicate) -> None:
+    def _answer_duplicate(self, item: Item, step: Duplicate) -> None:
         """Answer a duplicate submit with the outcome of the transition that first used its key
         (decoded from the store's bytes the first time it is asked for after a restart)."""
-        assert isinstance(item, _Submit)
+        assert isinstance(item, Submit)
         actions: tuple[Any, ...] | None = None
         if step.remembered is not None:
             try:
@@ -881,7 +690,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         for read in reads:
             read.run(state)
 
-    def _redeliver(self, item: _Result, error: StoreError) -> None:
+    def _redeliver(self, item: Result, error: StoreError) -> None:
         """A result the database kept refusing to commit (contention) goes back in the queue:
         it is still in flight, and dropping it would stall its action until a restart."""
         log.warning("result of tracked action %r not committed (%s); queued again",
@@ -890,22 +699,22 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert self._work is not None
         self._work.start_soon(self._deliver, item.input.id, item.input.result)
 
-    def _rejected(self, item: _Item, step: Failed) -> None:
+    def _rejected(self, item: Item, step: Failed) -> None:
         kind = input_kind(step.input)
         expected = isinstance(step.error, Rejected)
         if self._listeners:
             self._emit(TransitionRejected(
                 self.key, kind, step.error, expected, self._machine_name, item.submitted_ns,
-                item.context, item.input.id if isinstance(item, _Result) else None))
+                item.context, item.input.id if isinstance(item, Result) else None))
         extra = {"fasm_key": self.key, "fasm_input_kind": kind}
-        if isinstance(item, _Result):
+        if isinstance(item, Result):
             # A result the stf refuses is dropped, never fatal. The id is no longer waited on
             # here; the state still says what is pending, so restore re-emits it on next start.
             engine = self._require_engine()
             forgotten = engine.in_flight.get(item.input.id)
             engine.forget(item.input.id)
             if forgotten is not None:
-                self._count(forgotten.action, -1)
+                self._admission.count(forgotten.action, -1)
             log.error("stf refused the result of tracked action %r; dropped: %s", item.input.id,
                       step.error, extra={**extra, "fasm_action_id": item.input.id})
         elif expected:
@@ -913,7 +722,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         else:
             log.warning("stf raised on %s: %r", kind, step.error.__cause__, extra=extra)
 
-    def _fail(self, error: BaseException, batch: Sequence[_Item] = ()) -> None:
+    def _fail(self, error: BaseException, batch: Sequence[Item] = ()) -> None:
         """The driver is leaving abnormally: answer everyone still queued or in the ``batch``
         it was on (committed or not, unacknowledged), refuse new input."""
         if not isinstance(error, anyio.get_cancelled_exc_class()) and self._failure is None:
@@ -932,14 +741,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             read.refuse(closed)
         assert self._receive is not None
         for item in batch:
-            if isinstance(item, _Submit) and not item.done.is_set():
+            if isinstance(item, Submit) and not item.done.is_set():
                 item.answer(None, closed)
         while True:
             try:
                 item = self._receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
-            if isinstance(item, _Submit):
+            if isinstance(item, Submit):
                 item.answer(None, closed)
         self._receive.close()
 
@@ -961,7 +770,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         dispatcher = self._dispatcher
         for tracked in release.tracked:
             action = tracked.action
-            self._count(action, +1)
+            self._admission.count(action, +1)
             if self._listeners:
                 self._emit(ActionDispatched(
                     self.key, tracked.id, action, self._machine_name,
@@ -969,8 +778,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             if type(action) is Timer and self._builtin_timer is not None:
                 self._timers.add(tracked.id, action.at)
             else:
-                lane = _registered(self._executors, type(action))
-                assert lane is not None  # every declared class has one (_check_executors)
+                lane = registered(self._executors, type(action))
+                assert lane is not None  # every declared class has one (check_executors)
                 dispatcher.put(lane, tracked)
         dispatcher.pump()  # workers for what may run now; the rest waits as queue entries
         for seq, untracked in release.untracked:
@@ -995,144 +804,18 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     async def _perform(self, tracked: Tracked[Any, Any]) -> None:
         """One dispatched action, in a slot of its executor: its attempts, then its result."""
-        spec = _lookup(self._executors, type(tracked.action))
+        spec = lookup(self._executors, type(tracked.action))
         assert spec is not None
-        result = await self._attempts(tracked, spec)
+        result = await self._attempts.run(tracked, spec)
         await self._deliver(tracked.id, result)
 
     async def _fire_timer(self, action_id: Any, at: float) -> None:
         await self._deliver(action_id, TimerFired(at=at, now=self.clock.now()))
 
-    async def _attempts(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any]) -> Any:
-        policy = spec.retry
-        attempt = 0
-        extra: dict[str, Any] = {"fasm_key": self.key, "fasm_action_id": tracked.id}
-        while True:
-            attempt += 1
-            started_ns = time.time_ns() if self._listeners else 0
-            deadline = None if policy.timeout is None else self.clock.now() + policy.timeout
-            try:
-                result = await self._attempt(tracked, spec, attempt, deadline)
-                self._check_result(result)
-            except Exception as e:
-                if policy.max_attempts is not None and attempt >= policy.max_attempts:
-                    assert spec.on_exhausted is not None
-                    try:
-                        result = spec.on_exhausted(tracked.action, e)
-                        self._check_result(result)
-                    except Exception as mapping_error:
-                        log.error("on_exhausted for %r raised %r; retrying the action",
-                                  tracked.id, mapping_error, extra=extra)
-                    else:
-                        log.warning("tracked action %r gave up after %d attempts: %r",
-                                    tracked.id, attempt, e, extra=extra)
-                        self._emit(ActionFailed(self.key, tracked.id, attempt, e, result,
-                                                self._machine_name, started_ns))
-                        return result
-                delay = policy.delay(attempt, self._rng)
-                # Proportionate: a WARNING for the first failure and at attempts 10, 100, 1000,
-                # ... (an outage of a day logs a handful of lines), DEBUG otherwise; listeners
-                # still get every ActionRetried.
-                level = logging.WARNING if _loud_attempt(attempt) else logging.DEBUG
-                log.log(level, "tracked action %r attempt %d failed: %r; retry in %.3fs",
-                        tracked.id, attempt, e, delay, extra=extra)
-                self._emit(ActionRetried(self.key, tracked.id, attempt, e, delay,
-                                         self._machine_name, started_ns))
-                await self.clock.sleep_until(self.clock.now() + delay)
-                continue
-            self._emit(ActionCompleted(self.key, tracked.id, attempt, self._machine_name,
-                                       started_ns))
-            return result
-
-    async def _attempt(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any], attempt: int,
-                       deadline: float | None) -> Any:
-        """One executor call, under its deadline, listed in ``_calls`` while it runs: for the
-        slow watchdog, and so that a stop that abandons it can say which."""
-        now = self.clock.now()
-        after = None if type(tracked.action) is Timer else self._slow_action_after
-        call = _Call(attempt, now, now + after if after is not None else math.inf)
-        self._calls[tracked.id] = call
-        if self._watch_wake is not None:
-            self._watch_wake.set()
-        elif call.report_at < self._watch_due and self._watch_sleep is not None:
-            self._watch_sleep.cancel()
-        try:
-            result = await with_deadline(
-                self.clock, deadline,
-                spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
-        except Exception:
-            # A call that ignored a stop's cancellation and ended late reports nothing more.
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            raise
-        finally:
-            del self._calls[tracked.id]
-            if not self._calls and self._watch_sleep is not None:
-                self._watch_sleep.cancel()  # nothing to watch: leave no deadline on the clock
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        return result
-
-    async def _watch_slow(self, after: float) -> None:
-        """One task watches every running executor call: a call that has run ``after`` seconds
-        (clock time) is reported (``_slow``), then again each time its running time doubles.
-        It sleeps only while calls run, until the next report is due."""
-        clock = self.clock
-        while True:
-            now = clock.now()
-            for action_id, call in list(self._calls.items()):
-                if call.report_at <= now:
-                    self._slow(action_id, call.attempt, now - call.started)
-                    while call.report_at <= now:
-                        call.report_at = call.started + 2 * (call.report_at - call.started)
-            due = min((call.report_at for call in self._calls.values()), default=math.inf)
-            if due == math.inf:  # no calls, or only timers (not watched)
-                self._watch_wake = wake = anyio.Event()
-                await wake.wait()
-                self._watch_wake = None
-                continue
-            self._watch_due = due
-            with anyio.CancelScope() as self._watch_sleep:
-                await clock.sleep_until(self._watch_due)
-            self._watch_sleep, self._watch_due = None, math.inf
-
-    def _slow(self, action_id: Any, attempt: int, elapsed: float) -> None:
-        log.warning("tracked action %r attempt %d has been running for %.1fs (slow_action_after="
-                    "%ss); it is not cancelled", action_id, attempt, elapsed,
-                    self._slow_action_after, extra={"fasm_key": self.key,
-                                                    "fasm_action_id": action_id})
-        self._emit(ActionSlow(self.key, action_id, attempt, elapsed, self._machine_name))
-
-    def _check_result(self, result: Any) -> None:
-        """A result that does not validate field for field, or cannot be written as a record,
-        fails its attempt (retried like an executor exception) instead of reaching the store."""
-        if self._result_adapter is None:
-            self._result_adapter = _strict_adapter(self.types.tracked_result)
-        try:
-            self._result_adapter.validate_python(result, strict=True)
-        except pydantic.ValidationError as e:
-            raise TypeError(
-                f"executor returned {type(result).__qualname__}, not the machine's tracked "
-                f"result type: {self._result_adapter.describe(e)}"
-            ) from e
-        try:
-            self._codec_().pack("tracked_result", result)
-        except Unencodable as e:
-            raise TypeError(f"executor returned {type(result).__qualname__}, which cannot be "
-                            f"committed: {e}") from e
-
-    def _context(self, action_id: Any, attempt: int, deadline: float | None) -> ActionContext:
-        return ActionContext(
-            machine_key=self.key,
-            action_id=action_id,
-            idempotency_key=(f"{self._identity}/{type(self.machine).machine_name}/{self.key}/"
-                             f"{action_id}"),
-            attempt=attempt,
-            deadline=deadline,
-        )
-
     async def _deliver(self, action_id: Any, result: Any) -> None:
         assert self._send is not None
         try:
-            await self._send.send(_Result(TrackedActionCompleted(action_id, result),
+            await self._send.send(Result(TrackedActionCompleted(action_id, result),
                                           submitted_ns=time.time_ns() if self._listeners else 0))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             # Stopping: the result is not committed, so the state still says the action is
@@ -1141,7 +824,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                      extra={"fasm_key": self.key, "fasm_action_id": action_id})
 
     async def _run_handler(self, seq: int, untracked: Untracked[Any]) -> None:
-        handler = _lookup(self._handlers, type(untracked.action))
+        handler = lookup(self._handlers, type(untracked.action))
         assert handler is not None
         extra = {"fasm_key": self.key, "fasm_seq": seq}
         try:
@@ -1223,9 +906,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """
         if self._status == "running":
             self._status = "stopping"
-            if self._room is not None:  # submits waiting for room are refused now
-                self._room.set()
-                self._room = None
+            self._admission.wake()  # submits waiting for room are refused now
             await self._drain()
         self._end_work()
         if self._driver_done is not None:
@@ -1234,9 +915,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     def _end_work(self) -> None:
         """Cancel executors and handlers, and let the driver finish what is queued."""
-        if self._room is not None:  # submits waiting for room see the runtime is closed
-            self._room.set()
-            self._room = None
+        self._admission.wake()  # submits waiting for room see the runtime is closed
         self._dispatcher.close()
         self._timers.close()
         if self._work_stop is not None:
@@ -1255,11 +934,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if done.is_set():
             return
         self._abandoned = True
+        calls = self._attempts.calls
         log.warning("stop abandoned %d executor call(s) (action ids %s) and %d handler(s) that did "
                     "not return within %.1fs of being cancelled (a blocking call in a worker "
                     "thread ignores cancellation); they may still be running. Their actions stay "
                     "in flight in the state: restore re-emits them on the next start",
-                    len(self._calls), ", ".join(repr(i) for i in self._calls) or "none",
+                    len(calls), ", ".join(repr(i) for i in calls) or "none",
                     self._handlers_running, _ABANDON_AFTER, extra={"fasm_key": self.key})
 
     def _crash(self, error: BaseException) -> None:
@@ -1340,60 +1020,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         return self._engine
 
     def _require_running(self) -> Engine:
+        self._check_open()
+        return self._require_engine()
+
+    def _check_open(self) -> None:
         if self._status != "running":
             raise self._closed() from self._failure
-        return self._require_engine()
 
     def _closed(self) -> RuntimeClosed:
         if self._failure is not None:
             return RuntimeClosed(f"the runtime stopped after a failure: {self._failure!r}")
         return RuntimeClosed(f"the runtime is {self._status}; it accepts no input")
-
-
-def _checked_key(key: Any) -> str | None:
-    """An idempotency key every store keeps as it was given: a ``str`` (an int key would be
-    deduplicated within a run and forgotten after a restart) of valid Unicode without NUL
-    (SQLite and PostgreSQL text cannot hold lone surrogates, PostgreSQL text no NUL; refused on
-    every store alike, so behaviour does not depend on the backend).
-
-    Raises:
-        InvalidInput: the key is refused; nothing ran.
-    """
-    if key is None:
-        return None
-    if not isinstance(key, str):
-        raise InvalidInput(f"idempotency_key must be a str, got {type(key).__qualname__}")
-    if "\x00" in key:
-        raise InvalidInput("idempotency_key cannot hold NUL ('\\x00')")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidInput(f"idempotency_key is not valid Unicode (lone surrogate at "
-                           f"index {e.start})") from e
-    return key
-
-
-def _loud_attempt(attempt: int) -> bool:
-    """Whether a failed attempt is logged at WARNING: the first, then 10, 100, 1000, ..."""
-    while attempt >= 10 and attempt % 10 == 0:
-        attempt //= 10
-    return attempt == 1
-
-
-def _registered(table: Mapping[type[Any], Any], cls: type[Any]) -> type[Any] | None:
-    """The class ``cls`` is registered under in ``table`` (itself or its nearest base)."""
-    for c in cls.__mro__:
-        if c in table:
-            return c
-    return None
-
-
-def _lookup(table: Mapping[type[Any], Any], cls: type[Any]) -> Any:
-    found = table.get(cls)
-    if found is not None:
-        return found
-    for base in cls.__mro__[1:]:
-        found = table.get(base)
-        if found is not None:
-            return found
-    return None
