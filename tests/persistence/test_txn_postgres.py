@@ -86,7 +86,9 @@ async def test_a_serialization_failure_reruns_the_group(
 async def test_a_deadlock_reruns_the_group(
         pg_dsn: str, db_at: Callable[..., PostgresDatabase], raw: psycopg.Connection[Any]) -> None:
     events: list[RuntimeEvent] = []
-    db = db_at()
+    # More attempts than the default 5: on a loaded machine a rerun can take ada before the raw
+    # session, woken by the abort, does, and deadlock again; the growing backoff ends that.
+    db = db_at(max_attempts=20)
     raw.execute("SET deadlock_timeout = '30s'")  # the runtime's session detects it, not this one
     async with runtime(db, listeners=[events.append]) as rt:
         raw.execute("UPDATE accounts SET balance = balance + 1 WHERE name = 'bob'")
