@@ -58,7 +58,8 @@ def open_url(url: str) -> Store:
     """The (unopened) store a URL names (see the module documentation).
 
     Raises:
-        ValueError: the scheme is unknown, or a SQLite file or store directory does not exist.
+        ValueError: the scheme is unknown, or a SQLite file, store directory or PostgreSQL store
+            (its keys table) does not exist.
     """
     scheme, _, rest = url.partition("://")
     if scheme == "sqlite":
@@ -77,9 +78,28 @@ def open_url(url: str) -> Store:
         schema = query.pop("schema", "public")
         prefix = query.pop("table_prefix", "fasm_")
         dsn = urlunsplit(parts._replace(query=urlencode(query)))
+        if _pg_store_exists(dsn, schema, prefix) is False:
+            raise ValueError(f"no fasm store in PostgreSQL schema {schema!r} (no table "
+                             f"{prefix}keys)")
         return PostgresStore(dsn, schema=schema, table_prefix=prefix)
     raise ValueError(f"unknown store URL scheme {scheme!r}: use sqlite:///path, file:///dir or "
                      "postgresql://...")
+
+
+def _pg_store_exists(dsn: str, schema: str, prefix: str) -> bool | None:
+    """Whether the store's keys table is there, so that a mistyped address is refused rather
+    than given new tables by the store's ``open``. None: the database could not be asked, and
+    the store's own ``open`` reports why (with any password scrubbed)."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            name = sql.Identifier(schema, f"{prefix}keys").as_string(conn)
+            row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+    except (psycopg.Error, ValueError):
+        return None
+    return row is not None and row[0] is not None
 
 
 def _load_object(spec: str) -> Any:

@@ -131,6 +131,19 @@ def test_bad_addresses_are_refused_without_creating_anything(tmp_path: Path) -> 
     assert got.exit_code == 2
 
 
+def test_a_postgresql_address_without_a_store_is_refused_without_creating_tables(
+        pg_dsn: str, pg_schema: str) -> None:
+    import psycopg
+
+    address = f"{pg_dsn}{'&' if '?' in pg_dsn else '?'}schema={pg_schema}"
+    got = CliRunner().invoke(main, ["keys", address])
+    assert got.exit_code == 2 and "no fasm store in PostgreSQL schema" in got.output
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                           (pg_schema,)).fetchone()
+    assert row == (0,)
+
+
 def test_the_console_script_runs(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     anyio.run(record, SQLiteStore(path), KEEP)

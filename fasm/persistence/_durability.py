@@ -51,15 +51,24 @@ class Journal:
             in the store for :func:`fasm.runtime.replay`, which checks new code against it
             before a deploy. Recovery still starts at the last checkpoint; the store grows by
             every input ever committed (a staging or canary store, or one that a retention job
-            trims by writing a checkpoint without it).
+            trims by writing a checkpoint without it). An int ``N`` bounds it instead: at
+            least the last ``N`` entries stay, and at each checkpoint the history is trimmed to
+            start right after the newest checkpoint this runtime wrote at least ``N`` entries
+            earlier, which the store keeps as the history base (:meth:`Store.history_base`)
+            for replay to start from. So the history holds at most ``N`` plus two checkpoint
+            intervals of entries, and the runtime holds in memory the checkpoints it wrote in
+            the last ``N`` entries (after a restart, the checkpoint it recovered from).
     """
 
     checkpoint_ratio: float = 1.0
     checkpoint_every: int | None = 100_000
     min_checkpoint_bytes: int = 64 * 1024
-    keep_history: bool = False
+    keep_history: bool | int = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keep_history, bool) and (
+                not isinstance(self.keep_history, int) or self.keep_history < 1):
+            raise ValueError("keep_history must be True, False or an int >= 1")
         if self.checkpoint_ratio <= 0:
             raise ValueError("checkpoint_ratio must be > 0")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -80,6 +89,7 @@ class CommitPlan:
     entries: tuple[bytes, ...]
     checkpoint: bytes | None
     keep_journal: bool = False
+    history_base: tuple[int, bytes] | None = None
 
 
 class Writer:
@@ -91,6 +101,8 @@ class Writer:
         self._since_transitions = 0
         self._since_bytes = 0
         self._checkpoint_size = 0
+        # Bounded history: checkpoints written since the last history base, oldest first.
+        self._bases: list[tuple[int, bytes]] = []
 
     def encode(self, entries: Sequence[tuple[Any, ...]]) -> tuple[bytes, ...]:
         """Journal entries for ``(seq, input, idempotency_key)`` or
@@ -120,16 +132,25 @@ class Writer:
     ) -> CommitPlan:
         """The write that moves the store from ``expected_seq`` to ``seq``."""
         if checkpoint is not None:
-            if isinstance(self.durability, Journal) and self.durability.keep_history and encoded:
-                return CommitPlan(expected_seq, seq, encoded, checkpoint, keep_journal=True)
+            keep = self.durability.keep_history if isinstance(self.durability, Journal) else False
+            if keep and encoded:
+                base = None
+                if keep is not True:  # keep at least the last ``keep`` entries
+                    old = [b for b in self._bases if b[0] <= seq - keep and b[0] <= expected_seq]
+                    base = old[-1] if old else None
+                return CommitPlan(expected_seq, seq, encoded, checkpoint, keep_journal=True,
+                                  history_base=base)
             return CommitPlan(expected_seq, seq, (), checkpoint)
         return CommitPlan(expected_seq, seq, encoded, None)
 
-    def recovered(self, entries: int, size: int, checkpoint_size: int) -> None:
-        """Count what was found at start toward the next checkpoint."""
+    def recovered(self, entries: int, size: int, checkpoint_size: int,
+                  checkpoint: tuple[int, bytes] | None = None) -> None:
+        """Count what was found at start toward the next checkpoint; ``checkpoint`` (the
+        loaded one, every entry after it stored) may become a history base."""
         self._since_transitions = entries
         self._since_bytes = size
         self._checkpoint_size = checkpoint_size
+        self._bases = [checkpoint] if checkpoint is not None and checkpoint[0] > 0 else []
 
     def postpone(self) -> None:
         """A due checkpoint could not be written (the state does not encode) and the commit goes
@@ -144,6 +165,13 @@ class Writer:
             self._since_transitions = 0
             self._since_bytes = 0
             self._checkpoint_size = len(plan.checkpoint)
+            d = self.durability
+            if plan.keep_journal and isinstance(d, Journal) and d.keep_history is not True:
+                if plan.history_base is not None:
+                    self._bases = [b for b in self._bases if b[0] > plan.history_base[0]]
+                self._bases.append((plan.seq, plan.checkpoint))
+            else:
+                self._bases = []
         else:
             self._since_transitions += len(plan.entries)
             self._since_bytes += sum(map(len, plan.entries))

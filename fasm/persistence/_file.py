@@ -12,6 +12,7 @@ Layout::
                                  new segment's first commit is durable, never per commit
             ckpt-<seq:020d>      a checkpoint: header + payload; written once, never modified
             jrnl-<seq:020d>      a journal segment whose first entry is <seq>; frames appended
+            base-<seq:020d>      the history base (Store.history_base): a checkpoint's format
 
 Theory of operation (the rules live here and nowhere else):
 
@@ -74,6 +75,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import struct
 import threading
@@ -781,8 +783,11 @@ class FileStore:
                     kept: list[tuple[int, bytes]] = []
                     if not kdir.is_dir():
                         return ()
-                    starts = sorted(int(n.partition("-")[2]) for n in os.listdir(kdir)
+                    names = os.listdir(kdir)
+                    starts = sorted(int(n[5:]) for n in names
                                     if n.startswith("jrnl-") and n[5:].isdigit())
+                    base = max((int(n[5:]) for n in names
+                                if n.startswith("base-") and n[5:].isdigit()), default=0)
                     for start in starts:
                         if start > scan.checkpoint_seq:
                             break
@@ -793,7 +798,7 @@ class FileStore:
             except OSError as e:
                 raise StoreUnavailable(f"cannot read: {e}", store=self.description,
                                        key=key) from e
-            kept = [e for e in kept if e[0] <= scan.checkpoint_seq]
+            kept = [e for e in kept if base < e[0] <= scan.checkpoint_seq]
             # Segments a crash left behind a checkpoint written without keep_journal are older
             # than the kept run: only the run that reaches the checkpoint counts.
             for i in range(len(kept) - 1, 0, -1):
@@ -803,6 +808,31 @@ class FileStore:
             if kept and kept[-1][0] != scan.checkpoint_seq:
                 kept = []
             return contiguous([*kept, *scan.entries], key, self.description, scan.tail.seq)
+        raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to read",
+                               store=self.description, key=key)
+
+    async def history_base(self, key: str) -> tuple[int, bytes] | None:
+        """The newest ``base-<seq>`` file of ``key``, checked."""
+        return await self._run(self._history_base_sync, key)
+
+    def _history_base_sync(self, key: str) -> tuple[int, bytes] | None:
+        self._check_open(key)
+        for _ in range(_LOAD_ATTEMPTS):
+            try:
+                kdir = self._key_dir(key, create=False)
+                if not kdir.is_dir():
+                    return None
+                seqs = [int(n[5:]) for n in os.listdir(kdir)
+                        if n.startswith("base-") and n[5:].isdigit()]
+                if not seqs:
+                    return None
+                b = max(seqs)
+                return b, self._read_checkpoint(key, kdir / f"base-{b:020d}", b)
+            except FileNotFoundError:
+                continue  # a newer base replaced it under us; read again
+            except OSError as e:
+                raise StoreUnavailable(f"cannot read: {e}", store=self.description,
+                                       key=key) from e
         raise StoreUnavailable(f"files kept changing during {_LOAD_ATTEMPTS} attempts to read",
                                store=self.description, key=key)
 
@@ -989,10 +1019,15 @@ class FileStore:
         checkpoint: bytes | None = None,
         in_flight: bool | None = None,
         keep_journal: bool = False,
+        history_base: tuple[int, bytes] | None = None,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``. With
         ``keep_journal`` the entries are appended first, then the checkpoint is written and the
         segments it covers stay (a crash between the two leaves the same seq as a journal).
+        A ``history_base`` is written after the checkpoint, then the older bases and segments
+        it covers are deleted: a crash (or a failed write) there leaves the older base and a
+        longer history, which replays as well, so only the trimming is lost. (A group commit
+        finished from its redo record, which does not carry the base, does not trim.)
         With ``in_flight`` given it runs as a group commit of one key: the mark changes with it.
 
         Raises:
@@ -1003,16 +1038,16 @@ class FileStore:
             StoreCorrupt: the key's files are damaged; nothing written on top of them.
             ValueError: the arguments break the commit rules.
         """
-        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal, history_base)
         if any(len(e) > _MAX_FRAME for e in entries):
             raise ValueError("a journal entry is larger than 4 GiB")
         if in_flight is not None:
             part = KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
-                             keep_journal)
+                             keep_journal, history_base)
             await self._run(self._group_sync, [part], False)
             return
         await self._run(self._commit_sync, key, expected_seq, seq, entries, checkpoint,
-                        keep_journal)
+                        keep_journal, history_base)
 
     async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
         """Commit several keys atomically through a redo record (see the module's notes).
@@ -1034,7 +1069,8 @@ class FileStore:
         await self._run(self._group_sync, commits, True)
 
     def _commit_sync(self, key: str, expected_seq: int, seq: int, entries: Sequence[bytes],
-                     checkpoint: bytes | None, keep_journal: bool = False) -> None:
+                     checkpoint: bytes | None, keep_journal: bool = False,
+                     history_base: tuple[int, bytes] | None = None) -> None:
         self._check_open(key)
         if os.path.exists(self._root / _REDO):  # a group a crash (or a failing disk) left
             self._replay()
@@ -1073,6 +1109,8 @@ class FileStore:
                         old.fd = None  # closed once, below, never twice
                     appended.close()
                     new = self._write_checkpoint(key, kdir, seq, checkpoint, keep_journal=True)
+                    if history_base is not None:
+                        self._write_base(kdir, *history_base)
                 elif checkpoint is not None:
                     new = self._write_checkpoint(key, kdir, seq, checkpoint)
                 else:
@@ -1210,6 +1248,8 @@ class FileStore:
                 tail.fd = None  # closed once, below, never twice
             appended.close()
             new = self._write_checkpoint(c.key, kdir, c.seq, c.checkpoint, keep_journal=True)
+            if c.history_base is not None:
+                self._write_base(kdir, *c.history_base)
         elif c.checkpoint is not None:
             new = self._write_checkpoint(c.key, kdir, c.seq, c.checkpoint)
         else:
@@ -1381,6 +1421,38 @@ class FileStore:
         raise StoreUnavailable(f"{what}, nothing committed: {error}", store=self.description,
                                key=key, seq=seq) from error
 
+    def _write_base(self, kdir: Path, seq: int, data: bytes) -> None:
+        """After a commit's checkpoint is durable: write ``base-<seq>`` (tmp, fsync, rename),
+        then delete the older bases and the kept segments whose entries are all up to ``seq``.
+        The commit happened already, so a failure (or a crash) here only leaves the older base
+        and a longer history, which still replays: nothing is raised."""
+        tmp = kdir / f"base-{seq:020d}.tmp"
+        header = _sealed(_CKPT.pack(_CKPT_MAGIC, _VERSION, seq, len(data), _crc(data)))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                self._write_at(fd, header, 0)
+                self._write_at(fd, bytes(data), len(header))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, kdir / f"base-{seq:020d}")
+            self._sync_dir(kdir)
+            names = os.listdir(kdir)
+            starts = sorted(int(n[5:]) for n in names if n.startswith("jrnl-") and n[5:].isdigit())
+            for n in names:
+                if n.startswith("base-") and n[5:].isdigit() and int(n[5:]) < seq:
+                    os.unlink(kdir / n)
+            for start, after in itertools.pairwise(starts):
+                if after <= seq + 1:  # the next segment starts by seq + 1: all of it is <= seq
+                    os.unlink(kdir / f"jrnl-{start:020d}")
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # a leftover .tmp is removed by the next writer
+
     def _write_checkpoint(self, key: str, kdir: Path, seq: int, checkpoint: bytes, *,
                           keep_journal: bool = False) -> _Tail:
         final = kdir / f"ckpt-{seq:020d}"
@@ -1425,7 +1497,7 @@ class FileStore:
         try:
             for name in os.listdir(kdir):
                 prefix, _, number = name.partition("-")
-                if number.isdigit() and ((prefix == "jrnl" and not keep_journal)
+                if number.isdigit() and ((prefix in ("jrnl", "base") and not keep_journal)
                                          or (prefix == "ckpt" and int(number) < seq)):
                     os.unlink(kdir / name)
         except OSError:

@@ -28,6 +28,7 @@ class _Key:
     checkpoint_seq: int = 0
     journal: list[tuple[int, bytes]] = field(default_factory=list)
     kept: list[tuple[int, bytes]] = field(default_factory=list)  # covered by the checkpoint
+    base: tuple[int, bytes] | None = None  # the history base (Store.history_base)
 
 
 class MemoryStore:
@@ -149,6 +150,11 @@ class MemoryStore:
             return ()
         return contiguous([*k.kept, *k.journal], key, self.description, k.seq)
 
+    async def history_base(self, key: str) -> tuple[int, bytes] | None:
+        self._check_open(key)
+        k = self._keys().get(key)
+        return None if k is None else k.base
+
     async def commit(
         self,
         key: str,
@@ -159,13 +165,14 @@ class MemoryStore:
         checkpoint: bytes | None = None,
         in_flight: bool | None = None,
         keep_journal: bool = False,
+        history_base: tuple[int, bytes] | None = None,
     ) -> None:
         self._check_open(key)
-        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal, history_base)
         self._inject_failure(key, seq)
         self._fence(key, expected_seq, seq)
         self._apply(KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
-                              keep_journal))
+                              keep_journal, history_base))
 
     async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
         """All parts are checked before any is applied, so a refused group writes nothing."""
@@ -213,8 +220,13 @@ class MemoryStore:
             if c.keep_journal:
                 k.kept += [*k.journal, *zip(range(expected_seq + 1, seq + 1),
                                             map(bytes, entries), strict=True)]
+                if c.history_base is not None:
+                    b = c.history_base[0]
+                    k.base = (b, bytes(c.history_base[1]))
+                    k.kept = [e for e in k.kept if e[0] > b]
             else:
                 k.kept = []
+                k.base = None
             k.journal = []
         else:
             k.journal.extend(zip(range(expected_seq + 1, seq + 1), map(bytes, entries),

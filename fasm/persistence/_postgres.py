@@ -6,6 +6,7 @@ Tables (``<prefix>`` is ``table_prefix``, in ``schema``)::
     <prefix>keys(key PRIMARY KEY, seq, checkpoint_seq, checkpoint, checkpoint_crc, last_commit,
                  in_flight)                    with a partial index on the keys in flight
     <prefix>journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
+    <prefix>history_base(key PRIMARY KEY, seq, data, crc)   the history base (Store.history_base)
 
 A commit is one transaction: a transaction-scoped advisory lock on the key (so that two first
 commits of a new key queue instead of colliding), ``SELECT seq ... FOR UPDATE``, the fencing check,
@@ -19,7 +20,10 @@ two groups never deadlock), every key fenced, every key written with the same to
 ``COMMIT``. The in-flight mark is the ``in_flight`` column, set in the commit's transaction; the
 partial index ``<prefix>keys_in_flight ... WHERE in_flight`` holds only the marked keys, so
 ``keys_in_flight`` never reads the others. (Format 1 had no such column: ``open`` adds it, false
-for every key, with the index, and upgrades the format number.)
+for every key, with the index, and upgrades the format number.) ``open`` creates the
+``history_base`` table where it is missing, without a format change: a fasm that does not know
+it leaves it alone, and a base whose seq is not just before the first kept journal row is not one
+(replay ignores it).
 
 psycopg is imported only here. Its async connection needs an asyncio event loop, so the store
 drives a synchronous ``psycopg.Connection`` from its own worker thread, one call at a time: it
@@ -79,6 +83,8 @@ _SCHEMA = (
     "entry bytea NOT NULL, crc bigint NOT NULL, PRIMARY KEY (key, seq))",
     "ALTER TABLE {keys} ADD COLUMN IF NOT EXISTS in_flight boolean NOT NULL DEFAULT false",
     "CREATE INDEX IF NOT EXISTS {index} ON {keys} (key) WHERE in_flight",
+    "CREATE TABLE IF NOT EXISTS {base} (key text PRIMARY KEY, seq bigint NOT NULL, "
+    "data bytea NOT NULL, crc bigint NOT NULL)",
 )
 
 
@@ -237,6 +243,7 @@ class PostgresStore:
         self._keys = sql.Identifier(schema, f"{table_prefix}keys")
         self._journal = sql.Identifier(schema, f"{table_prefix}journal")
         self._meta = sql.Identifier(schema, f"{table_prefix}meta")
+        self._base = sql.Identifier(schema, f"{table_prefix}history_base")
         self._index = sql.Identifier(f"{table_prefix}keys_in_flight")
         self._ns = int.from_bytes(_hash(schema, table_prefix)[:4], "big", signed=True)
         # No key's lock has this hash input: keys cannot hold NUL.
@@ -457,7 +464,7 @@ class PostgresStore:
                 for statement in _SCHEMA:
                     conn.execute(sql.SQL(statement).format(
                         meta=self._meta, keys=self._keys, journal=self._journal,
-                        index=self._index))
+                        index=self._index, base=self._base))
                 conn.execute(sql.SQL("INSERT INTO {} VALUES ('format', %s) ON CONFLICT DO NOTHING")
                              .format(self._meta), (_FORMAT,))
                 row = conn.execute(sql.SQL("SELECT value FROM {} WHERE name = 'format'")
@@ -713,6 +720,28 @@ class PostgresStore:
             out.append((int(seq), data))
         return contiguous(out, key, self.description, 0 if row is None else int(row[0]))
 
+    async def history_base(self, key: str) -> tuple[int, bytes] | None:
+        """The row of ``key`` in the ``history_base`` table, checked."""
+        self._check_key(key)
+        return await self._run(self._riding, self._history_base_sync, key)
+
+    def _history_base_sync(self, key: str) -> tuple[int, bytes] | None:
+        conn = self._connection(key)
+        try:
+            with conn.transaction(), conn.cursor(binary=True) as cur:
+                row = cur.execute(sql.SQL("SELECT seq, data, crc FROM {} WHERE key = %s")
+                                  .format(self._base), (key,)).fetchone()
+        except psycopg.Error as e:
+            error = self._translate(e, "cannot read the history base", key)
+            raise error from error.__cause__
+        if row is None:
+            return None
+        data = bytes(row[1])
+        if _crc(data) != row[2]:
+            raise StoreCorrupt("the history base fails its checksum", store=self.description,
+                               key=key, seq=int(row[0]))
+        return int(row[0]), data
+
     async def commit(
         self,
         key: str,
@@ -723,6 +752,7 @@ class PostgresStore:
         checkpoint: bytes | None = None,
         in_flight: bool | None = None,
         keep_journal: bool = False,
+        history_base: tuple[int, bytes] | None = None,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
         transaction (with the in-flight mark, when given).
@@ -736,10 +766,10 @@ class PostgresStore:
             ValueError: the arguments break the commit rules.
         """
         self._check_key(key)
-        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal, history_base)
         await self._run(self._riding, self._commit_sync,
                         [KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
-                                   keep_journal)])
+                                   keep_journal, history_base)])
 
     async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
         """Commit several keys in one transaction (see the module's notes).
@@ -840,6 +870,16 @@ class PostgresStore:
             if not c.keep_journal:
                 conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s AND seq <= %s")
                              .format(self._journal), (key, seq))
+                conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s").format(self._base),
+                             (key,))
+            elif c.history_base is not None:
+                b, data = c.history_base[0], bytes(c.history_base[1])
+                conn.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %b, %s) ON CONFLICT (key) "
+                                     "DO UPDATE SET seq = excluded.seq, data = excluded.data, "
+                                     "crc = excluded.crc").format(self._base),
+                             (key, b, data, _crc(data)))
+                conn.execute(sql.SQL("DELETE FROM {} WHERE key = %s AND seq <= %s")
+                             .format(self._journal), (key, b))
             return
         with conn.cursor() as cur:
             cur.executemany(

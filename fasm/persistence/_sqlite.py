@@ -7,6 +7,7 @@ Tables::
     fasm_checkpoints(key PRIMARY KEY, data, crc)
     fasm_journal(key, seq, entry, crc, PRIMARY KEY (key, seq))
     fasm_in_flight(key PRIMARY KEY)                the in-flight index: one row per marked key
+    fasm_history_base(key PRIMARY KEY, seq, data, crc)  the history base (Store.history_base)
 
 A key's sequence number is the larger of ``fasm_keys.seq`` and its last journal row's seq, so a
 journal append writes the journal's B-tree page and nothing else: one page in the WAL per commit,
@@ -24,7 +25,9 @@ every key written, then one ``COMMIT`` (one fsync of the WAL for the group). The
 is a row in ``fasm_in_flight`` inserted or deleted in the commit's transaction, so
 ``keys_in_flight`` reads that small table and never the keys. (Format 3 had no such table: its
 data is valid format 4 data, with no key marked, and ``open`` creates the table and upgrades the
-format number in place.)
+format number in place.) ``fasm_history_base`` is created by ``open`` where it is missing,
+without a format change: a fasm that does not know it leaves it alone, and a base whose seq is
+not just before the first kept journal row is not one (replay ignores it).
 Every record carries a CRC-32 that ``load`` checks, because SQLite itself checksums nothing.
 
 The connection is used from the store's own worker thread, one call at a time, so the event loop
@@ -79,6 +82,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS fasm_journal (key TEXT NOT NULL, seq INTEGER NOT NULL, "
     "entry BLOB NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS fasm_in_flight (key TEXT PRIMARY KEY) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS fasm_history_base (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+    "data BLOB NOT NULL, crc INTEGER NOT NULL)",
 )
 _ALL_LOCK = "FASM-ALL"  # in <path>.locks/: flock'd exclusive by acquire_all, shared by acquire
 # (key lock files are named k-... or h-..., so no key's file has this name)
@@ -605,6 +610,25 @@ class SQLiteStore:
             out.append((int(seq), data))
         return contiguous(out, key, self.description, 0 if row is None else int(row[0]))
 
+    async def history_base(self, key: str) -> tuple[int, bytes] | None:
+        """The row of ``key`` in ``fasm_history_base``, checked."""
+        return await self._run(self._patient, self._history_base_sync, key)
+
+    def _history_base_sync(self, key: str) -> tuple[int, bytes] | None:
+        conn = self._connection(key)
+        try:
+            row = conn.execute("SELECT seq, data, crc FROM fasm_history_base WHERE key = ?",
+                               (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot read the history base", key) from e
+        if row is None:
+            return None
+        data = bytes(row[1])
+        if _crc(data) != row[2]:
+            raise StoreCorrupt("the history base fails its checksum", store=self.description,
+                               key=key, seq=int(row[0]))
+        return int(row[0]), data
+
     async def commit(
         self,
         key: str,
@@ -615,6 +639,7 @@ class SQLiteStore:
         checkpoint: bytes | None = None,
         in_flight: bool | None = None,
         keep_journal: bool = False,
+        history_base: tuple[int, bytes] | None = None,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``, in one
         ``BEGIN IMMEDIATE`` transaction (with the in-flight mark, when given).
@@ -626,10 +651,10 @@ class SQLiteStore:
             StoreCorrupt: the database file is damaged.
             ValueError: the arguments break the commit rules.
         """
-        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal)
+        check_commit_args(expected_seq, seq, entries, checkpoint, keep_journal, history_base)
         await self._run(self._patient, self._commit_sync,
                         KeyCommit(key, expected_seq, seq, entries, checkpoint, in_flight,
-                                  keep_journal))
+                                  keep_journal, history_base))
 
     async def commit_many(self, commits: Sequence[KeyCommit]) -> None:
         """Commit several keys in one ``BEGIN IMMEDIATE`` transaction: all fenced, then all
@@ -707,6 +732,13 @@ class SQLiteStore:
                 (key, c.checkpoint, _crc(c.checkpoint)))
             if not c.keep_journal:
                 conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?", (key, seq))
+                conn.execute("DELETE FROM fasm_history_base WHERE key = ?", (key,))
+            elif c.history_base is not None:
+                b, data = c.history_base[0], bytes(c.history_base[1])
+                conn.execute("INSERT INTO fasm_history_base VALUES (?, ?, ?, ?) ON CONFLICT "
+                             "(key) DO UPDATE SET seq = excluded.seq, data = excluded.data, "
+                             "crc = excluded.crc", (key, b, data, _crc(data)))
+                conn.execute("DELETE FROM fasm_journal WHERE key = ? AND seq <= ?", (key, b))
         if c.checkpoint is None or c.keep_journal:
             if not known and c.checkpoint is None:  # first commit; later appends leave it be
                 conn.execute("INSERT INTO fasm_keys VALUES (?, 0, 0)", (key,))

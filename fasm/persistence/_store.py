@@ -17,7 +17,8 @@ Rules every store keeps (the conformance suite in :mod:`fasm.testing` checks the
 2. ``commit`` is fenced: when the key's sequence number is not ``expected_seq`` it raises
    :class:`~fasm.errors.StoreConflict` and writes nothing. A new key has sequence number 0.
 3. ``load`` returns the checkpoint and exactly the journal entries after it, in order;
-   ``history`` returns every journal entry still stored, kept ones included.
+   ``history`` returns every journal entry still stored, kept ones included, and
+   ``history_base`` the older checkpoint the kept entries start after, if one was given.
 4. ``acquire`` gives one store object exclusive use of a key until ``release`` or ``close``;
    another store object (in this or another process) that asks for it gets ``StoreConflict``.
 5. ``keys`` lists every key that has committed (and no other), sorted by code point (Python's
@@ -88,6 +89,8 @@ class KeyCommit:
         in_flight: set (True) or clear (False) the key's in-flight mark; None leaves it.
         keep_journal: with a checkpoint, keep the journal entries it covers (see
             :meth:`Store.commit`).
+        history_base: with ``keep_journal``, ``(seq, checkpoint)``: an older checkpoint that
+            kept history now starts after (see :meth:`Store.commit`).
     """
 
     key: str
@@ -97,6 +100,7 @@ class KeyCommit:
     checkpoint: bytes | None = None
     in_flight: bool | None = None
     keep_journal: bool = False
+    history_base: tuple[int, bytes] | None = None
 
 
 @runtime_checkable
@@ -147,10 +151,23 @@ class Store(Protocol):
         """Every journal entry still stored for ``key`` as ``(seq, entry)``, ascending and
         without gaps, ending at the key's seq (or at its checkpoint when the journal after it is
         empty): those ``load`` returns, after those checkpoints kept (``keep_journal``). Empty
-        for a key never committed. Takes no lock.
+        for a key never committed. Takes no lock. After a commit with ``history_base`` at seq
+        ``b`` the entries start at ``b + 1`` (or later, if none were kept after it).
 
         Raises:
             StoreCorrupt: a kept entry fails the backend's checks, or the kept entries have a gap.
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
+    async def history_base(self, key: str) -> tuple[int, bytes] | None:
+        """The checkpoint the kept history of ``key`` starts after, as ``(seq, checkpoint)``:
+        the ``history_base`` of the last commit that gave one, or None (no commit gave one, a
+        later checkpoint without ``keep_journal`` dropped it, or the key was never committed).
+        Replaying :meth:`history` from it needs no older state. Takes no lock.
+
+        Raises:
+            StoreCorrupt: the stored base fails the backend's checks.
             StoreUnavailable: the backend cannot be reached.
         """
         ...
@@ -187,6 +204,7 @@ class Store(Protocol):
         checkpoint: bytes | None = None,
         in_flight: bool | None = None,
         keep_journal: bool = False,
+        history_base: tuple[int, bytes] | None = None,
     ) -> None:
         """Durably and atomically move ``key`` from ``expected_seq`` to ``seq``.
 
@@ -202,7 +220,12 @@ class Store(Protocol):
                 tracked actions (or timers) in flight after it (rule 8); None leaves the mark.
             keep_journal: with a checkpoint, keep the journal entries it covers (and write
                 ``entries``, which must then be given) so that :meth:`history` still returns
-                them. ``load`` never returns them. A later checkpoint without it drops them.
+                them. ``load`` never returns them. A later checkpoint without it drops them
+                (and the history base).
+            history_base: with ``keep_journal``, ``(b, checkpoint)``: the encoded state as of
+                seq ``b`` (``0 < b <= expected_seq``, an older checkpoint of the key). It
+                replaces the stored history base and the kept entries up to ``b`` are dropped,
+                so the history is bounded and still replays from :meth:`history_base`.
 
         Raises:
             StoreConflict: the stored sequence number is not ``expected_seq``; nothing written.
@@ -282,9 +305,15 @@ def page_of(keys: Iterable[str], after: str | None, limit: int) -> list[str]:
 
 def check_commit_args(
     expected_seq: int, seq: int, entries: Sequence[bytes], checkpoint: bytes | None,
-    keep_journal: bool = False,
+    keep_journal: bool = False, history_base: tuple[int, bytes] | None = None,
 ) -> None:
     """Validate the shape of a commit (shared by every backend)."""
+    if history_base is not None:
+        if not keep_journal:
+            raise ValueError("history_base needs keep_journal")
+        if not 0 < history_base[0] <= expected_seq:
+            raise ValueError(f"history_base seq must be in 1..{expected_seq} (the expected_seq), "
+                             f"got {history_base[0]}")
     if keep_journal and (checkpoint is None or len(entries) != seq - expected_seq):
         raise ValueError("keep_journal needs a checkpoint and the commit's journal entries")
     if expected_seq < 0 or seq <= expected_seq:
@@ -306,7 +335,8 @@ def check_many_args(commits: Sequence[KeyCommit]) -> None:
         if c.key in seen:
             raise ValueError(f"key {c.key!r} appears twice in one commit_many")
         seen.add(c.key)
-        check_commit_args(c.expected_seq, c.seq, c.entries, c.checkpoint, c.keep_journal)
+        check_commit_args(c.expected_seq, c.seq, c.entries, c.checkpoint, c.keep_journal,
+                          c.history_base)
 
 
 def not_held(store: str, key: str, seq: int) -> StoreConflict:

@@ -131,28 +131,6 @@ class Executor(Generic[A, R]):
             raise DefinitionError("max_pending must be >= 1 or None")
 
 
-class acquire_all:
-    """Acquire several capacity limiters in order, release in reverse."""
-
-    def __init__(self, limiters: list[anyio.CapacityLimiter]) -> None:
-        self._limiters = limiters
-
-    async def __aenter__(self) -> None:
-        done: list[anyio.CapacityLimiter] = []
-        try:
-            for limiter in self._limiters:
-                await limiter.acquire()
-                done.append(limiter)
-        except BaseException:
-            for limiter in reversed(done):
-                limiter.release()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        for limiter in reversed(self._limiters):
-            limiter.release()
-
-
 async def with_deadline(clock: Clock, deadline: float | None, awaitable: Any) -> Any:
     """Await ``awaitable``, cancelling it at clock time ``deadline`` (TimeoutError)."""
     if deadline is None:

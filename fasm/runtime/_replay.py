@@ -13,7 +13,9 @@ What a store records, and so what can be compared:
   actions that key's transition emitted.
 
 :func:`replay` starts from the oldest state it has: the initial state at seq 0 when the store kept
-the whole history (``Journal(keep_history=True)``) and ``initial_state`` is given, else the last
+the whole history (``Journal(keep_history=True)``) and ``initial_state`` is given, the history
+base when the store kept a bounded history (``Journal(keep_history=N)``: the older checkpoint
+the kept entries start after, :meth:`~fasm.persistence.Store.history_base`), else the last
 checkpoint. It runs ``restore`` there (which says what was in flight), then steps every recorded
 input through the engine with its actions kept, and reports the first seq where:
 
@@ -137,7 +139,7 @@ async def replay(
         key: the machine key.
         initial_state: the runtime's ``initial_state`` (a value or a zero-argument factory).
             With it, a store that kept the whole history is replayed from seq 0; without it,
-            replay starts at the last checkpoint.
+            replay starts at the history base (a bounded history) or the last checkpoint.
 
     Returns:
         the report; ``report.ok`` is False when something differs.
@@ -150,10 +152,12 @@ async def replay(
     records = await store.load(key)
     if records is None:
         raise KeyError(f"{store.description} has no key {key!r}")
-    history = await store.history(key)
+    base, history = await _history(store, key)
+    from_base = base is not None
     from_start = bool(history) and history[0][0] == 1 and initial_state is not None
-    start_seq = 0 if from_start else records.checkpoint_seq
-    raw = history if from_start else records.journal
+    whole = from_base or from_start
+    start_seq = base[0] if base is not None else 0 if from_start else records.checkpoint_seq
+    raw = history if whole else records.journal
 
     def report(replayed: int, difference: ReplayDifference | None, state_at: int | None = None,
                outcomes: int = 0) -> ReplayReport:
@@ -173,7 +177,13 @@ async def replay(
         except StoreCorrupt as e:
             return report(0, ReplayDifference(seq, "decode",
                                               f"the journal entry does not decode: {e.message}"))
-    if from_start:
+    if base is not None:
+        try:
+            state = codec.decode_checkpoint(base[1], base[0]).state
+        except StoreCorrupt as e:
+            return report(0, ReplayDifference(base[0], "decode", "the history base checkpoint "
+                                              f"does not decode: {e.message}"))
+    elif from_start:
         state = initial_state() if callable(initial_state) else copy.deepcopy(initial_state)
     elif checkpoint is not None:
         state = checkpoint.state
@@ -188,9 +198,10 @@ async def replay(
         return report(0, ReplayDifference(start_seq, "restore", str(e)))
     # Outcomes the checkpoint remembers for keyed transitions inside the replayed range.
     recorded: dict[int, tuple[str, Remembered]] = {}
-    compare_state = checkpoint is not None and from_start and checkpoint.seq > 0
-    if checkpoint is not None and from_start:
-        recorded = {r.seq: (k, r) for k, r in checkpoint.idempotency.items() if r.seq > 0}
+    compare_state = checkpoint is not None and whole and checkpoint.seq > start_seq
+    if checkpoint is not None and whole:
+        recorded = {r.seq: (k, r) for k, r in checkpoint.idempotency.items()
+                    if r.seq > start_seq}
     outcomes = 0
     state_at: int | None = None
     for n, entry in enumerate(entries, 1):
@@ -221,6 +232,21 @@ async def replay(
             if difference is not None:
                 return report(n, difference, state_at, outcomes)
     return report(len(entries), None, state_at, outcomes)
+
+
+async def _history(store: Store, key: str
+                   ) -> tuple[tuple[int, bytes] | None, tuple[tuple[int, bytes], ...]]:
+    """The key's history base (None when the kept history does not start right after one)
+    and its history. The two are read apart, so a runtime trimming in between is met by reading
+    again."""
+    for _ in range(3):
+        base = await store.history_base(key)
+        history = await store.history(key)
+        if base is None:
+            return None, history
+        if history and history[0][0] == base[0] + 1:
+            return base, history
+    return None, history
 
 
 def _compare_actions(codec: Codec, seq: int, was: tuple[Any, ...],

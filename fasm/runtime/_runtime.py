@@ -40,6 +40,7 @@ from ..persistence._durability import Durability
 from ..persistence._store import Store
 from ..persistence._txn import Database
 from ._clock import Clock, SystemClock
+from ._dispatch import Dispatcher, TimerHeap
 from ._engine import (
     Accepted,
     Duplicate,
@@ -70,7 +71,6 @@ from ._executors import (
     Executor,
     ExecutorFn,
     Handler,
-    acquire_all,
     with_deadline,
 )
 from ._host import StateHost
@@ -173,6 +173,8 @@ class _Read:
 
 
 async def _timer_executor(clock: Clock, action: Timer) -> TimerFired:
+    """The built-in timer executor. The runtime fires its timers from one heap instead
+    (:class:`~fasm.runtime._dispatch.TimerHeap`); this runs only a ``Timer`` subclass."""
     await clock.sleep_until(action.at)
     return TimerFired(at=action.at, now=clock.now())
 
@@ -311,7 +313,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._slow_action_after = slow_action_after
         self._queue_size = queue_size
         self._max_group = max_group
-        self._max_in_flight = max_in_flight
         self._handler_timeout = handler_timeout
         self.shutdown_grace = shutdown_grace
         self._listeners = tuple(listeners)
@@ -335,8 +336,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._watch_due = math.inf
         self._send: MemoryObjectSendStream[_Item] | None = None
         self._receive: MemoryObjectReceiveStream[_Item] | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._executor_limiters: dict[type[Any], anyio.CapacityLimiter] = {}
+        # Tracked actions wait for their executor as queue entries, not tasks (_dispatch.py).
+        # Timers are not counted against max_in_flight; the built-in ones are not queued at all
+        # but kept in one heap.
+        self._dispatcher = Dispatcher(
+            {cls: (math.inf if cls is Timer else spec.concurrency, cls is not Timer)
+             for cls, spec in self._executors.items()},
+            max_in_flight=max_in_flight, run=self._perform, spawn=self._spawn_work)
+        self._timers = TimerHeap(self.clock, fire=self._fire_timer, spawn=self._spawn_work)
         self._progress: anyio.Event | None = None
         self._handlers_running = 0
         self._driver_done: anyio.Event | None = None
@@ -380,9 +387,11 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     f"{type(self.machine).__qualname__}'s tracked-action type"
                 )
             table[cls] = spec if isinstance(spec, Executor) else Executor(spec)
+        self._builtin_timer: Executor[Any, Any] | None = None
         if Timer in declared and not any(issubclass(Timer, c) for c in table):
             clock = self.clock
-            table[Timer] = Executor(lambda a, _ctx: _timer_executor(clock, a))
+            table[Timer] = self._builtin_timer = Executor(
+                lambda a, _ctx: _timer_executor(clock, a))
         missing = [m.__qualname__ for m in declared if _lookup(table, m) is None]
         if missing:
             raise DefinitionError(
@@ -670,12 +679,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 await self._host.close()
             raise
         self._send, self._receive = anyio.create_memory_object_stream[_Item](self._queue_size)
-        self._limiter = anyio.CapacityLimiter(self._max_in_flight)
-        self._executor_limiters = {
-            cls: anyio.CapacityLimiter(spec.concurrency)
-            for cls, spec in self._executors.items()
-            if spec.concurrency is not None
-        }
         self._work_stop = anyio.Event()
         self._work_done = anyio.Event()
         self._driver_done = anyio.Event()
@@ -955,13 +958,21 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         for action in release.already_in_flight:
             log.debug("tracked action %r already in flight; not dispatched again", action.id,
                       extra={"fasm_key": self.key, "fasm_action_id": action.id})
+        dispatcher = self._dispatcher
         for tracked in release.tracked:
-            self._count(tracked.action, +1)
+            action = tracked.action
+            self._count(action, +1)
             if self._listeners:
                 self._emit(ActionDispatched(
-                    self.key, tracked.id, tracked.action, self._machine_name,
+                    self.key, tracked.id, action, self._machine_name,
                     None if emitted_by is None else emitted_by.get(tracked.id)))
-            work.start_soon(self._guarded, self._run_action, tracked)
+            if type(action) is Timer and self._builtin_timer is not None:
+                self._timers.add(tracked.id, action.at)
+            else:
+                lane = _registered(self._executors, type(action))
+                assert lane is not None  # every declared class has one (_check_executors)
+                dispatcher.put(lane, tracked)
+        dispatcher.pump()  # workers for what may run now; the rest waits as queue entries
         for seq, untracked in release.untracked:
             self._handlers_running += 1  # counted now: a stop must wait for it from here on
             work.start_soon(self._guarded, self._run_handler, seq, untracked)
@@ -977,22 +988,20 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 raise
             self._crash(_real(e))
 
-    async def _run_action(self, tracked: Tracked[Any, Any]) -> None:
-        cls = type(tracked.action)
-        spec = _lookup(self._executors, cls)
+    def _spawn_work(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start a task of the dispatcher or the timer heap among the executors' work."""
+        assert self._work is not None
+        self._work.start_soon(self._guarded, fn, *args)
+
+    async def _perform(self, tracked: Tracked[Any, Any]) -> None:
+        """One dispatched action, in a slot of its executor: its attempts, then its result."""
+        spec = _lookup(self._executors, type(tracked.action))
         assert spec is not None
-        if cls is Timer:
-            result = await spec.fn(tracked.action, self._context(tracked.id, 1, None))
-            await self._deliver(tracked.id, result)
-            return
-        assert self._limiter is not None
-        limiters = [self._limiter]
-        own = _lookup(self._executor_limiters, cls)
-        if own is not None:
-            limiters.append(own)
-        async with acquire_all(limiters):
-            result = await self._attempts(tracked, spec)
+        result = await self._attempts(tracked, spec)
         await self._deliver(tracked.id, result)
+
+    async def _fire_timer(self, action_id: Any, at: float) -> None:
+        await self._deliver(action_id, TimerFired(at=at, now=self.clock.now()))
 
     async def _attempts(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any]) -> Any:
         policy = spec.retry
@@ -1040,7 +1049,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """One executor call, under its deadline, listed in ``_calls`` while it runs: for the
         slow watchdog, and so that a stop that abandons it can say which."""
         now = self.clock.now()
-        after = self._slow_action_after
+        after = None if type(tracked.action) is Timer else self._slow_action_after
         call = _Call(attempt, now, now + after if after is not None else math.inf)
         self._calls[tracked.id] = call
         if self._watch_wake is not None:
@@ -1068,18 +1077,19 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         It sleeps only while calls run, until the next report is due."""
         clock = self.clock
         while True:
-            if not self._calls:
-                self._watch_wake = wake = anyio.Event()
-                await wake.wait()
-                self._watch_wake = None
-                continue
             now = clock.now()
             for action_id, call in list(self._calls.items()):
                 if call.report_at <= now:
                     self._slow(action_id, call.attempt, now - call.started)
                     while call.report_at <= now:
                         call.report_at = call.started + 2 * (call.report_at - call.started)
-            self._watch_due = min(call.report_at for call in self._calls.values())
+            due = min((call.report_at for call in self._calls.values()), default=math.inf)
+            if due == math.inf:  # no calls, or only timers (not watched)
+                self._watch_wake = wake = anyio.Event()
+                await wake.wait()
+                self._watch_wake = None
+                continue
+            self._watch_due = due
             with anyio.CancelScope() as self._watch_sleep:
                 await clock.sleep_until(self._watch_due)
             self._watch_sleep, self._watch_due = None, math.inf
@@ -1227,6 +1237,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._room is not None:  # submits waiting for room see the runtime is closed
             self._room.set()
             self._room = None
+        self._dispatcher.close()
+        self._timers.close()
         if self._work_stop is not None:
             self._work_stop.set()
         if self._send is not None:

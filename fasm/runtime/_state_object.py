@@ -144,7 +144,9 @@ class ObjectHost:
         await engine.replay((e.seq, e.input, e.idempotency_key, e.at) for e in recovered.journal)
         self._last_checkpoint_size = len(records.checkpoint or b"")
         self._writer.recovered(len(records.journal), sum(len(d) for _, d in records.journal),
-                               self._last_checkpoint_size)
+                               self._last_checkpoint_size,
+                               None if records.checkpoint is None
+                               else (records.checkpoint_seq, records.checkpoint))
         return engine
 
     def _new_engine(self, state: Any, seq: int, keys: Any) -> Engine:
@@ -246,7 +248,9 @@ class ObjectHost:
         plan = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
         try:
             # keep_journal only when asked for, so a store written before it existed still works
-            keep = {"keep_journal": True} if plan.keep_journal else {}
+            keep: dict[str, Any] = {"keep_journal": True} if plan.keep_journal else {}
+            if plan.history_base is not None:
+                keep["history_base"] = plan.history_base
             await self.store.commit(self.key, expected_seq=plan.expected_seq, seq=plan.seq,
                                     entries=plan.entries, checkpoint=plan.checkpoint, **keep)
         except Exception as e:  # a KeyboardInterrupt or a cancellation goes on as itself

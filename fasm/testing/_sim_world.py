@@ -678,7 +678,9 @@ class Run(Verifier):
         try:
             run_sync(self.store.commit(self.s.key, expected_seq=write.expected_seq, seq=write.seq,
                                        entries=write.entries, checkpoint=write.checkpoint,
-                                       keep_journal=write.keep_journal), "MemoryStore.commit")
+                                       keep_journal=write.keep_journal,
+                                       history_base=write.history_base),
+                     "MemoryStore.commit")
         except StoreUnavailable:
             # The Runtime stops on a store failure; its process is restarted.
             self.count("store failures")

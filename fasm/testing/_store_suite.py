@@ -686,6 +686,57 @@ async def check_history(suite: _Suite) -> None:
         _check(seqs == [], f"a checkpoint without keep_journal must drop the history, got {seqs}")
 
 
+async def check_history_base(suite: _Suite) -> None:
+    """A kept checkpoint with ``history_base`` stores that older checkpoint and drops the
+    kept entries up to it (``history`` starts right after it), in ``commit`` and in
+    ``commit_many``; a checkpoint without ``keep_journal`` drops the base with the history."""
+    key = suite.key("history-base")
+    e = [f"entry {i}".encode() for i in range(9)]
+
+    async def seen(store: Store) -> tuple[list[int], tuple[int, bytes] | None]:
+        base = await store.history_base(key)
+        return ([s for s, _ in await store.history(key)],
+                None if base is None else (base[0], bytes(base[1])))
+
+    async with suite.opened() as store:
+        _check(await store.history_base(key) is None,
+               "history_base of a key never committed must be None")
+        await store.commit(key, expected_seq=0, seq=2, entries=e[1:3], checkpoint=b"cp2",
+                           keep_journal=True)
+        await store.commit(key, expected_seq=2, seq=4, entries=e[3:5], checkpoint=b"cp4",
+                           keep_journal=True)
+        _check(await seen(store) == ([1, 2, 3, 4], None), "no base before one is given")
+        await _raises(ValueError, store.commit(key, expected_seq=4, seq=6, entries=e[5:7],
+                                               checkpoint=b"cp6", history_base=(2, b"cp2")),
+                      "history_base without keep_journal")
+        await _raises(ValueError, store.commit(key, expected_seq=4, seq=6, entries=e[5:7],
+                                               checkpoint=b"cp6", keep_journal=True,
+                                               history_base=(5, b"cp5")),
+                      "a history_base after expected_seq")
+        _check(await _seq_of(store, key) == 4, "a refused history_base must write nothing")
+        await store.commit(key, expected_seq=4, seq=6, entries=e[5:7], checkpoint=b"cp6",
+                           keep_journal=True, history_base=(2, b"cp2"))
+    for reopen in (False, True):
+        if reopen and not suite.durable:
+            break
+        async with suite.opened() as store:
+            got = await seen(store)
+            _check(got == ([3, 4, 5, 6], (2, b"cp2")),
+                   f"after a commit with history_base (2): history and base {got}")
+            _expect(await store.load(key), 6, b"cp6", 6, [], "load after a history_base")
+    async with suite.opened() as store:
+        await store.acquire(key)
+        await store.commit_many([KeyCommit(key, 6, 8, e[7:9], b"cp8", in_flight=True,
+                                           keep_journal=True, history_base=(4, b"cp4"))])
+        got = await seen(store)
+        _check(got == ([5, 6, 7, 8], (4, b"cp4")),
+               f"after commit_many with history_base (4): history and base {got}")
+        await store.commit(key, expected_seq=8, seq=9, checkpoint=b"cp9")
+        got = await seen(store)
+        _check(got == ([], None),
+               f"a checkpoint without keep_journal must drop history and base, got {got}")
+
+
 async def check_tiny_state(suite: _Suite) -> None:
     """A one-byte and an empty checkpoint, and an empty entry, are kept as given."""
     async with suite.opened() as store:
@@ -734,6 +785,7 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "unicode_keys": check_unicode_keys,
     "keys": check_keys,
     "history": check_history,
+    "history_base": check_history_base,
     "tiny_state": check_tiny_state,
     "close_twice": check_close_twice,
 }
@@ -854,6 +906,9 @@ class StoreConformance:
 
     async def test_history(self) -> None:
         await self._run_check("history")
+
+    async def test_history_base(self) -> None:
+        await self._run_check("history_base")
 
     async def test_tiny_state(self) -> None:
         await self._run_check("tiny_state")

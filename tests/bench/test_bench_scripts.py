@@ -75,3 +75,11 @@ def test_bench_multikey_quick(tmp_path: Path) -> None:
     for line in ("1. commit_many of 64 keys", "sqlite", "file", "2. start-up", "20,000"):
         assert line in out
     assert not any(tmp_path.iterdir()), "the run left its files behind"
+
+
+@pytest.mark.slow
+def test_bench_restore_runs() -> None:
+    out = run("bench_restore.py", "--pending", "2000")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("2,000", "asyncio"), ("2,000", "trio")], out
+    assert "ready s" in out and "tasks" in out

@@ -96,6 +96,27 @@ def test_journal_checkpoints_after_growing_past_the_last_checkpoint() -> None:
     assert [bounded.checkpoint_due((entry,) * n) for n in (1, 2, 3)] == [False, False, True]
 
 
+def test_a_bounded_history_plans_a_base_at_least_n_entries_back() -> None:
+    """keep_history=N: each kept checkpoint names, as the history base, the newest earlier one
+    at least N entries back, and the writer remembers only the checkpoints after that base."""
+    writer = Writer(Codec(LedgerMachine), Journal(keep_history=5))
+    writer.recovered(0, 0, 0, checkpoint=(2, b"c2"))
+    seq, bases = 2, []
+    for step in (1, 3, 2, 1, 4, 2, 2, 3):  # checkpoints at uneven intervals
+        plan = writer.plan(seq, seq + step, (b"e",) * step, f"c{seq + step}".encode())
+        assert plan.keep_journal
+        if plan.history_base is not None:
+            assert plan.history_base[0] <= plan.seq - 5
+            assert plan.history_base[1] == f"c{plan.history_base[0]}".encode()
+        bases.append(None if plan.history_base is None else plan.history_base[0])
+        writer.written(plan)
+        seq += step
+        assert len(writer._bases) <= 5  # checkpoints within the last N entries, plus the next
+    assert bases == [None, None, 3, None, 8, 9, None, 15]  # checkpoints at 3 6 8 9 13 15 17 20
+    unbounded = Writer(Codec(LedgerMachine), Journal(keep_history=True))
+    assert unbounded.plan(0, 2, (b"a", b"b"), b"c2").history_base is None
+
+
 @pytest.mark.parametrize("ratio", [0.5, 2.0])
 async def test_journal_store_stays_bounded_by_state_size(ratio: float) -> None:
     store = MemoryStore()

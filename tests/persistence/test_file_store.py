@@ -173,6 +173,41 @@ async def test_checkpoint_drops_the_journal_files(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_a_history_base_deletes_the_segments_it_covers(tmp_path: Path) -> None:
+    store = await opened(tmp_path)
+    e = [f"e{i}".encode() for i in range(7)]
+    for a in (0, 2, 4):
+        await store.commit(KEY, expected_seq=a, seq=a + 2, entries=e[a + 1:a + 3],
+                           checkpoint=f"c{a + 2}".encode(), keep_journal=True,
+                           history_base=(2, b"c2") if a == 4 else None)
+    names = sorted(p.name for p in key_dir(tmp_path).iterdir())
+    assert names == [f"base-{2:020d}", f"ckpt-{6:020d}", f"jrnl-{3:020d}", f"jrnl-{5:020d}",
+                     "lock", "manifest"]
+    await store.close()
+
+
+async def test_leftovers_of_a_crash_while_trimming_history_are_ignored(tmp_path: Path) -> None:
+    """A crash after a new base is durable but before the older base and the segments it
+    covers are deleted: the newest base counts and the history starts right after it."""
+    store = await opened(tmp_path)
+    e = [f"e{i}".encode() for i in range(9)]
+    for a in (0, 2, 4):
+        await store.commit(KEY, expected_seq=a, seq=a + 2, entries=e[a + 1:a + 3],
+                           checkpoint=f"c{a + 2}".encode(), keep_journal=True,
+                           history_base=(2, b"c2") if a == 4 else None)
+    kdir = key_dir(tmp_path)
+    saved = {n: (kdir / n).read_bytes() for n in (f"base-{2:020d}", f"jrnl-{3:020d}")}
+    await store.commit(KEY, expected_seq=6, seq=8, entries=e[7:9], checkpoint=b"c8",
+                       keep_journal=True, history_base=(4, b"c4"))
+    for name, data in saved.items():  # as if the deletions never ran
+        (kdir / name).write_bytes(data)
+    await store.close()
+    store = await opened(tmp_path)
+    assert await store.history_base(KEY) == (4, b"c4")
+    assert [s for s, _ in await store.history(KEY)] == [5, 6, 7, 8]
+    await store.close()
+
+
 async def test_leftovers_of_a_crash_between_rename_and_cleanup_are_ignored(
         tmp_path: Path) -> None:
     await three_entries(tmp_path)

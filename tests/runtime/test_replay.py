@@ -201,3 +201,74 @@ async def test_a_key_never_committed_is_a_key_error() -> None:
     await store.open()
     with pytest.raises(KeyError, match="nope"):
         await replay(LedgerMachine(), store, key="nope")
+
+
+# -- bounded history (Journal(keep_history=N)) --------------------------------------------------
+
+BOUNDED = Journal(checkpoint_every=2, checkpoint_ratio=1000.0, min_checkpoint_bytes=0,
+                  keep_history=3)
+
+
+async def record_long(store: Store, deposits: int = 30) -> None:
+    """``deposits`` deposits of 1, then a payment of 10 and its result; a checkpoint every two
+    transitions."""
+    async with make(store=store, durability=BOUNDED) as rt:  # type: ignore[arg-type]
+        for _ in range(deposits):
+            await rt.submit(Deposit("a", 1))
+        await rt.submit(Pay("a", 10))
+        await rt.wait_idle()
+
+
+async def test_a_bounded_history_does_not_grow_past_its_bound(stores: StoreFactory) -> None:
+    store = stores()
+    await record_long(store)
+    await store.open()
+    try:
+        records = await store.load("default")
+        history = await store.history("default")
+        base = await store.history_base("default")
+    finally:
+        await store.close()
+    assert records is not None and records.seq == 32
+    seqs = [s for s, _ in history]
+    assert seqs[-1] == 32 and len(seqs) >= 3  # at least the last N kept...
+    assert len(seqs) <= 3 + 2 * 2  # ...and at most N plus two checkpoint intervals
+    assert base is not None and base[0] == seqs[0] - 1
+
+
+async def test_a_bounded_history_replays_from_its_base(stores: StoreFactory) -> None:
+    await record_long(stores())
+    report = await check(LedgerMachine(), stores(), initial_state=initial)
+    assert report.ok, report
+    assert report.start_seq > 0 and report.replayed == 32 - report.start_seq
+    assert report.state_checked_at is not None and report.state_checked_at > report.start_seq
+
+
+@pytest.mark.parametrize(("machine", "kind"), [
+    (DoubleDeposit(), "state"),  # a deposit inside the kept window
+    (Capped(), "raised"),  # the payment of 10, the last but one entry
+])
+async def test_a_bounded_history_finds_an_incompatible_change_in_its_window(
+        stores: StoreFactory, machine: LedgerMachine, kind: str) -> None:
+    await record_long(stores())
+    report = await check(machine, stores())  # no initial state needed: the base is a checkpoint
+    assert report.difference is not None and report.difference.kind == kind, report
+    assert report.start_seq > 0
+
+
+async def test_the_bound_holds_across_restarts() -> None:
+    store = MemoryStore()
+    for _ in range(4):
+        await record_long(store, deposits=5)
+    await store.open()
+    history = await store.history("default")
+    assert len(history) <= 3 + 2 * 2
+    assert (await store.history_base("default")) is not None
+
+
+def test_keep_history_takes_a_bool_or_a_positive_int() -> None:
+    for bad in (0, -1, 1.5, "3"):
+        with pytest.raises(ValueError, match="keep_history"):
+            Journal(keep_history=bad)  # type: ignore[arg-type]
+    assert Journal(keep_history=True).keep_history is True
+    assert Journal(keep_history=5).keep_history == 5
