@@ -11,7 +11,11 @@ shows up as nondeterminism inside one process.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
 import enum
+import fractions
+import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -253,6 +257,48 @@ def _diff(a: Any, b: Any, path: str, out: list[str], limit: int) -> None:
         out.append(f"{path}: removed {{{', '.join(gone)}}}, added {{{', '.join(new)}}}")
     else:
         out.append(f"{path}: {short(a)} -> {short(b)}")
+
+
+_FROZEN_ATOMS: set[type] = {
+    int, float, str, bytes, bool, type(None), complex, range, datetime.datetime, datetime.date,
+    datetime.time, datetime.timedelta, datetime.timezone, decimal.Decimal, uuid.UUID,
+    fractions.Fraction}
+# Per type: the names of the fields to look into (a frozen dataclass or model), or None when
+# an instance can be changed in place.
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def _frozen_fields(tp: type) -> tuple[str, ...] | None:
+    if dataclasses.is_dataclass(tp):
+        params = getattr(tp, "__dataclass_params__", None)
+        return tuple(f.name for f in dataclasses.fields(tp)) if params and params.frozen else None
+    if issubclass(tp, pydantic.BaseModel) and tp.model_config.get("frozen", False):
+        return tuple(tp.model_fields)
+    return None
+
+
+def deeply_immutable(value: Any, _depth: int = 0) -> bool:
+    """Whether nothing reachable from ``value`` can be changed in place: atoms, enum members,
+    tuples and frozensets of such, frozen dataclasses and frozen pydantic models whose fields are
+    such. The simulation shares such a value between replays instead of decoding it again (a
+    value that could be mutated is decoded afresh, as a new process would)."""
+    tp = type(value)
+    if tp in _FROZEN_ATOMS or isinstance(value, enum.Enum):
+        return True
+    if _depth > 50:
+        return False
+    if tp is tuple or tp is frozenset:
+        return all(deeply_immutable(v, _depth + 1) for v in value)
+    try:
+        names = _FIELDS[tp]
+    except KeyError:
+        names = _FIELDS[tp] = _frozen_fields(tp)
+    if names is None:
+        return False
+    if isinstance(value, pydantic.BaseModel) and (
+            value.__pydantic_extra__ or getattr(value, "__pydantic_private__", None)):
+        return False
+    return all(deeply_immutable(getattr(value, n), _depth + 1) for n in names)
 
 
 def short(value: Any, width: int = 100) -> str:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ("Tape", "shrink_seed")
 
 _ROUNDS = 3  # passes over the whole run while something still shrinks
+# Which of the values seen at one place of the arrivals' choices lift tries, largest first (by
+# rank, sparser further down: past the draws randint rejected, say, down to the middle).
+_LIFTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _VERIFY = 8  # candidates tried, newest first, when the fast search's last one fails otherwise
 _CHECK_FIELD = {"invariant": "invariants"}  # a failure's check name -> its Checks field
 
@@ -235,8 +238,51 @@ def shrink_seed(sim: Simulation[Any, Any], seed: int, *, steps: int, budget: flo
             blocks[n] = []
         return replace(best, blocks=blocks)
 
+    def size(v: Any) -> float:
+        return (v[1] / (1 << v[0]) if v[0] else 0.0) if isinstance(v, tuple) else float(v)
+
+    def kind(v: Any) -> int | None:  # getrandbits' k, or None for a float
+        return v[0] if isinstance(v, tuple) else None
+
+    def lift() -> bool:
+        """Raise the inputs' choices toward the largest made at the same place of an arrival
+        (the largest amount drawn, say), one place and kind of draw at a time, trying the few
+        largest values seen there (the largest may be draws ``randint`` rejected): a failure
+        that needs many small inputs to add up then needs fewer. A lifted run is kept when it
+        fails the same way sooner, with no more arrivals; the next round drops the rest."""
+        nonlocal best, best_failure, best_key
+        shrunk = False
+        width = max((len(best.blocks.get(n, [])) for n in kept()), default=0)
+        for j in range(width):
+            kinds = sorted({kind(b[j]) for n in kept() if j < len(b := best.blocks.get(n, []))},
+                           key=lambda k: -1 if k is None else k)
+            for k in kinds:
+                seen = {b[j] for n in kept() if j < len(b := best.blocks.get(n, []))
+                        and kind(b[j]) == k}
+                ranked = sorted(seen, key=size, reverse=True)
+                for top in [ranked[i] for i in _LIFTS if i < len(ranked)]:
+                    if out():
+                        return shrunk
+                    blocks = dict(best.blocks)
+                    for n in kept():
+                        b = blocks.get(n, [])
+                        if j < len(b) and kind(b[j]) == k and size(b[j]) < size(top):
+                            blocks[n] = [*b[:j], top, *b[j + 1:]]
+                    failure, trimmed = attempt(replace(best, blocks=blocks))
+                    if failure is None:
+                        continue
+                    key = _key(failure, trimmed)
+                    if key[0] >= best_key[0] or key[1] > best_key[1]:
+                        continue
+                    best, best_failure, best_key = trimmed, failure, key
+                    accepted.append(trimmed)
+                    shrunk = True
+                    break
+        return shrunk
+
     for _ in range(_ROUNDS):
         shrunk = ddmin(kept, drop)
+        shrunk |= lift()
         shrunk |= ddmin(fault_draws,
                         lambda part: replace(best, faults=zero(best.faults, part)))
         shrunk |= ddmin(lambda: nonzero(best.execs),

@@ -44,7 +44,7 @@ from ..errors import (
     RestoreFailed,
     StoreUnavailable,
 )
-from ..persistence._codec import Unencodable
+from ..persistence._codec import JournalEntry, Unencodable
 from ..persistence._durability import Writer, decode_records
 from ..persistence._memory import MemoryStore
 from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release
@@ -52,6 +52,7 @@ from ..runtime._executors import ActionContext
 from ._checks import (
     Violation,
     check_invariants,
+    deeply_immutable,
     diff,
     name_of,
     perturb_sets,
@@ -164,6 +165,9 @@ class Run(Verifier):
         self.needs_checkpoint = False
         self.shadow: Any = None
         self.snap: Any = None  # plain data of engine.state as it is now, when known
+        # Journal entries decoded at a restart, by their bytes, when sharing them between
+        # replays is safe (see decode_entry).
+        self.decoded: dict[bytes, JournalEntry] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -398,7 +402,8 @@ class Run(Verifier):
         records = run_sync(self.store.load(s.key), "MemoryStore.load")
         if records is None:
             return self.new_engine(s.initial(), 0, ()), (0, 0, 0), True
-        recovered = decode_records(s.codec, records, store=self.store.description, key=s.key)
+        recovered = decode_records(s.codec, records, store=self.store.description, key=s.key,
+                                   decode_entry=self.decode_entry)
         cp = recovered.checkpoint
         if cp is None:
             engine, force = self.new_engine(s.initial(), 0, ()), True
@@ -412,6 +417,18 @@ class Run(Verifier):
         sizes = (len(records.journal), sum(len(d) for _, d in records.journal),
                  len(records.checkpoint or b""))
         return engine, sizes, force
+
+    def decode_entry(self, data: bytes, seq: int) -> JournalEntry:
+        """``Codec.decode_entry``, once per record: the same bytes decode to the same entry, so
+        a restart reuses the entry an earlier one decoded, when its input cannot be changed in
+        place (an input the stf could mutate is decoded afresh, as a new process would)."""
+        entry = self.decoded.get(data)
+        if entry is None:
+            entry = self.s.codec.decode_entry(data, seq)
+            inp = entry.input
+            if deeply_immutable(inp.value if isinstance(inp, Normal) else (inp.id, inp.result)):
+                self.decoded[data] = entry
+        return entry
 
     def start(self) -> None:
         self.inc += 1
@@ -634,8 +651,11 @@ class Run(Verifier):
         crashed on the way."""
         plan = self.plan
         if plan.crash:
-            has_result = any(isinstance(s.input, TrackedActionCompleted) for _, s in accepted)
-            point: CrashPoint = "result-uncommitted" if has_result else "before-commit"
+            point: CrashPoint = "before-commit"
+            for _, s in accepted:
+                if isinstance(s.input, TrackedActionCompleted):
+                    point = "result-uncommitted"
+                    break
             if point in plan.crash_points and self.chance(plan.crash):
                 self.crash(point)
                 return True

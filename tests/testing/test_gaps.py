@@ -192,6 +192,19 @@ def test_shrink_seed_shrinks_a_failure_found_late_in_the_run() -> None:
     assert sim.shrink_seed(late, budget=30.0) == shrunk
 
 
+def test_shrink_seed_lifts_small_inputs_that_must_add_up() -> None:
+    # Taking more stock than there is needs Place orders that add up to STOCK (1,000, at most 40
+    # each): dropping and zeroing choices alone left 96 steps; raising each Place's quantity to
+    # the largest drawn lets most of them go.
+    from tests.testing.machines import MutatesThenRaises, desk_sim
+
+    sim = desk_sim(MutatesThenRaises(), steps=200)
+    shrunk = sim.shrink_seed(0, budget=60.0)
+    assert shrunk is not None and shrunk.check == "atomicity"
+    assert "budget" not in shrunk.replay
+    assert shrunk.step <= 60, shrunk.replay
+
+
 def test_shrink_seed_of_a_passing_seed_is_none() -> None:
     assert wallet_sim(steps=50).shrink_seed(0) is None
 
