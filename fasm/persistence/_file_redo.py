@@ -5,7 +5,7 @@ Layout: a header (magic ``FRDO``, version, payload length, payload CRC-32) seale
 its own, then the payload: the number of parts, and per part the key (UTF-8, length-prefixed),
 ``expected_seq``, ``seq``, the in-flight flag (-1 for None), the checkpoint (flag: 0 none, 1
 given, 2 given with ``keep_journal``; length; bytes) and the journal entries (count, then each
-length-prefixed). :mod:`._file` owns when it is written, applied and deleted.
+length-prefixed). :mod:`._file_group` owns when it is written, applied and deleted.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
-from ._file import key_file_name, try_flock, unflock
+from ._file_format import key_file_name
+from ._file_locks import try_flock, unflock
 from ._store import (
     KeyCommit,
     StoredRecords,

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import StoreConflict, StoreCorrupt, StoreUnavailable
-from ._file import key_file_name, try_flock, unflock
+from ._file_format import key_file_name
+from ._file_locks import try_flock, unflock
 from ._sqlite import connect
 from ._txn import Database, Failure, Fetch, Stmt
 

@@ -11,7 +11,7 @@ import pytest
 
 from fasm import Normal
 from fasm.persistence import Codec, FileStore, MemoryStore, SQLiteStore, Store, StoredRecords
-from fasm.persistence._file import key_file_name
+from fasm.persistence._file_format import key_file_name
 from fasm.testing import STORE_CHECKS, StoreConformance, check_store
 from fasm.testing._store_suite import _Probe
 from tests.persistence._faults import flip_byte, flip_file_byte

@@ -15,7 +15,7 @@ import pytest
 
 from fasm.errors import StoreConflict, StoreCorrupt, StoreUnavailable
 from fasm.persistence import FileStore
-from fasm.persistence._file import CKPT_HEADER, FRAME_HEADER, key_file_name
+from fasm.persistence._file_format import CKPT_HEADER, FRAME_HEADER, key_file_name
 from tests.persistence._faults import check_killed_holder_frees_key, flip_file_byte
 
 pytestmark = pytest.mark.anyio
