@@ -36,7 +36,11 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
-import click
+
+try:
+    import click
+except ImportError as e:  # the core install: the command is in the cli extra
+    raise SystemExit("the fasm command needs the cli extra: pip install 'fasm[cli]'") from e
 
 from ._machine import StateMachine
 from .errors import FasmError

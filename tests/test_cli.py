@@ -144,6 +144,13 @@ def test_a_postgresql_address_without_a_store_is_refused_without_creating_tables
     assert row == (0,)
 
 
+def test_without_click_the_command_says_which_extra_to_install() -> None:
+    code = "import sys; sys.modules['click'] = None; import fasm.cli"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert got.returncode == 1 and "pip install 'fasm[cli]'" in got.stderr
+
+
 def test_the_console_script_runs(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     anyio.run(record, SQLiteStore(path), KEEP)
