@@ -47,14 +47,13 @@ import psycopg.conninfo
 from psycopg import sql
 
 from ..errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
-from ._sqlite import records_from_rows
+from ._sqlite import base_from_row, history_from_rows, records_from_rows
 from ._store import (
     KeyCommit,
     StoredRecords,
     check_commit_args,
     check_keys_args,
     check_many_args,
-    contiguous,
     not_held,
 )
 from ._worker import Worker
@@ -711,14 +710,8 @@ class PostgresStore:
         except psycopg.Error as e:
             error = self._translate(e, "cannot read the journal", key)
             raise error from error.__cause__
-        out: list[tuple[int, bytes]] = []
-        for seq, entry, crc in rows:
-            data = bytes(entry)
-            if _crc(data) != crc:
-                raise StoreCorrupt("journal entry fails its checksum", store=self.description,
-                                   key=key, seq=seq)
-            out.append((int(seq), data))
-        return contiguous(out, key, self.description, 0 if row is None else int(row[0]))
+        return history_from_rows(self.description, key, rows,
+                                 0 if row is None else int(row[0]))
 
     async def history_base(self, key: str) -> tuple[int, bytes] | None:
         """The row of ``key`` in the ``history_base`` table, checked."""
@@ -734,13 +727,7 @@ class PostgresStore:
         except psycopg.Error as e:
             error = self._translate(e, "cannot read the history base", key)
             raise error from error.__cause__
-        if row is None:
-            return None
-        data = bytes(row[1])
-        if _crc(data) != row[2]:
-            raise StoreCorrupt("the history base fails its checksum", store=self.description,
-                               key=key, seq=int(row[0]))
-        return int(row[0]), data
+        return base_from_row(self.description, key, row)
 
     async def commit(
         self,

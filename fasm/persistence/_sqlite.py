@@ -120,6 +120,40 @@ def _rollback(conn: sqlite3.Connection) -> None:
             pass  # SQLite rolls back by itself when the statement or connection failed
 
 
+def history_from_rows(store: str, key: str, rows: Sequence[Sequence[Any]],
+                      end: int) -> tuple[tuple[int, bytes], ...]:
+    """Check the ``(seq, entry, crc)`` journal rows a SQL store read for :meth:`Store.history`
+    (shared by the SQL stores), ending at the key's seq ``end``.
+
+    Raises:
+        StoreCorrupt: an entry fails its CRC-32, or the rows have a gap or end short of ``end``.
+    """
+    out: list[tuple[int, bytes]] = []
+    for seq, entry, crc in rows:
+        data = bytes(entry)
+        if _crc(data) != crc:
+            raise StoreCorrupt("journal entry fails its checksum", store=store, key=key,
+                               seq=seq)
+        out.append((int(seq), data))
+    return contiguous(out, key, store, end)
+
+
+def base_from_row(store: str, key: str,
+                  row: Sequence[Any] | None) -> tuple[int, bytes] | None:
+    """Check the ``(seq, data, crc)`` history-base row a SQL store read (None: no base).
+
+    Raises:
+        StoreCorrupt: the base fails its CRC-32.
+    """
+    if row is None:
+        return None
+    data = bytes(row[1])
+    if _crc(data) != row[2]:
+        raise StoreCorrupt("the history base fails its checksum", store=store, key=key,
+                           seq=int(row[0]))
+    return int(row[0]), data
+
+
 def records_from_rows(store: str, key: str, row: Sequence[Any],
                       rows: Sequence[Sequence[Any]], in_flight: bool = False) -> StoredRecords:
     """Check what a SQL store read for a key and build its records.
@@ -602,14 +636,8 @@ class SQLiteStore:
                 _rollback(conn)
         except sqlite3.Error as e:
             raise self._translate(e, "cannot read the journal", key) from e
-        out: list[tuple[int, bytes]] = []
-        for seq, entry, crc in rows:
-            data = bytes(entry)
-            if _crc(data) != crc:
-                raise StoreCorrupt("journal entry fails its checksum", store=self.description,
-                                   key=key, seq=seq)
-            out.append((int(seq), data))
-        return contiguous(out, key, self.description, 0 if row is None else int(row[0]))
+        return history_from_rows(self.description, key, rows,
+                                 0 if row is None else int(row[0]))
 
     async def history_base(self, key: str) -> tuple[int, bytes] | None:
         """The row of ``key`` in ``fasm_history_base``, checked."""
@@ -622,13 +650,7 @@ class SQLiteStore:
                                (key,)).fetchone()
         except sqlite3.Error as e:
             raise self._translate(e, "cannot read the history base", key) from e
-        if row is None:
-            return None
-        data = bytes(row[1])
-        if _crc(data) != row[2]:
-            raise StoreCorrupt("the history base fails its checksum", store=self.description,
-                               key=key, seq=int(row[0]))
-        return int(row[0]), data
+        return base_from_row(self.description, key, row)
 
     async def commit(
         self,
