@@ -73,6 +73,7 @@ from .._actions import ActionList, ActionsContainer, Tracked, Untracked
 from .._inputs import Input, Normal, TrackedActionCompleted
 from .._machine import StateMachine
 from .._remembered import AnyAction, Remembered
+from .._send import MESSAGE_PREFIX
 from ..errors import (
     DefinitionError,
     InvalidInput,
@@ -190,8 +191,10 @@ class Engine:
         self.committed_seq = seq
         self.idempotency_window = idempotency_window
         self.idempotency_ttl = idempotency_ttl
-        self._keys: OrderedDict[str, Remembered] = _keys(idempotency)
-        self._undated = any(r.at is None for r in self._keys.values())
+        self._keys: OrderedDict[str, Remembered] = OrderedDict()
+        self._messages: OrderedDict[str, Remembered] = OrderedDict()
+        self._undated = False
+        self._set_keys(idempotency)
         self.cut_short: tuple[int, float] | None = None
         """(how many, the youngest age in seconds) of the keys the count bound forgot before
         their ttl ran out since the caller last cleared it: their window was shorter than
@@ -249,11 +252,16 @@ class Engine:
             raise RuntimeError("an stf was interrupted mid-transition; its state may be half done: "
                                "start a new engine from the committed state")
         if idempotency_key is not None:
-            seen = self._keys.get(idempotency_key)
-            if seen is not None:
-                if not self._expired(seen, self.now):
+            if idempotency_key.startswith(MESSAGE_PREFIX):
+                seen = self._messages.get(idempotency_key)
+                if seen is not None:  # a message key is never expired by time
                     return Duplicate(seen.seq, idempotency_key, seen)
-                del self._keys[idempotency_key]  # its window is over: a new submit
+            else:
+                seen = self._keys.get(idempotency_key)
+                if seen is not None:
+                    if not self._expired(seen, self.now):
+                        return Duplicate(seen.seq, idempotency_key, seen)
+                    del self._keys[idempotency_key]  # its window is over: a new submit
         before = copy.deepcopy(self.state) if self.rollback == "copy" else None
         actions = self._actions
         actions.clear()
@@ -417,8 +425,20 @@ class Engine:
 
     @property
     def idempotency(self) -> OrderedDict[str, Remembered]:
-        """Committed idempotency keys, oldest first (a live view: do not mutate)."""
+        """Committed submit idempotency keys, oldest first (a live view: do not mutate). The
+        keys of messages between keys are in :attr:`messages`."""
         return self._keys
+
+    @property
+    def messages(self) -> OrderedDict[str, Remembered]:
+        """Committed keys of messages received from other keys (:class:`~fasm.Send`), oldest
+        first (a live view: do not mutate). They are bounded by ``idempotency_window`` only,
+        never by time: a message is resent after its sender's crash however long that lasted."""
+        return self._messages
+
+    def all_keys(self) -> list[tuple[str, Remembered]]:
+        """Every remembered key, submits' then messages', as a checkpoint writes them."""
+        return [*self._keys.items(), *self._messages.items()]
 
     def forget(self, action_id: Any) -> None:
         """Stop tracking an in-flight id without a result (its executor was cancelled at stop);
@@ -433,7 +453,11 @@ class Engine:
             release.tracked.append(action)
 
     def _set_keys(self, idempotency: Iterable[tuple[str, Remembered | int]]) -> None:
-        self._keys = _keys(idempotency)
+        every = _keys(idempotency)
+        self._keys = OrderedDict((k, r) for k, r in every.items()
+                                 if not k.startswith(MESSAGE_PREFIX))
+        self._messages = OrderedDict((k, r) for k, r in every.items()
+                                     if k.startswith(MESSAGE_PREFIX))
         self._undated = any(r.at is None for r in self._keys.values())
 
     def _expired(self, remembered: Remembered, now: float | None) -> bool:
@@ -442,6 +466,14 @@ class Engine:
                 and remembered.at + ttl <= now)
 
     def _remember(self, key: str, remembered: Remembered, now: float | None) -> None:
+        if key.startswith(MESSAGE_PREFIX):
+            messages = self._messages
+            messages[key] = remembered
+            messages.move_to_end(key)
+            if self.idempotency_window is not None:
+                while len(messages) > self.idempotency_window:
+                    messages.popitem(last=False)
+            return
         keys = self._keys
         keys[key] = remembered
         keys.move_to_end(key)

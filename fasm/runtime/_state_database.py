@@ -235,7 +235,7 @@ class DatabaseHost:
         can stop between the commit this makes and the dispatch the caller does next)."""
         db = self.database
         keyed = any(k is not None for _, k in inputs)
-        committed_keys = list(engine.idempotency.items()) if keyed else None
+        committed_keys = engine.all_keys() if keyed else None
         retries: list[tuple[int, StoreError]] = []
         last: StoreError | None = None
         for attempt in self._attempts():
@@ -247,15 +247,16 @@ class DatabaseHost:
                 if accepted:
                     new_keys = [(s.idempotency_key, s.seq, s.at, self._outcome(s))
                                 for s in accepted if s.idempotency_key is not None]
-                    first = next(iter(engine.idempotency.values()), None)
-                    oldest = None if first is None else first.seq
+                    firsts = [next(iter(d.values())) for d in (engine.idempotency,
+                                                                 engine.messages) if d]
+                    oldest = min((r.seq for r in firsts), default=None)
                     extra, token = db._bookkeeping(self.key, engine.committed_seq,
                                                    accepted[-1].seq, new_keys, oldest)
                     session.commit(extra, token)
                 return GroupResult(list(steps), retries)
             except Abort as abort:
                 engine.abandon(committed_keys if committed_keys is not None
-                               else list(engine.idempotency.items()))
+                               else engine.all_keys())
                 error = abort.error.located(store=self.description, key=self.key)
                 if not abort.retry:
                     raise error from abort.error.__cause__

@@ -226,7 +226,7 @@ class ObjectHost:
         fresh = self._new_engine(cp.state if cp else self._fresh_initial(), cp.seq if cp else 0,
                                  cp.idempotency.items() if cp else ())
         await fresh.replay((e.seq, e.input, e.idempotency_key, e.at) for e in recovered.journal)
-        await engine.reset(fresh.state, fresh.seq, fresh.idempotency.items())
+        await engine.reset(fresh.state, fresh.seq, fresh.all_keys())
 
     async def _flush(self, engine: Engine, steps: list[Accepted],
                      events: list[RuntimeEvent]) -> tuple[int, Unencodable] | None:
@@ -424,7 +424,7 @@ class ObjectHost:
         and submitters meanwhile; that is safe because only the runtime's driver runs stf, and
         it is waiting here."""
         codec = self.codec
-        keys = dict(engine.idempotency)
+        keys = dict(engine.all_keys())
         if self._last_checkpoint_size < 1_000_000:
             return codec.encode_checkpoint(seq, engine.state, keys)
         return await anyio.to_thread.run_sync(codec.encode_checkpoint, seq, engine.state, keys)

@@ -98,6 +98,9 @@ def checked_key(key: Any) -> str | None:
         return None
     if not isinstance(key, str):
         raise InvalidInput(f"idempotency_key must be a str, got {type(key).__qualname__}")
+    if key.startswith("fasm:"):
+        raise InvalidInput(f"idempotency_key {key!r} starts with 'fasm:', which is reserved for "
+                           "the keys fasm delivers messages between keys with")
     if "\x00" in key:
         raise InvalidInput("idempotency_key cannot hold NUL ('\\x00')")
     try:

@@ -667,7 +667,7 @@ class Run(Verifier):
         if self.needs_checkpoint or writer.checkpoint_due(encoded):
             try:
                 checkpoint = self.s.codec.encode_checkpoint(steps[-1].seq, engine.state,
-                                                            dict(engine.idempotency))
+                                                            dict(engine.all_keys()))
             except Unencodable as e:
                 raise Violation("encodable", unencodable_message(
                     e, engine.state, f"at seq {steps[-1].seq}, when a checkpoint was due,")
