@@ -21,6 +21,9 @@ from ._inputs import Normal as Normal
 from ._inputs import TrackedActionCompleted as TrackedActionCompleted
 from ._machine import MachineTypes as MachineTypes
 from ._machine import StateMachine as StateMachine
+from ._send import Delivered as Delivered
+from ._send import Refused as Refused
+from ._send import Send as Send
 from ._timer import Timer as Timer
 from ._timer import TimerFired as TimerFired
 from .errors import ActionsFull as ActionsFull
@@ -43,14 +46,17 @@ __all__ = (
     "BoundedActions",
     "ConstraintViolation",
     "DefinitionError",
+    "Delivered",
     "FasmError",
     "Input",
     "InvalidInput",
     "KeyCommit",
     "MachineTypes",
     "Normal",
+    "Refused",
     "Rejected",
     "RestoreFailed",
+    "Send",
     "StateMachine",
     "Timer",
     "TimerFired",

@@ -13,8 +13,8 @@ without their time bound (only ``idempotency_window`` bounds it), so each messag
 exactly once.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: ``Send.__module__`` is rewritten to ``fasm``,
+# where pydantic could not resolve the string annotation ``I`` of ``Send[YourInput]``.
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 

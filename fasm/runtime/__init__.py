@@ -25,6 +25,7 @@ from ._executors import ActionContext as ActionContext
 from ._executors import Executor as Executor
 from ._executors import ExecutorFn as ExecutorFn
 from ._executors import Handler as Handler
+from ._executors import HandlerContext as HandlerContext
 from ._executors import RetryPolicy as RetryPolicy
 from ._replay import DifferenceKind as DifferenceKind
 from ._replay import ReplayDifference as ReplayDifference
@@ -48,6 +49,7 @@ __all__ = (
     "Executor",
     "ExecutorFn",
     "Handler",
+    "HandlerContext",
     "HandlerFailed",
     "Listener",
     "ManualClock",

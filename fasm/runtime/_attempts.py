@@ -43,7 +43,6 @@ class Attempts:
 
     Args:
         clock: time for deadlines, backoff and slowness.
-        key: the machine key (for logs and events).
         machine_name: the machine's name (for events).
         slow_action_after: see ``Runtime``; None turns the watchdog off.
         rng: the retry jitter's random source.
@@ -56,12 +55,11 @@ class Attempts:
     at start, before any attempt runs.
     """
 
-    def __init__(self, clock: Clock, *, key: str, machine_name: str,
+    def __init__(self, clock: Clock, *, machine_name: str,
                  slow_action_after: float | None, rng: random.Random,
                  emit: Callable[[RuntimeEvent], None], timed: bool,
                  result_type: Any, codec: Callable[[], Codec]) -> None:
         self._clock = clock
-        self._key = key
         self._machine_name = machine_name
         self.slow_action_after = slow_action_after
         self._rng = rng
@@ -71,24 +69,25 @@ class Attempts:
         self._result_adapter: StrictValidator | None = None
         self._codec = codec
         self.identity = ""
-        self.calls: dict[Any, _Call] = {}
-        """Executor calls running now, by action id: for the watchdog, and so that a stop
-        that abandons them can say which."""
+        self.calls: dict[tuple[str, Any], _Call] = {}
+        """Executor calls running now, by (machine key, action id): for the watchdog, and so
+        that a stop that abandons them can say which."""
         self._watch_wake: anyio.Event | None = None  # the watchdog waits for a first call
         self._watch_sleep: anyio.CancelScope | None = None  # ... or sleeps until _watch_due
         self._watch_due = math.inf
 
-    async def run(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any]) -> Any:
-        """Attempt ``tracked`` until it gives a result; return the result."""
+    async def run(self, key: str, tracked: Tracked[Any, Any], spec: Executor[Any, Any]) -> Any:
+        """Attempt ``tracked`` (emitted by machine key ``key``) until it gives a result; return
+        the result."""
         policy = spec.retry
         attempt = 0
-        extra: dict[str, Any] = {"fasm_key": self._key, "fasm_action_id": tracked.id}
+        extra: dict[str, Any] = {"fasm_key": key, "fasm_action_id": tracked.id}
         while True:
             attempt += 1
             started_ns = time.time_ns() if self._timed else 0
             deadline = None if policy.timeout is None else self._clock.now() + policy.timeout
             try:
-                result = await self._attempt(tracked, spec, attempt, deadline)
+                result = await self._attempt(key, tracked, spec, attempt, deadline)
                 self._check_result(result)
             except Exception as e:
                 if policy.max_attempts is not None and attempt >= policy.max_attempts:
@@ -102,7 +101,7 @@ class Attempts:
                     else:
                         log.warning("tracked action %r gave up after %d attempts: %r",
                                     tracked.id, attempt, e, extra=extra)
-                        self._emit(ActionFailed(self._key, tracked.id, attempt, e, result,
+                        self._emit(ActionFailed(key, tracked.id, attempt, e, result,
                                                 self._machine_name, started_ns))
                         return result
                 delay = policy.delay(attempt, self._rng)
@@ -112,21 +111,22 @@ class Attempts:
                 level = logging.WARNING if _loud_attempt(attempt) else logging.DEBUG
                 log.log(level, "tracked action %r attempt %d failed: %r; retry in %.3fs",
                         tracked.id, attempt, e, delay, extra=extra)
-                self._emit(ActionRetried(self._key, tracked.id, attempt, e, delay,
+                self._emit(ActionRetried(key, tracked.id, attempt, e, delay,
                                          self._machine_name, started_ns))
                 await self._clock.sleep_until(self._clock.now() + delay)
                 continue
-            self._emit(ActionCompleted(self._key, tracked.id, attempt, self._machine_name,
+            self._emit(ActionCompleted(key, tracked.id, attempt, self._machine_name,
                                        started_ns))
             return result
 
-    async def _attempt(self, tracked: Tracked[Any, Any], spec: Executor[Any, Any], attempt: int,
-                       deadline: float | None) -> Any:
+    async def _attempt(self, key: str, tracked: Tracked[Any, Any], spec: Executor[Any, Any],
+                       attempt: int, deadline: float | None) -> Any:
         """One executor call, under its deadline, listed in ``calls`` while it runs."""
         now = self._clock.now()
         after = None if type(tracked.action) is Timer else self.slow_action_after
         call = _Call(attempt, now, now + after if after is not None else math.inf)
-        self.calls[tracked.id] = call
+        ident = (key, tracked.id)
+        self.calls[ident] = call
         if self._watch_wake is not None:
             self._watch_wake.set()
         elif call.report_at < self._watch_due and self._watch_sleep is not None:
@@ -134,13 +134,13 @@ class Attempts:
         try:
             result = await with_deadline(
                 self._clock, deadline,
-                spec.fn(tracked.action, self._context(tracked.id, attempt, deadline)))
+                spec.fn(tracked.action, self._context(key, tracked.id, attempt, deadline)))
         except Exception:
             # A call that ignored a stop's cancellation and ended late reports nothing more.
             await anyio.lowlevel.checkpoint_if_cancelled()
             raise
         finally:
-            del self.calls[tracked.id]
+            del self.calls[ident]
             if not self.calls and self._watch_sleep is not None:
                 self._watch_sleep.cancel()  # nothing to watch: leave no deadline on the clock
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -153,9 +153,9 @@ class Attempts:
         clock = self._clock
         while True:
             now = clock.now()
-            for action_id, call in list(self.calls.items()):
+            for (key, action_id), call in list(self.calls.items()):
                 if call.report_at <= now:
-                    self._slow(action_id, call.attempt, now - call.started)
+                    self._slow(key, action_id, call.attempt, now - call.started)
                     while call.report_at <= now:
                         call.report_at = call.started + 2 * (call.report_at - call.started)
             due = min((call.report_at for call in self.calls.values()), default=math.inf)
@@ -169,12 +169,11 @@ class Attempts:
                 await clock.sleep_until(self._watch_due)
             self._watch_sleep, self._watch_due = None, math.inf
 
-    def _slow(self, action_id: Any, attempt: int, elapsed: float) -> None:
+    def _slow(self, key: str, action_id: Any, attempt: int, elapsed: float) -> None:
         log.warning("tracked action %r attempt %d has been running for %.1fs (slow_action_after="
                     "%ss); it is not cancelled", action_id, attempt, elapsed,
-                    self.slow_action_after, extra={"fasm_key": self._key,
-                                                   "fasm_action_id": action_id})
-        self._emit(ActionSlow(self._key, action_id, attempt, elapsed, self._machine_name))
+                    self.slow_action_after, extra={"fasm_key": key, "fasm_action_id": action_id})
+        self._emit(ActionSlow(key, action_id, attempt, elapsed, self._machine_name))
 
     def _check_result(self, result: Any) -> None:
         """A result that does not validate field for field, or cannot be written as a record,
@@ -194,12 +193,12 @@ class Attempts:
             raise TypeError(f"executor returned {type(result).__qualname__}, which cannot be "
                             f"committed: {e}") from e
 
-    def _context(self, action_id: Any, attempt: int, deadline: float | None) -> ActionContext:
+    def _context(self, key: str, action_id: Any, attempt: int,
+                 deadline: float | None) -> ActionContext:
         return ActionContext(
-            machine_key=self._key,
+            machine_key=key,
             action_id=action_id,
-            idempotency_key=(f"{self.identity}/{self._machine_name}/{self._key}/"
-                             f"{action_id}"),
+            idempotency_key=f"{self.identity}/{self._machine_name}/{key}/{action_id}",
             attempt=attempt,
             deadline=deadline,
         )

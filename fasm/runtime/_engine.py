@@ -220,20 +220,40 @@ class Engine:
             InvalidInput: it is not; nothing was run.
         """
         if self._input_adapter is None:
-            try:
-                self._input_adapter = _strict_adapter(self.types.input)
-            except pydantic.PydanticSchemaGenerationError as e:
-                raise DefinitionError(
-                    f"input type {self.types.input!r} of {type(self.machine).__qualname__} "
-                    f"cannot be validated: {e}"
-                ) from e
+            self._input_adapter = Engine.validator(self.machine)
+        return Engine.validated(self._input_adapter, self.machine, value)
+
+    @staticmethod
+    def validator(machine: AnyMachine) -> StrictValidator:
+        """The strict validator of ``machine``'s input type (built once per runtime).
+
+        Raises:
+            DefinitionError: the type cannot be validated.
+        """
+        types = type(machine).machine_types()
         try:
-            return self._input_adapter.validate_python(value, strict=True)
+            return _strict_adapter(types.input)
+        except pydantic.PydanticSchemaGenerationError as e:
+            raise DefinitionError(
+                f"input type {types.input!r} of {type(machine).__qualname__} "
+                f"cannot be validated: {e}"
+            ) from e
+
+    @staticmethod
+    def validated(adapter: StrictValidator, machine: AnyMachine, value: Any) -> Any:
+        """``value`` validated by ``adapter`` (see :meth:`validate`).
+
+        Raises:
+            InvalidInput: it is not valid.
+        """
+        try:
+            return adapter.validate_python(value, strict=True)
         except pydantic.ValidationError as e:
             raise InvalidInput(
                 f"{type(value).__qualname__} is not a valid input for "
-                f"{type(self.machine).__qualname__} (expected {_type_name(self.types.input)}): "
-                f"{e.error_count()} error(s): {self._input_adapter.describe(e)}"
+                f"{type(machine).__qualname__} (expected "
+                f"{_type_name(type(machine).machine_types().input)}): "
+                f"{e.error_count()} error(s): {adapter.describe(e)}"
             ) from e
 
     # -- transitions --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import anyio
 from ..errors import DefinitionError
 from ._clock import Clock, SystemClock
 
-__all__ = ("ActionContext", "Executor", "ExecutorFn", "Handler", "RetryPolicy")
+__all__ = ("ActionContext", "Executor", "ExecutorFn", "Handler", "HandlerContext", "RetryPolicy")
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -41,8 +41,24 @@ class ActionContext:
     deadline: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    """What a handler of untracked actions knows about the action it handles, given to a
+    handler that takes a second argument (``async def handler(action, ctx)``).
+
+    Attributes:
+        machine_key: the key of the machine instance that emitted the action.
+        seq: the sequence number of the transition that emitted it.
+    """
+
+    machine_key: str
+    seq: int
+
+
 ExecutorFn: TypeAlias = Callable[[A, ActionContext], Awaitable[R]]
-Handler: TypeAlias = Callable[[Any], Awaitable[None]]
+Handler: TypeAlias = (Callable[[Any], Awaitable[None]]
+                      | Callable[[Any, HandlerContext], Awaitable[None]])
+"""``async fn(action)``, or ``async fn(action, ctx)`` to be given a :class:`HandlerContext`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,13 @@ from ..persistence._codec import Codec
 from ._engine import Engine, Release, Step
 from ._events import RuntimeEvent
 
-__all__ = ("GroupResult", "StateHost", "Submitted")
+__all__ = ("GroupResult", "KeyGroup", "StateHost", "Submitted")
 
 Submitted: TypeAlias = tuple[Input[Any, Any, Any], str | None]
 """An input and its idempotency key, as the runtime queued them."""
+
+KeyGroup: TypeAlias = tuple[str, Engine, Sequence[Submitted]]
+"""One machine key's part of a group: the key, its engine, and its inputs in queue order."""
 
 
 @dataclass(slots=True)
@@ -60,14 +63,35 @@ class StateHost(Protocol):
         """The storage backend and location, for messages."""
         ...
 
-    async def open(self) -> Engine:
-        """Open the storage, take exclusive use of the machine key, and return an engine at the
-        last committed state.
+    async def open(self) -> None:
+        """Open the storage and take exclusive use of the machine key (of every key, for a keyed
+        runtime).
 
         Raises:
-            StoreError: the storage cannot be opened, the key is held elsewhere, or what is
-                stored cannot be read.
+            StoreError: the storage cannot be opened, or the key is held elsewhere.
         """
+        ...
+
+    async def keys_to_restore(self) -> list[str]:
+        """The keys to activate and restore at start (every key with tracked actions in flight,
+        found through the store's index, not by loading every key)."""
+        ...
+
+    async def activate(self, key: str) -> Engine:
+        """Load ``key`` and return an engine at its last committed state (a key never seen
+        starts from the initial state).
+
+        Raises:
+            StoreError: what is stored cannot be read.
+        """
+        ...
+
+    def passivate(self, key: str) -> None:
+        """Forget what the host keeps for ``key`` (it was evicted)."""
+        ...
+
+    async def peek(self, key: str) -> Any:
+        """The committed state of a key that is not active, without activating it."""
         ...
 
     async def restore(self, engine: Engine) -> Release:
@@ -78,8 +102,9 @@ class StateHost(Protocol):
         """
         ...
 
-    async def run(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
-        """Run each input through the engine and make the accepted ones durable, in order.
+    async def run(self, groups: Sequence[KeyGroup]) -> list[GroupResult]:
+        """Run each key's inputs through its engine and make the accepted ones of every key
+        durable, in order, in one atomic write; one result per key, in order.
 
         Raises:
             StoreError: the group could not be made durable and the runtime must stop; nothing

@@ -4,7 +4,7 @@ runtime checks against its machine's declared action types when it is made."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_origin
 
 from .._machine import type_members
 from .._timer import Timer, TimerFired
@@ -34,7 +34,8 @@ def check_executors(
         DefinitionError: an executor is registered for a class the machine does not declare,
             or a declared class has none.
     """
-    declared = [m for m in type_members(tracked_action) if isinstance(m, type)]
+    declared = [m for m in (get_origin(m) or m for m in type_members(tracked_action))
+                if isinstance(m, type)]  # Send[Credit] is declared as Send
     table: dict[type[Any], Executor[Any, Any]] = {}
     for cls, spec in given.items():
         if not any(issubclass(m, cls) for m in declared):

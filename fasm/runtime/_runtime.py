@@ -7,13 +7,15 @@ through a store, or a database transaction. The loop here knows only the host's 
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, Self, TypeVar, cast, get_origin
 
 import anyio
 import anyio.abc
@@ -21,7 +23,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._actions import Tracked, Untracked
 from .._inputs import Normal, TrackedActionCompleted
-from .._machine import StateMachine
+from .._machine import StateMachine, type_members
+from .._send import Delivered, Refused, Send, message_key
 from .._timer import Timer, TimerFired
 from ..errors import (
     DefinitionError,
@@ -31,6 +34,7 @@ from ..errors import (
     RuntimeClosed,
     StoreCorrupt,
     StoreError,
+    TransitionFailed,
 )
 from ..persistence._codec import Codec, Unencodable
 from ..persistence._durability import Durability
@@ -47,6 +51,7 @@ from ._engine import (
     Failed,
     Release,
     Rollback,
+    StrictValidator,
     input_kind,
 )
 from ._events import (
@@ -60,16 +65,18 @@ from ._events import (
     TransitionRejected,
 )
 from ._executors import (
+    ActionContext,
     Executor,
     ExecutorFn,
     Handler,
+    HandlerContext,
     with_deadline,
 )
-from ._host import StateHost
+from ._host import GroupResult, KeyGroup, StateHost
 from ._registry import check_executors, check_handlers, lookup, registered
 from ._state_database import DatabaseHost
 from ._state_object import ObjectHost
-from ._submits import Committed, Item, Read, Result, Submit, checked_key
+from ._submits import Committed, Item, Read, Result, Submit, checked_key, checked_machine_key
 from ._tasks import fatal as _fatal
 from ._tasks import leaves as _leaves
 from ._tasks import real_error as _real
@@ -94,11 +101,24 @@ this is stuck where cancellation cannot reach it (a blocking call in a worker th
 
 
 class Runtime(Generic[S, I, TId, TA, TR, U]):
-    """Hosts one machine instance: owns its input queue, makes every committed transition durable
-    before answering, dispatches tracked actions to executors and untracked ones to handlers, and
-    feeds results back as inputs. On start it loads the state and calls ``restore``.
+    """Hosts a machine: owns its input queue, makes every committed transition durable before
+    answering, dispatches tracked actions to executors and untracked ones to handlers, and feeds
+    results back as inputs. On start it loads the state and calls ``restore``.
 
     Use it as ``async with Runtime(...) as rt: await rt.submit(value)``. Works on asyncio and trio.
+
+    It hosts one machine instance (the key ``key``), or, with ``keyed=True``, one instance per
+    key: ``await rt.submit(value, key="acct-42")`` runs the stf on that key's state, created
+    from ``initial_state`` the first time the key is used (a factory then receives the key).
+    Each key's inputs run in submit order; a group of inputs of many keys is committed in one
+    atomic store write (:meth:`~fasm.persistence.Store.commit_many`). A key is loaded (activated)
+    on its first input or read and evicted (passivated) when idle once more than ``max_active``
+    are active, so memory follows the active set, not the number of keys stored; a key with
+    tracked actions in flight stays active until they complete. On start, every key the store
+    marks as having actions in flight is loaded and restored; the others stay in the store. A
+    stf sends an input to another key with the tracked action :class:`~fasm.Send`, delivered
+    effectively once (see docs/08_keyed.md). A single-instance runtime is the same machinery
+    with one key.
 
     State lives in one of two ways. Either it is a Python object, made durable through a store
     (``initial_state=``, optionally ``store=`` and ``durability=``); or it is a database
@@ -111,8 +131,14 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     Args:
         machine: the machine instance.
         initial_state: the state of a machine the store has never seen (a value, deep-copied
-            when needed, or a zero-argument factory).
-        key: the machine key in the store or database.
+            when needed, or a factory: of no arguments, or with ``keyed=True`` of the key).
+        key: the machine key in the store or database (not with ``keyed=True``).
+        keyed: host one instance per key (see above); submits and reads then name the key.
+            Not with ``database=``.
+        max_active: with ``keyed=True``, how many instances stay loaded while idle; the least
+            recently used idle ones beyond it are evicted after each group. Keys with tracked
+            actions in flight are never evicted, so the active set may exceed it while more
+            keys than this have work in flight.
         store: where state is kept (default: a fresh :class:`~fasm.persistence.MemoryStore`).
             The runtime opens it on start and closes it on stop.
         durability: :class:`~fasm.persistence.Journal` (default) or
@@ -175,6 +201,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         *,
         initial_state: S | Callable[[], S] | None = None,
         key: str = "default",
+        keyed: bool = False,
+        max_active: int = 10_000,
         store: Store | None = None,
         durability: Durability | None = None,
         database: Database | None = None,
@@ -197,10 +225,20 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
     ) -> None:
         self.machine = machine
         self.types = type(machine).machine_types()
-        self.key = key
+        self.keyed = keyed
+        self.key: str | None = None if keyed else key
+        """The machine key of a single-instance runtime (None when ``keyed``)."""
+        if keyed and key != "default":
+            raise DefinitionError("key= names the one key of a single-instance runtime; a keyed "
+                                  "runtime's submits name their key (submit(value, key=...))")
+        if keyed and database is not None:
+            raise DefinitionError(
+                "keyed=True keeps each key's state as a Python object made durable through a "
+                "store; with database= one runtime hosts one key (see docs/08_keyed.md)")
         self.clock: Clock = clock if clock is not None else SystemClock()
         for name, value, low in (("queue_size", queue_size, 1), ("max_group", max_group, 1),
-                                 ("max_in_flight", max_in_flight, 1)):
+                                 ("max_in_flight", max_in_flight, 1),
+                                 ("max_active", max_active, 1)):
             if value < low:
                 raise DefinitionError(f"{name} must be >= {low}, got {value}")
         if max_pending_actions is not None and max_pending_actions < 1:
@@ -220,18 +258,28 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self.shutdown_grace = shutdown_grace
         self._listeners = tuple(listeners)
         self._machine_name: str = type(machine).machine_name
+        self._max_active = max_active
         name = type(machine).__qualname__
+        given = dict(executors or {})
+        if _declares_send(self.types.tracked_action) and not any(
+                issubclass(Send, c) for c in given):
+            # Messages between keys: the built-in executor submits to the receiving key.
+            given[Send] = Executor(self._send_message, concurrency=256)
         self._executors, self._builtin_timer = check_executors(
-            name, self.types.tracked_action, dict(executors or {}), self.clock)
+            name, self.types.tracked_action, given, self.clock)
         self._handlers = check_handlers(name, self.types.untracked, dict(handlers or {}))
+        self._handler_takes_ctx = {cls: _takes_context(fn) for cls, fn in self._handlers.items()}
+        self._validator: StrictValidator | None = None
         self._attempts = Attempts(
-            self.clock, key=key, machine_name=self._machine_name,
+            self.clock, machine_name=self._machine_name,
             slow_action_after=slow_action_after, rng=random.Random(seed), emit=self._emit,
             timed=bool(self._listeners), result_type=self.types.tracked_result,
             codec=self._codec_)
         self._admission = Admission(self.clock, self._executors, max_pending=max_pending_actions,
                                     timeout=admission_timeout)
-        self._engine: Engine | None = None
+        # The active instances, least recently used first: key -> engine.
+        self._active: OrderedDict[str, Engine] = OrderedDict()
+        self._started = False
         self._status = "new"
         self._failure: BaseException | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -272,7 +320,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 raise DefinitionError(
                     "pass initial_state= (state kept as a Python object, made durable through "
                     "a store) or database= (state kept in a database)")
-            host = ObjectHost(machine, key=key, initial_state=initial_state, store=store,
+            host = ObjectHost(machine, key=self.key, initial_state=initial_state, store=store,
                               durability=durability, rollback=rollback or "trust-rejected",
                               idempotency_window=idempotency_window,
                               idempotency_ttl=idempotency_ttl)
@@ -294,10 +342,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         reference: a rollback that reloads (``"reload"``, or ``"trust-rejected"`` after an
         error that is not a ``Rejected``) replaces the state object with the reloaded one.
         With ``database=`` it is the transaction of the last group, already ended: read the
-        database through ``database.transaction(readonly=True)`` instead."""
+        database through ``database.transaction(readonly=True)`` instead.
+
+        Raises:
+            DefinitionError: the runtime is keyed (use :meth:`read` with ``key=``)."""
         return cast(S, self._require_engine().state)
 
-    async def read(self, fn: Callable[[S], R]) -> R:
+    async def read(self, fn: Callable[[S], R], *, key: str | None = None) -> R:
         """Run ``fn`` on the state as of the last durable transition and return its result.
 
         This is how to serve reads: what ``fn`` sees has been committed, so a crash cannot undo
@@ -306,8 +357,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         starve under load (a read waits at most for one commit). ``fn`` is synchronous and must
         not mutate the state or keep references into it; return plain values or copies.
 
+        In a keyed runtime, ``key`` names the instance; one that is not active is read from the
+        store without being activated (a key never used reads as its initial state).
+
         Args:
             fn: ``fn(state) -> value``, called once on the runtime's task.
+            key: the machine key (required when the runtime is keyed; otherwise its one key).
 
         Returns:
             What ``fn`` returned.
@@ -319,21 +374,30 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             DefinitionError: the runtime keeps its state in a database (``database=``): read it
                 through ``async with rt.database.transaction(readonly=True) as txn:``, which sees
                 committed data only.
+            InvalidInput: ``key`` is not a valid machine key, or names another key than a
+                single-instance runtime's.
+            StoreError: an inactive key could not be read from the store.
             Exception: whatever ``fn`` raised.
         """
-        engine = self._require_engine()
+        target = self._target(key)
+        if not self._started:
+            raise RuntimeClosed("the runtime has not been started (use 'async with Runtime(...)')")
         if self.database is not None:
             raise DefinitionError(
                 "Runtime.read serves a state-object runtime; with database= read committed data "
                 "through 'async with rt.database.transaction(readonly=True) as txn:'")
         if self._status == "failed":
             raise self._closed() from self._failure
+        engine = self._active.get(target)
+        if engine is None:
+            # Idle: what the store holds is committed (a key is evicted only between groups).
+            return fn(cast(S, await self._host.peek(target)))
         if not self._in_group:
             return fn(cast(S, engine.state))
         if self._driver_done is not None and self._driver_done.is_set():
             # Cancelled (a crash) between a group's stf and its commit: nothing durable to show.
             raise self._closed() from self._failure
-        read = Read(fn)
+        read = Read(fn, target)
         self._reads.append(read)
         await read.done.wait()
         if read.error is not None:
@@ -365,13 +429,30 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     @property
     def seq(self) -> int:
-        """The sequence number of the last committed transition."""
+        """The sequence number of the last committed transition (single-instance runtime)."""
         return self._require_engine().committed_seq
 
     @property
     def in_flight(self) -> dict[TId, TA]:
-        """Tracked actions dispatched and not yet completed: id -> action (a copy)."""
+        """Tracked actions dispatched and not yet completed: id -> action (a copy; of the one
+        key of a single-instance runtime, see :attr:`in_flight_by_key` for a keyed one)."""
         return {i: a.action for i, a in self._require_engine().in_flight.items()}
+
+    @property
+    def in_flight_by_key(self) -> dict[str, dict[TId, TA]]:
+        """Tracked actions dispatched and not yet completed, per key that has any: key ->
+        id -> action (a copy). Keys with actions in flight are always active, so this is
+        complete."""
+        if not self._started:
+            raise RuntimeClosed("the runtime has not been started (use 'async with Runtime(...)')")
+        return {k: {i: a.action for i, a in e.in_flight.items()}
+                for k, e in self._active.items() if e.in_flight}
+
+    @property
+    def active_keys(self) -> int:
+        """How many instances are loaded now (at most ``max_active`` plus those with work in
+        flight, after each group)."""
+        return len(self._active)
 
     @property
     def running(self) -> bool:
@@ -379,16 +460,17 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         return self._status == "running"
 
     async def submit(
-        self, value: I, *, idempotency_key: str | None = None,
+        self, value: I, *, key: str | None = None, idempotency_key: str | None = None,
         admission_timeout: float | None = None,
     ) -> Committed[TId, TA, U]:
         """Run ``value`` through the stf and return once the transition is durable.
 
-        Transitions run one at a time, in the order submits entered the queue. Cancelling a
-        submit that is already queued does not cancel its transition.
+        Transitions of a key run one at a time, in the order submits entered the queue.
+        Cancelling a submit that is already queued does not cancel its transition.
 
         Args:
             value: an input of the machine's declared input type.
+            key: the machine key (required when the runtime is keyed; otherwise its one key).
             idempotency_key: when given, a transition already committed with this key is not run
                 again: the submit returns its outcome with ``duplicate=True``.
             admission_timeout: overrides the runtime's ``admission_timeout`` for this submit
@@ -401,7 +483,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             InvalidInput: ``value`` is not of the declared input type, field for field, or it
                 or the key cannot be written as a record (a lone surrogate, an int outside
                 msgpack's 64 bits, an arbitrary object in an ``Any`` field), or the key is not a
-                ``str`` or holds NUL. Nothing ran and the runtime goes on.
+                ``str`` or holds NUL, or ``key`` is missing or not a valid machine key. Nothing
+                ran and the runtime goes on.
             Rejected: the stf refused the input (state unchanged).
             TransitionFailed: the stf raised something else, or (under ``Snapshot``) left a state
                 that cannot be encoded, the message naming the field (state unchanged).
@@ -414,8 +497,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 transition may be half done: nothing of its group is committed, and the runtime
                 stops as if the process had been killed).
         """
-        engine = self._require_running()
-        item = Submit(self._checked(engine.validate(value)), checked_key(idempotency_key))
+        self._check_open()
+        target = self._target(key)
+        item = Submit(self._checked(self._validate(value)), checked_key(idempotency_key), target)
         if self._listeners:
             item.submitted_ns = time.time_ns()
             item.context = contextvars.copy_context()  # O(1): contexts are immutable maps
@@ -446,6 +530,32 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert item.outcome is not None
         return cast(Committed[TId, TA, U], item.outcome)
 
+    def _target(self, key: str | None) -> str:
+        """The machine key a submit or read is for.
+
+        Raises:
+            InvalidInput: it is missing in a keyed runtime, not valid, or another key than a
+                single-instance runtime's.
+        """
+        if self.key is not None:
+            if key is not None and key != self.key:
+                raise InvalidInput(f"this runtime hosts the single key {self.key!r}, not "
+                                   f"{key!r}: make it with keyed=True to host many")
+            return self.key
+        if key is None:
+            raise InvalidInput("a keyed runtime needs the machine key: submit(value, key=...)")
+        return checked_machine_key(key)
+
+    def _validate(self, value: Any) -> Any:
+        """``value`` checked against the machine's input type (strictly: no coercion).
+
+        Raises:
+            InvalidInput: it is not of that type.
+        """
+        if self._validator is None:
+            self._validator = Engine.validator(self.machine)
+        return Engine.validated(self._validator, self.machine, value)
+
     def _checked(self, value: Any) -> Normal[Any]:
         """The input, with its record bytes made now: one that cannot be written is refused
         here, alone, instead of failing its whole group's commit later. The journal reuses the
@@ -470,8 +580,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._status != "new":
             raise RuntimeClosed("a Runtime starts once; make a new one to start again")
         self._status = "starting"
+        restored: list[tuple[str, Release]] = []
         try:
-            self._engine = await self._host.open()
+            await self._host.open()
             where: Any = self.store if self.store is not None else self.database
             identity = getattr(where, "identity", None)
             if not isinstance(identity, str) or not identity:
@@ -480,7 +591,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     "gives a non-empty str made once with its data, the first part of every "
                     "executor idempotency key (see fasm.persistence.Store)")
             self._attempts.identity = identity
-            release = await self._host.restore(self._engine)
+            for key in await self._host.keys_to_restore():
+                engine = await self._host.activate(key)
+                self._active[key] = engine
+                restored.append((key, await self._host.restore(engine)))
         except BaseException:
             self._status = "stopped"
             with anyio.CancelScope(shield=True):
@@ -503,9 +617,16 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             await self._tg.__aexit__(type(e), e, e.__traceback__)
             raise
         self._status = "running"
-        self._dispatch(release)
-        log.info("runtime started", extra={"fasm_key": self.key, "fasm_seq": self.seq,
-                                           "fasm_restored": len(release.tracked)})
+        self._started = True
+        for key, release in restored:
+            self._dispatch(key, release)
+        count = sum(len(release.tracked) for _, release in restored)
+        if self.key is not None:
+            log.info("runtime started", extra={"fasm_key": self.key, "fasm_seq": self.seq,
+                                               "fasm_restored": count})
+        else:
+            log.info("keyed runtime started: %d key(s) with actions in flight restored",
+                     len(restored), extra={"fasm_restored": count})
         return self
 
     async def _host_work(self, ready: anyio.Event) -> None:
@@ -555,11 +676,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 await self._process(batch)
                 self._in_group = False
                 self._run_reads()
+                self._passivate()
                 self._notify_progress()
         except Exception as e:
             # A failure does not cancel the body of ``async with``: the runtime refuses input
-            # from here on, wait_failed() reports it, and __aexit__ raises it.
-            self._fail(e)
+            # from here on, wait_failed() reports it, and __aexit__ raises it. Submitters of the
+            # batch not answered yet (a key's load raised something unexpected) are told too.
+            self._fail(e, batch)
             self._end_work()
         except BaseException as e:
             self._fail(e, batch)
@@ -576,14 +699,30 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                 self._driver_done.set()
 
     async def _process(self, batch: list[Item]) -> None:
-        engine = self._require_engine()
-        engine.now = self.clock.now()  # dates the group's idempotency keys (rule 6)
+        """One group: the batch's inputs, per key in queue order, through their engines and
+        into one store write; then dispatch, then answers."""
+        by_key: dict[str, list[Item]] = {}
+        for item in batch:
+            by_key.setdefault(item.target, []).append(item)
+        now = self.clock.now()  # dates the group's idempotency keys (rule 6)
+        groups: list[KeyGroup] = []
+        members: list[list[Item]] = []
+        for key, items in by_key.items():
+            engine = await self._activated(key, items)
+            if engine is None:
+                continue
+            engine.now = now
+            groups.append((key, engine, [(item.input, item.key) for item in items]))
+            members.append(items)
+        if not groups:
+            return
         try:
-            result = await self._host.run(engine, [(item.input, item.key) for item in batch])
+            results = await self._host.run(groups)
         except Exception as e:
             # Nothing of the group is acknowledged: the runtime stops (see _drive).
             error = e if isinstance(e, FasmError) else StoreError(
-                f"store commit raised {e!r}", store=self._host.description, key=self.key)
+                f"store commit raised {e!r}", store=self._host.description,
+                key=groups[0][0] if len(groups) == 1 else None)
             for item in batch:
                 if isinstance(item, Submit) and not item.done.is_set():
                     item.answer(None, error)
@@ -597,22 +736,56 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             closed = RuntimeClosed(f"the runtime stopped after {e!r}; nothing of this group of "
                                    "transitions was committed")
             closed.__cause__ = e
-            culprit = engine.interrupted if _fatal(e) else None
+            culprits = [engine.interrupted for _, engine, _ in groups] if _fatal(e) else []
             for item in batch:
                 if isinstance(item, Submit) and not item.done.is_set():
-                    item.answer(None, e if item.input is culprit else closed)
+                    item.answer(None, e if any(item.input is c for c in culprits) else closed)
             raise
+        group_size = sum(sum(isinstance(st, Accepted) for st in r.steps) for r in results)
+        for (key, engine, _), items, result in zip(groups, members, results, strict=True):
+            self._committed(key, engine, items, result, group_size)
+
+    async def _activated(self, key: str, items: list[Item]) -> Engine | None:
+        """The engine of ``key``, loaded from the store if it is not active (most recently used
+        now). None when it cannot be loaded: its items are answered with the error and the
+        other keys of the group go on."""
+        engine = self._active.get(key)
+        if engine is not None:
+            self._active.move_to_end(key)
+            return engine
+        try:
+            try:
+                engine = await self._host.activate(key)
+            except FasmError:
+                raise
+            except Exception as e:
+                raise StoreError(f"loading key {key!r} raised {e!r}",
+                                 store=self._host.description, key=key) from e
+        except FasmError as e:
+            log.error("key %r could not be loaded: %r; its inputs are refused", key, e,
+                      extra={"fasm_key": key})
+            for item in items:
+                if isinstance(item, Submit):
+                    item.answer(None, e)
+            return None
+        self._active[key] = engine
+        return engine
+
+    def _committed(self, key: str, engine: Engine, items: list[Item], result: GroupResult,
+                   group_size: int) -> None:
+        """After the group's write: release and dispatch what ``key``'s transitions emitted,
+        then answer its submitters."""
         for attempt, retried in result.retries:
-            self._emit(TransactionRetried(self.key, attempt, len(batch), retried))
+            self._emit(TransactionRetried(key, attempt, len(items), retried))
         for event in result.events:
             self._emit(event)
         committed: list[tuple[Item, Accepted]] = []
         emitted_by: dict[Any, int] | None = None
-        for item, step in zip(batch, result.steps, strict=True):
+        for item, step in zip(items, result.steps, strict=True):
             if isinstance(step, Accepted):
                 committed.append((item, step))
             elif isinstance(step, Failed):
-                self._rejected(item, step)
+                self._rejected(key, engine, item, step)
         if committed:
             in_flight = engine.in_flight
             done_actions = [in_flight[s.input.id].action for _, s in committed
@@ -628,30 +801,49 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                     done = (step.input.id if isinstance(step.input, TrackedActionCompleted)
                             else None)
                     self._emit(TransitionCommitted(
-                        self.key, step.seq, input_kind(step.input), len(step.actions),
-                        len(committed), done, self._machine_name, item.submitted_ns,
+                        key, step.seq, input_kind(step.input), len(step.actions),
+                        group_size, done, self._machine_name, item.submitted_ns,
                         item.context, queued))
                     for action in step.actions:
                         if isinstance(action, Tracked):
                             emitted_by[action.id] = step.seq
             if engine.cut_short is not None:
-                self._window_cut_short(engine)
+                self._window_cut_short(key, engine)
             # The engine's order: commit, then dispatch, then answer the submitters.
-            self._dispatch(release, emitted_by)
-        for item, step in zip(batch, result.steps, strict=True):
+            self._dispatch(key, release, emitted_by)
+        for item, step in zip(items, result.steps, strict=True):
             if isinstance(item, Result):
                 if isinstance(step, StoreError):
                     self._redeliver(item, step)
             elif isinstance(step, Accepted):
                 item.answer(Committed(step.seq, step.actions), None)
             elif isinstance(step, Duplicate):
-                self._answer_duplicate(item, step)
+                self._answer_duplicate(key, item, step)
             elif isinstance(step, Failed):
                 item.answer(None, step.error)
             else:
                 item.answer(None, step)
 
-    def _window_cut_short(self, engine: Engine) -> None:
+    def _passivate(self) -> None:
+        """Evict the least recently used idle instances beyond ``max_active`` (a key with
+        tracked actions in flight, timers included, is kept: its results must find it). Keys
+        kept are moved to the recent end, so each pass looks at each key at most once."""
+        active = self._active
+        excess = len(active) - self._max_active
+        if excess <= 0 or self.key is not None:
+            return
+        for _ in range(len(active)):
+            if excess <= 0:
+                break
+            key, engine = next(iter(active.items()))
+            if engine.in_flight or engine.pending:
+                active.move_to_end(key)
+                continue
+            del active[key]
+            self._host.passivate(key)
+            excess -= 1
+
+    def _window_cut_short(self, key: str, engine: Engine) -> None:
         """Warn (at most once a minute) that ``idempotency_window`` forgot keys before their
         ``idempotency_ttl``: retries of those are no longer recognized."""
         assert engine.cut_short is not None
@@ -664,9 +856,9 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         log.warning("idempotency_window (%d keys) forgot %d key(s) %.1f s after their commit, "
                      "before idempotency_ttl (%.0f s): a retry of those would run again; raise "
                      "idempotency_window or lower idempotency_ttl", engine.idempotency_window,
-                     count, age, engine.idempotency_ttl, extra={"fasm_key": self.key})
+                     count, age, engine.idempotency_ttl, extra={"fasm_key": key})
 
-    def _answer_duplicate(self, item: Item, step: Duplicate) -> None:
+    def _answer_duplicate(self, key: str, item: Item, step: Duplicate) -> None:
         """Answer a duplicate submit with the outcome of the transition that first used its key
         (decoded from the store's bytes the first time it is asked for after a restart)."""
         assert isinstance(item, Submit)
@@ -675,10 +867,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             try:
                 actions = self._codec_().outcome(step.remembered)
             except StoreCorrupt as e:
-                item.answer(None, e.located(store=self._host.description, key=self.key))
+                item.answer(None, e.located(store=self._host.description, key=key))
                 return
         if self._listeners:
-            self._emit(DuplicateSubmitted(self.key, step.seq, input_kind(item.input),
+            self._emit(DuplicateSubmitted(key, step.seq, input_kind(item.input),
                                           self._machine_name, item.submitted_ns, item.context))
         item.answer(Committed(step.seq, actions or (), True), None)
 
@@ -686,31 +878,29 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         """Answer the reads that waited for the group just committed (the live state is the
         durable one now)."""
         reads, self._reads = self._reads, []
-        state = self._require_engine().state
         for read in reads:
-            read.run(state)
+            read.run(self._active[read.target].state)
 
     def _redeliver(self, item: Result, error: StoreError) -> None:
         """A result the database kept refusing to commit (contention) goes back in the queue:
         it is still in flight, and dropping it would stall its action until a restart."""
         log.warning("result of tracked action %r not committed (%s); queued again",
-                    item.input.id, error, extra={"fasm_key": self.key,
+                    item.input.id, error, extra={"fasm_key": item.target,
                                                  "fasm_action_id": item.input.id})
         assert self._work is not None
-        self._work.start_soon(self._deliver, item.input.id, item.input.result)
+        self._work.start_soon(self._deliver, item.target, item.input.id, item.input.result)
 
-    def _rejected(self, item: Item, step: Failed) -> None:
+    def _rejected(self, key: str, engine: Engine, item: Item, step: Failed) -> None:
         kind = input_kind(step.input)
         expected = isinstance(step.error, Rejected)
         if self._listeners:
             self._emit(TransitionRejected(
-                self.key, kind, step.error, expected, self._machine_name, item.submitted_ns,
+                key, kind, step.error, expected, self._machine_name, item.submitted_ns,
                 item.context, item.input.id if isinstance(item, Result) else None))
-        extra = {"fasm_key": self.key, "fasm_input_kind": kind}
+        extra = {"fasm_key": key, "fasm_input_kind": kind}
         if isinstance(item, Result):
             # A result the stf refuses is dropped, never fatal. The id is no longer waited on
             # here; the state still says what is pending, so restore re-emits it on next start.
-            engine = self._require_engine()
             forgotten = engine.in_flight.get(item.input.id)
             engine.forget(item.input.id)
             if forgotten is not None:
@@ -754,9 +944,10 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     # -- actions --------------------------------------------------------------------------------
 
-    def _dispatch(self, release: Release, emitted_by: dict[Any, int] | None = None) -> None:
-        """Start the released actions; ``emitted_by`` maps a tracked action's id to the seq of
-        the transition that emitted it (for listeners; None at restore)."""
+    def _dispatch(self, key: str, release: Release,
+                  emitted_by: dict[Any, int] | None = None) -> None:
+        """Start the actions ``key`` released; ``emitted_by`` maps a tracked action's id to the
+        seq of the transition that emitted it (for listeners; None at restore)."""
         work = self._work
         assert work is not None
         if anyio.current_effective_deadline() == -math.inf:
@@ -766,25 +957,25 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             return
         for action in release.already_in_flight:
             log.debug("tracked action %r already in flight; not dispatched again", action.id,
-                      extra={"fasm_key": self.key, "fasm_action_id": action.id})
+                      extra={"fasm_key": key, "fasm_action_id": action.id})
         dispatcher = self._dispatcher
         for tracked in release.tracked:
             action = tracked.action
             self._admission.count(action, +1)
             if self._listeners:
                 self._emit(ActionDispatched(
-                    self.key, tracked.id, action, self._machine_name,
+                    key, tracked.id, action, self._machine_name,
                     None if emitted_by is None else emitted_by.get(tracked.id)))
             if type(action) is Timer and self._builtin_timer is not None:
-                self._timers.add(tracked.id, action.at)
+                self._timers.add((key, tracked.id), action.at)
             else:
                 lane = registered(self._executors, type(action))
                 assert lane is not None  # every declared class has one (check_executors)
-                dispatcher.put(lane, tracked)
+                dispatcher.put(lane, (key, tracked))
         dispatcher.pump()  # workers for what may run now; the rest waits as queue entries
         for seq, untracked in release.untracked:
             self._handlers_running += 1  # counted now: a stop must wait for it from here on
-            work.start_soon(self._guarded, self._run_handler, seq, untracked)
+            work.start_soon(self._guarded, self._run_handler, key, seq, untracked)
 
     async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run an executor's or handler's task. A SystemExit or KeyboardInterrupt from user code
@@ -802,45 +993,76 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         assert self._work is not None
         self._work.start_soon(self._guarded, fn, *args)
 
-    async def _perform(self, tracked: Tracked[Any, Any]) -> None:
+    async def _perform(self, entry: tuple[str, Tracked[Any, Any]]) -> None:
         """One dispatched action, in a slot of its executor: its attempts, then its result."""
+        key, tracked = entry
         spec = lookup(self._executors, type(tracked.action))
         assert spec is not None
-        result = await self._attempts.run(tracked, spec)
-        await self._deliver(tracked.id, result)
+        result = await self._attempts.run(key, tracked, spec)
+        await self._deliver(key, tracked.id, result)
 
-    async def _fire_timer(self, action_id: Any, at: float) -> None:
-        await self._deliver(action_id, TimerFired(at=at, now=self.clock.now()))
+    async def _fire_timer(self, ident: tuple[str, Any], at: float) -> None:
+        await self._deliver(ident[0], ident[1], TimerFired(at=at, now=self.clock.now()))
 
-    async def _deliver(self, action_id: Any, result: Any) -> None:
+    async def _deliver(self, key: str, action_id: Any, result: Any) -> None:
         assert self._send is not None
         try:
-            await self._send.send(Result(TrackedActionCompleted(action_id, result),
+            await self._send.send(Result(TrackedActionCompleted(action_id, result), key,
                                           submitted_ns=time.time_ns() if self._listeners else 0))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             # Stopping: the result is not committed, so the state still says the action is
             # pending and restore re-emits it on the next start.
             log.info("result of %r arrived while stopping; restore will re-emit it", action_id,
-                     extra={"fasm_key": self.key, "fasm_action_id": action_id})
+                     extra={"fasm_key": key, "fasm_action_id": action_id})
 
-    async def _run_handler(self, seq: int, untracked: Untracked[Any]) -> None:
-        handler = lookup(self._handlers, type(untracked.action))
-        assert handler is not None
-        extra = {"fasm_key": self.key, "fasm_seq": seq}
+    async def _send_message(self, send: Send[Any], ctx: ActionContext) -> Delivered | Refused:
+        """The built-in executor of :class:`~fasm.Send`: submit the input to the receiving key
+        with the message's idempotency key, and wait until that transition is durable. A resend
+        (after a crash of either side) is answered as a duplicate by the receiver, so the
+        message is applied once. It bypasses admission (``max_pending_actions``): the send is
+        itself a pending action, and room is made only when such sends complete."""
         try:
-            await with_deadline(self.clock, self.clock.now() + self._handler_timeout,
-                                 handler(untracked.action))
+            target = self._target(send.to)
+            normal = self._checked(self._validate(send.input))
+        except InvalidInput as e:
+            return Refused(send.to, str(e))
+        item = Submit(normal, message_key(self._machine_name, ctx.machine_key, ctx.action_id),
+                      target)
+        if self._status not in ("running", "stopping"):  # a stop's drain still delivers
+            raise self._closed() from self._failure
+        assert self._send is not None
+        try:
+            await self._send.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._closed() from self._failure
+        await item.done.wait()
+        if isinstance(item.error, Rejected | TransitionFailed | InvalidInput):
+            return Refused(send.to, str(item.error))
+        if item.error is not None:
+            raise item.error  # the runtime is stopping: retried, or re-sent after restart
+        assert item.outcome is not None
+        return Delivered(send.to, item.outcome.seq, item.outcome.duplicate)
+
+    async def _run_handler(self, key: str, seq: int, untracked: Untracked[Any]) -> None:
+        cls = registered(self._handlers, type(untracked.action))
+        assert cls is not None
+        handler: Any = self._handlers[cls]
+        extra = {"fasm_key": key, "fasm_seq": seq}
+        call = (handler(untracked.action, HandlerContext(key, seq))
+                if self._handler_takes_ctx[cls] else handler(untracked.action))
+        try:
+            await with_deadline(self.clock, self.clock.now() + self._handler_timeout, call)
         except anyio.get_cancelled_exc_class():
             # Only a stop cancels handlers: after the grace period, or at once on a crash.
             log.warning("handler for %r (from transition %d) cancelled by stop",
                         untracked.action, seq, extra=extra)
-            self._emit(HandlerFailed(self.key, seq, untracked.action,
+            self._emit(HandlerFailed(key, seq, untracked.action,
                                      RuntimeClosed("handler cancelled by stop")))
             raise
         except Exception as e:
             log.error("handler for %r (from transition %d) failed: %r", untracked.action, seq, e,
                       extra=extra)
-            self._emit(HandlerFailed(self.key, seq, untracked.action, e))
+            self._emit(HandlerFailed(key, seq, untracked.action, e))
         finally:
             self._handlers_running -= 1
             self._notify_progress()
@@ -968,8 +1190,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         Raises:
             RuntimeClosed: the runtime stopped while waiting.
         """
-        engine = self._require_engine()
-        while self._busy(engine, include_timers):
+        self._require_started()
+        while self._busy(include_timers):
             if self._status not in ("running", "stopping"):
                 raise self._closed() from self._failure
             self._progress = event = self._progress or anyio.Event()
@@ -983,18 +1205,18 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._progress.set()
             self._progress = None
 
-    def _busy(self, engine: Engine, include_timers: bool) -> bool:
+    def _busy(self, include_timers: bool) -> bool:
         if self._queued() or self._handlers_running:
             return True
         return any(include_timers or type(a.action) is not Timer
-                   for a in engine.in_flight.values())
+                   for engine in self._active.values() for a in engine.in_flight.values())
 
     async def _drain(self) -> None:
         """Let queued inputs commit and in-flight actions finish, within the grace period."""
-        engine = self._require_engine()
         with anyio.move_on_after(self.shutdown_grace):
             await self.wait_idle()
-        left = [i for i, a in engine.in_flight.items() if type(a.action) is not Timer]
+        left = [i for engine in self._active.values() for i, a in engine.in_flight.items()
+                if type(a.action) is not Timer]
         if left:
             log.info("stopping with %d tracked action(s) in flight; restore re-emits them",
                      len(left), extra={"fasm_key": self.key})
@@ -1014,14 +1236,17 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _require_engine(self) -> Engine:
-        if self._engine is None:
+    def _require_started(self) -> None:
+        if not self._started:
             raise RuntimeClosed("the runtime has not been started (use 'async with Runtime(...)')")
-        return self._engine
 
-    def _require_running(self) -> Engine:
-        self._check_open()
-        return self._require_engine()
+    def _require_engine(self) -> Engine:
+        """The engine of a single-instance runtime's one key."""
+        if self.key is None:
+            raise DefinitionError("a keyed runtime has one state per key: read one with "
+                                  "'await rt.read(fn, key=...)'")
+        self._require_started()
+        return self._active[self.key]
 
     def _check_open(self) -> None:
         if self._status != "running":
@@ -1031,3 +1256,18 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._failure is not None:
             return RuntimeClosed(f"the runtime stopped after a failure: {self._failure!r}")
         return RuntimeClosed(f"the runtime is {self._status}; it accepts no input")
+
+
+def _declares_send(tracked_action: Any) -> bool:
+    """Whether the machine's tracked-action type has :class:`~fasm.Send` (or ``Send[X]``)."""
+    return any((get_origin(m) or m) is Send for m in type_members(tracked_action))
+
+
+def _takes_context(handler: Any) -> bool:
+    """Whether a handler takes a second positional argument (the :class:`HandlerContext`)."""
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: called with the action alone
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)

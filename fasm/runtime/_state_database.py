@@ -57,7 +57,7 @@ from ._engine import (
     _check_window,
     _describe,
 )
-from ._host import GroupResult, Submitted
+from ._host import GroupResult, KeyGroup, Submitted
 
 __all__ = ("DatabaseHost",)
 
@@ -150,18 +150,37 @@ class DatabaseHost:
         """The database's description."""
         return self.database.description
 
-    async def open(self) -> Engine:
-        """Open the database, take the key, and read the machine's sequence number and keys.
+    async def open(self) -> None:
+        """Open the database and take the key.
 
         Raises:
-            StoreError: the database cannot be opened or read, or another runtime holds the key.
+            StoreError: the database cannot be opened, or another runtime holds the key.
         """
         db = self.database
         await db.open()
         await db.acquire(self.key)
-        async with db.lock():
-            seq, keys = await db._blocking(self._load_sync)
+
+    async def keys_to_restore(self) -> list[str]:
+        """The one key."""
+        return [self.key]
+
+    async def activate(self, key: str) -> Engine:
+        """Read the machine's sequence number and keys.
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        assert key == self.key
+        async with self.database.lock():
+            seq, keys = await self.database._blocking(self._load_sync)
         return self._engine(seq, keys)
+
+    def passivate(self, key: str) -> None:
+        """Nothing is kept per key besides the engine."""
+
+    async def peek(self, key: str) -> Any:
+        """Never called: a transactional runtime hosts one key, always active."""
+        raise DefinitionError("a runtime with database= hosts one key")
 
     def open_sync(self) -> Engine:
         """:meth:`open`, on the calling thread (for a synchronous driver: the simulator).
@@ -219,7 +238,7 @@ class DatabaseHost:
                 session.end()
         raise AssertionError("unreachable")
 
-    async def run(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
+    async def run(self, groups: Sequence[KeyGroup]) -> list[GroupResult]:
         """Run a group as one transaction (see the module docstring).
 
         Raises:
@@ -227,8 +246,9 @@ class DatabaseHost:
                 number, the connection cannot be re-established, or a commit's outcome cannot
                 be known. Nothing of the group is acknowledged.
         """
+        ((_key, engine, inputs),) = groups
         async with self.database.lock():
-            return await self.database._blocking(self.run_sync, engine, inputs)
+            return [await self.database._blocking(self.run_sync, engine, inputs)]
 
     def run_sync(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
         """:meth:`run`, on the calling thread (for a synchronous driver: the simulator, which

@@ -14,7 +14,7 @@ from .._actions import Tracked, Untracked
 from .._inputs import Input, TrackedActionCompleted
 from ..errors import InvalidInput
 
-__all__ = ("Committed", "Item", "Read", "Result", "Submit", "checked_key")
+__all__ = ("Committed", "Item", "Read", "Result", "Submit", "checked_key", "checked_machine_key")
 
 TId = TypeVar("TId")
 TA = TypeVar("TA")
@@ -42,7 +42,8 @@ class Committed(Generic[TId, TA, U]):
 @dataclass(eq=False, slots=True)
 class Submit:
     input: Input[Any, Any, Any]
-    key: str | None
+    key: str | None  # the idempotency key
+    target: str  # the machine key
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: Committed[Any, Any, Any] | None = None
     error: BaseException | None = None
@@ -58,6 +59,7 @@ class Submit:
 @dataclass(eq=False, slots=True)
 class Result:
     input: TrackedActionCompleted[Any, Any]
+    target: str  # the machine key whose action completed
     key: None = None
     submitted_ns: int = 0  # for listeners only
     context: None = None
@@ -69,6 +71,7 @@ Item = Submit | Result
 @dataclass(eq=False, slots=True)
 class Read:
     fn: Callable[[Any], Any]
+    target: str  # the machine key read
     done: anyio.Event = field(default_factory=anyio.Event)
     value: Any = None
     error: BaseException | None = None
@@ -83,6 +86,25 @@ class Read:
     def refuse(self, error: BaseException) -> None:
         self.error = error
         self.done.set()
+
+
+def checked_machine_key(key: Any) -> str:
+    """A machine key every store keeps as it was given: a non-empty ``str`` of valid Unicode
+    without NUL.
+
+    Raises:
+        InvalidInput: the key is refused; nothing ran.
+    """
+    if not isinstance(key, str):
+        raise InvalidInput(f"a machine key must be a str, got {type(key).__qualname__}")
+    if not key or "\x00" in key:
+        raise InvalidInput(f"a machine key must be non-empty and hold no NUL, got {key!r}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"machine key is not valid Unicode (lone surrogate at "
+                           f"index {e.start})") from e
+    return key
 
 
 def checked_key(key: Any) -> str | None:
