@@ -98,7 +98,7 @@ class Bank(StateMachine[Account, BankInput, str, Send[Credit] | Audit,
     with ``closed`` refuse credits (the sender is refunded)."""
 
     @staticmethod
-    async def stf(state: Account, input: Input[str, Delivered | Refused | Audited, BankInput],
+    async def stf(state: Account, input: Input[BankInput, str, Delivered | Refused | Audited],
                   actions: ActionsContainer[str, Send[Credit] | Audit, Notice]) -> None:
         if isinstance(input, TrackedActionCompleted):
             result = input.result

@@ -1,0 +1,1 @@
+"""A bank of accounts, one keyed machine instance per account, with transfers between keys."""
