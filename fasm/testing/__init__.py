@@ -18,6 +18,8 @@ from ._sim_config import ExecutorSpec as ExecutorSpec
 from ._sim_config import FaultPlan as FaultPlan
 from ._sim_config import SimExecutor as SimExecutor
 from ._sim_config import Weighted as Weighted
+from ._sim_keyed import KeyedInputSource as KeyedInputSource
+from ._sim_keyed import KeyedSimulation as KeyedSimulation
 from ._sim_pytest import simulation_test as simulation_test
 from ._sim_report import Effects as Effects
 from ._sim_report import Failure as Failure
@@ -46,6 +48,8 @@ __all__ = (
     "Failure",
     "FaultPlan",
     "InputSource",
+    "KeyedInputSource",
+    "KeyedSimulation",
     "Progress",
     "SeedResult",
     "SimExecutor",

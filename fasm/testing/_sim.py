@@ -20,6 +20,7 @@ from .._machine import StateMachine
 from ..errors import DefinitionError
 from ..persistence._durability import Durability, Journal
 from ..runtime._engine import Rollback
+from ..runtime._runtime import _declares_send
 from ._checks import Violation
 from ._sim_config import Checks, ExecutorSpec, FaultPlan, executor_table
 from ._sim_report import Effects, Failure, Progress, SeedResult, SimReport, format_trace
@@ -85,6 +86,8 @@ class Simulation(Generic[S, I]):
             type the machine does not declare, or an option is out of range.
     """
 
+    _run_type: type[Run] = Run
+
     def __init__(
         self,
         machine: StateMachine[S, I, Any, Any, Any, Any],
@@ -106,6 +109,9 @@ class Simulation(Generic[S, I]):
         types = type(machine).machine_types()
         if steps < 1:
             raise DefinitionError(f"steps must be >= 1, got {steps}")
+        if _declares_send(types.tracked_action) and self._run_type is Run:
+            raise DefinitionError(f"{type(machine).__qualname__} sends messages between keys "
+                                  "(Send): simulate it with KeyedSimulation")
         self.machine = machine
         self.name = name or type(machine).__qualname__
         self.inputs = inputs
@@ -114,7 +120,7 @@ class Simulation(Generic[S, I]):
         self.checks = checks if checks is not None else Checks()
         init = initial_state
 
-        def initial() -> Any:
+        def initial(key: str) -> Any:
             return init() if callable(init) else copy.deepcopy(init)
 
         self._setup = Setup(
@@ -209,8 +215,9 @@ class Simulation(Generic[S, I]):
         Raises:
             Exception: as :meth:`run_seed`.
         """
-        run = Run(self._setup_for(checks), rngs, draw_input, steps, trace_limit=trace_limit,
-                  skip=skip, max_arrivals=max_arrivals, dropped=dropped)
+        run = self._run_type(self._setup_for(checks), rngs, draw_input, steps,
+                             trace_limit=trace_limit, skip=skip, max_arrivals=max_arrivals,
+                             dropped=dropped)
         started = time.perf_counter()
         failure = None
         try:
@@ -228,9 +235,8 @@ class Simulation(Generic[S, I]):
             raise
         elapsed = time.perf_counter() - started
         trace = tuple(format_trace(run.trace)) if keep_trace else ()
-        engine = getattr(run, "engine", None)  # None when the first start itself failed
         return SeedResult(seed, run.step, dict(run.counts), elapsed, failure, trace,
-                          engine.state if engine is not None else None)
+                          run.final_state())
 
     # -- many seeds -------------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ def _event(kind: str, a: Any, b: Any) -> str:
                 text += f" key={b.key!r}"
         else:
             text = f"result {a.id!r}: {short(a.result, 120)}"
-        return text + (f" ({b.tag})" if b.tag else "")
+        text += f" ({b.tag})" if b.tag else ""
+        return f"[{b.target}] {text}" if b.target else text
     if kind == "accepted":
         return f"  -> seq {a}" + (f": {short(list(b), 160)}" if b else "")
     if kind == "failed":
@@ -46,14 +47,17 @@ def _event(kind: str, a: Any, b: Any) -> str:
     if kind == "duplicate":
         return f"  -> duplicate of seq {a} (idempotency key)"
     if kind == "commit":
-        return f"commit seq {a[0]} -> {a[1]}" + (" (checkpoint)" if b else "")
+        text = f"commit seq {a[0]} -> {a[1]}" + (" (checkpoint)" if b else "")
+        return f"[{a[2]}] {text}" if a[2] else text
     if kind == "crash":
         return f"CRASH ({a})"
     if kind == "start":
         restored = ", ".join(f"{t.id!r}: {short(t.action, 60)}" for t in b)
         if len(restored) > 140:
             restored = restored[:137] + "..."
-        return f"start at seq {a}; restore re-emitted [{restored}]"
+        seq, key = a
+        text = f"start at seq {seq}; restore re-emitted [{restored}]"
+        return f"[{key}] {text}" if key else text
     if kind == "retry":
         attempt, outcome, delay = b
         return f"action {a!r} attempt {attempt}: {outcome}; retry in {delay:.3f}s"

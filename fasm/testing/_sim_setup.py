@@ -25,7 +25,7 @@ class Setup:
     """Everything about a simulation that does not change between seeds (built once)."""
 
     machine: StateMachine[Any, Any, Any, Any, Any, Any]
-    initial: Callable[[], Any]
+    initial: Callable[[str], Any]  # the initial state of a key
     executors: dict[type[Any], SimExecutor[Any, Any]]
     invariants: tuple[Invariant, ...]
     effects: tuple[Callable[[Effects], object], ...]
@@ -35,6 +35,7 @@ class Setup:
     rollback: Rollback
     key: str
     idempotency_window: int
+    keyed: Any = None  # a KeyedConfig: a keyed simulation (fasm/testing/_sim_keyed.py)
     codec: Codec = field(init=False)
     tools: StateTools = field(init=False)
     validator: Engine = field(init=False)

@@ -47,7 +47,7 @@ from ..errors import (
 from ..persistence._codec import JournalEntry, Unencodable
 from ..persistence._durability import Writer, decode_records
 from ..persistence._memory import MemoryStore
-from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release
+from ..runtime._engine import Accepted, Duplicate, Engine, Failed, Release, Step
 from ..runtime._executors import ActionContext
 from ._checks import (
     Violation,
@@ -85,6 +85,8 @@ class _Item:
     key: str | None = None
     n: int = 0
     tag: str = ""
+    target: str = ""  # the machine key it is for (a keyed run; "" in a one-key run)
+    origin: tuple[str, Any] | None = None  # a message: (sending key, its Send's action id)
 
 
 class Run(Verifier):
@@ -126,9 +128,10 @@ class Run(Verifier):
                                                                     "begin_arrival", None)
         self.nones = 0
         self.exhausted = False
+        self.key = setup.key  # the machine key the run is working on now
         self.store = MemoryStore()
         run_sync(self.store.open(), "MemoryStore.open")
-        run_sync(self.store.acquire(setup.key), "MemoryStore.acquire")
+        self.acquire()
         self.now = 0.0
         self.step = 0
         self.phase = "main"
@@ -163,6 +166,7 @@ class Run(Verifier):
         self.engine: Engine
         self.writer: Writer
         self.needs_checkpoint = False
+        self.marked = False  # the key's in-flight mark as stored
         self.shadow: Any = None
         self.snap: Any = None  # plain data of engine.state as it is now, when known
         # Journal entries decoded at a restart, by their bytes, when sharing them between
@@ -170,6 +174,18 @@ class Run(Verifier):
         self.decoded: dict[bytes, JournalEntry] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        run_sync(self.store.acquire(self.s.key), "MemoryStore.acquire")
+
+    def where(self) -> str:
+        """The key the trace names (none in a one-key run)."""
+        return ""
+
+    def final_state(self) -> Any:
+        """The state a :class:`SeedResult` reports (None when the first start itself failed)."""
+        engine = getattr(self, "engine", None)
+        return engine.state if engine is not None else None
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
@@ -220,6 +236,10 @@ class Run(Verifier):
             return False
         t, _, kind, payload = heapq.heappop(self.heap)
         self.now = max(self.now, t)
+        self.handle(kind, payload)
+        return True
+
+    def handle(self, kind: int, payload: Any) -> None:
         if kind == _ARRIVE:
             self.arrive()
         elif kind == _ATTEMPT_END:
@@ -239,7 +259,6 @@ class Run(Verifier):
             action_id, result, tag = payload
             self.count(f"results:{tag}")
             self.deliver(action_id, result, tag)
-        return True
 
     def arrive(self) -> None:
         if self.phase != "main" or self.exhausted:
@@ -258,7 +277,7 @@ class Run(Verifier):
         # only the inputs the failure needs.
         if self.skip and self.rng_inputs.random() < self.skip:
             return
-        value = self.draw_input(self.engine.state)
+        value, target = self.next_input()
         if value is None:
             # A source that keeps returning None has run out of inputs.
             self.nones += 1
@@ -276,7 +295,7 @@ class Run(Verifier):
         object.__setattr__(normal, "_packed", packed)
         self.submits += 1
         key = f"k{self.submits}" if self.chance(self.plan.keyed) else None
-        item = _Item(normal, key, self.submits)
+        item = _Item(normal, key, self.submits, target=target)
         if key is not None:
             self.unacked[key] = item
         self.count("inputs")
@@ -284,10 +303,15 @@ class Run(Verifier):
         if self.acked and self.chance(self.plan.resubmit):
             again = self.rng.choice(self.acked)
             self.fault(f"client resends submit #{again.n} (key {again.key!r}) after a lost reply")
-            self.queue.append(_Item(again.input, again.key, again.n, "resent"))
+            self.queue.append(_Item(again.input, again.key, again.n, "resent", again.target))
+
+    def next_input(self) -> tuple[Any, str]:
+        """The input source's next value (None: nothing this time) and the key it is for."""
+        return self.draw_input(self.engine.state), ""
 
     def deliver(self, action_id: Any, result: Any, tag: str) -> None:
-        self.queue.append(_Item(TrackedActionCompleted(action_id, result), tag=tag))
+        self.queue.append(_Item(TrackedActionCompleted(action_id, result), tag=tag,
+                                target=self.where()))
 
     # -- executors --------------------------------------------------------------------------------
 
@@ -323,8 +347,8 @@ class Run(Verifier):
                 took, outcome, value = limit, "timeout", TimeoutError("slower than its timeout")
             else:
                 ctx = ActionContext(
-                    machine_key=self.s.key, action_id=action_id,
-                    idempotency_key=f"sim/{self.s.machine_name}/{self.s.key}/{action_id}",
+                    machine_key=self.key, action_id=action_id,
+                    idempotency_key=f"sim/{self.s.machine_name}/{self.key}/{action_id}",
                     attempt=attempt, deadline=None if limit is None else self.now + limit)
                 try:
                     outcome, value = "ok", spec.produce(action, rng, ctx)
@@ -399,14 +423,15 @@ class Run(Verifier):
         checkpoint bytes), and whether the next write must carry a checkpoint.
         """
         s = self.s
-        records = run_sync(self.store.load(s.key), "MemoryStore.load")
+        records = run_sync(self.store.load(self.key), "MemoryStore.load")
+        self.marked = records is not None and records.in_flight
         if records is None:
-            return self.new_engine(s.initial(), 0, ()), (0, 0, 0), True
-        recovered = decode_records(s.codec, records, store=self.store.description, key=s.key,
+            return self.new_engine(s.initial(self.key), 0, ()), (0, 0, 0), True
+        recovered = decode_records(s.codec, records, store=self.store.description, key=self.key,
                                    decode_entry=self.decode_entry)
         cp = recovered.checkpoint
         if cp is None:
-            engine, force = self.new_engine(s.initial(), 0, ()), True
+            engine, force = self.new_engine(s.initial(self.key), 0, ()), True
         else:
             engine, force = self.new_engine(cp.state, cp.seq, cp.idempotency.items()), False
         try:
@@ -433,10 +458,29 @@ class Run(Verifier):
     def start(self) -> None:
         self.inc += 1
         self.queue.clear()
+        self.count("starts")
+        self.start_key()
+        self.resend()
+
+    def load_key(self) -> Engine:
+        """Load the current key from the store (``ObjectHost._recover``): its engine, writer and
+        the determinism check's replica."""
         self.writer = Writer(self.s.codec, self.s.durability)
         engine, sizes, self.needs_checkpoint = self.recovered_engine()
         self.writer.recovered(*sizes)
         self.engine = engine
+        return engine
+
+    def replica(self) -> None:
+        """The determinism check's replica: the state as a new process would load it."""
+        tools = self.s.tools
+        self.snap = None
+        self.shadow = tools.loaded(tools.encode(self.engine.state)) if self.checks.determinism \
+            else None
+
+    def start_key(self) -> None:
+        """Load the current key, run restore and dispatch what it re-emitted."""
+        engine = self.load_key()
         try:
             release = run_sync(engine.restore(), "restore")
         except RestoreFailed as e:
@@ -444,25 +488,22 @@ class Run(Verifier):
         emitted = [*release.tracked, *release.already_in_flight]
         if self.checks.restore and self.inc > 1:
             self.compare_restore(emitted, f"after the restart at t={self.now:.3f}")
-        tools = self.s.tools
-        self.snap = None
-        # The determinism check's replica: the state as a new process would load it.
-        self.shadow = tools.loaded(tools.encode(engine.state)) if self.checks.determinism \
-            else None
+        self.replica()
         self.durable = {a.id: a.action for a in emitted}
         self.live = dict(self.durable)
         self.keys_live = dict(self.keys_durable)
-        self.count("starts")
-        self.note("start", engine.seq, emitted)
+        self.note("start", (engine.seq, self.where()), emitted)
         if self.checks.invariants:
             check_invariants(self.s.invariants, engine.state)
         if self.s.effects and self.inc > 1:
             self.check_effects()
         self.dispatch(release)
-        # A client resends, with its key, every submit it got no answer for.
+
+    def resend(self) -> None:
+        """A client resends, with its key, every submit it got no answer for."""
         for item in sorted(self.unacked.values(), key=lambda i: i.n):
             self.count("resent")
-            self.queue.append(_Item(item.input, item.key, item.n, "resent"))
+            self.queue.append(_Item(item.input, item.key, item.n, "resent", item.target))
 
     def crash(self, point: CrashPoint | str) -> None:
         self.count("crashes")
@@ -505,7 +546,8 @@ class Run(Verifier):
                 self.acked.append(item)
 
     def one(self, item: _Item, accepted: list[tuple[_Item, Accepted]],
-            answered: list[_Item]) -> None:
+            answered: list[_Item]) -> Step:
+        """Step one queued input on the current key's engine, with the per-step checks."""
         engine, checks, tools = self.engine, self.checks, self.s.tools
         inp = item.input
         is_result = isinstance(inp, TrackedActionCompleted)
@@ -540,8 +582,9 @@ class Run(Verifier):
                     self.live[action.id] = action.action
             if item.key is not None:
                 if checks.idempotency and item.key in self.keys_live:
-                    raise Violation("idempotency", f"submit #{item.n} was resent with key "
-                                    f"{item.key!r}, committed at seq "
+                    what = (f"submit #{item.n} was resent with key" if item.origin is None
+                            else f"the message from key {item.origin[0]!r} was sent again with")
+                    raise Violation("idempotency", f"{what} {item.key!r}, committed at seq "
                                     f"{self.keys_live[item.key]}, and ran again")
                 self.keys_live[item.key] = step.seq
             if checks.invariants:
@@ -549,6 +592,7 @@ class Run(Verifier):
             if checks.encodable:
                 tools.check_encodable(engine.state, f"after {short(inp)} (seq {step.seq})")
             accepted.append((item, step))
+            return step
         elif isinstance(step, Duplicate):
             self.snap = before
             self.count("duplicate submits")
@@ -558,9 +602,11 @@ class Run(Verifier):
                                 f"duplicate of seq {step.seq}, but it ran at seq "
                                 f"{self.keys_live.get(step.idempotency_key)}")
             answered.append(item)
+            return step
         else:
             self.failed(item, step, pending, pre, before)
             answered.append(item)
+        return step
 
     def check_id(self, action: Tracked[Any, Any], inp: Any) -> None:
         """An emitted tracked id must not be in flight: not released and uncompleted, nor
@@ -627,7 +673,7 @@ class Run(Verifier):
         engine = self.engine
         keys: tuple[tuple[str, Any], ...] = ()
         if engine.committed_seq == 0:
-            state, seq = self.s.initial(), 0
+            state, seq = self.s.initial(self.key), 0
         else:
             fresh = self.recovered_engine()[0]
             state, seq, keys = fresh.state, fresh.seq, tuple(fresh.idempotency.items())
@@ -649,6 +695,31 @@ class Run(Verifier):
     def flush(self, accepted: list[tuple[_Item, Accepted]]) -> bool:
         """One store write for the accepted steps, then release. True when the process
         crashed on the way."""
+        if self.crash_before_commit(accepted):
+            return True
+        steps = [s for _, s in accepted]
+        write = self.plan_write(steps)
+        if self.chance(self.plan.store_failure):
+            self.store.fail_next_commits = 1
+        try:
+            run_sync(self.store.commit(self.key, expected_seq=write.expected_seq, seq=write.seq,
+                                       entries=write.entries, checkpoint=write.checkpoint,
+                                       keep_journal=write.keep_journal,
+                                       history_base=write.history_base),
+                     "MemoryStore.commit")
+        except StoreUnavailable:
+            # The Runtime stops on a store failure; its process is restarted.
+            self.count("store failures")
+            self.crash("store-failure")
+            return True
+        self.written(write, steps)
+        if self.crash_after_commit(steps):
+            return True
+        self.release(accepted)
+        return False
+
+    def crash_before_commit(self, accepted: list[tuple[_Item, Accepted]]) -> bool:
+        """Perhaps crash with the accepted steps not written (True: crashed)."""
         plan = self.plan
         if plan.crash:
             point: CrashPoint = "before-commit"
@@ -659,9 +730,12 @@ class Run(Verifier):
             if point in plan.crash_points and self.chance(plan.crash):
                 self.crash(point)
                 return True
+        return False
+
+    def plan_write(self, steps: list[Accepted]) -> Any:
+        """As ObjectHost._flush: encode the entries, add a checkpoint when due, plan one write
+        of the current key."""
         engine, writer = self.engine, self.writer
-        steps = [s for _, s in accepted]
-        # As ObjectHost._flush: encode the entries, add a checkpoint when due, plan one write.
         encoded = writer.encode([(s.seq, s.input, s.idempotency_key) for s in steps])
         checkpoint = None
         if self.needs_checkpoint or writer.checkpoint_due(encoded):
@@ -672,27 +746,18 @@ class Run(Verifier):
                 raise Violation("encodable", unencodable_message(
                     e, engine.state, f"at seq {steps[-1].seq}, when a checkpoint was due,")
                     + " (Checks(encodable=True) finds the transition that put it there)") from e
-        write = writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
-        if self.chance(plan.store_failure):
-            self.store.fail_next_commits = 1
-        try:
-            run_sync(self.store.commit(self.s.key, expected_seq=write.expected_seq, seq=write.seq,
-                                       entries=write.entries, checkpoint=write.checkpoint,
-                                       keep_journal=write.keep_journal,
-                                       history_base=write.history_base),
-                     "MemoryStore.commit")
-        except StoreUnavailable:
-            # The Runtime stops on a store failure; its process is restarted.
-            self.count("store failures")
-            self.crash("store-failure")
-            return True
-        writer.written(write)
+        return writer.plan(engine.committed_seq, steps[-1].seq, encoded, checkpoint)
+
+    def written(self, write: Any, steps: list[Accepted]) -> None:
+        """The current key's write is durable: what the run knows to be committed."""
+        self.writer.written(write)
         if write.checkpoint is not None:
             self.needs_checkpoint = False
         counts = self.counts
         counts["commits"] = counts.get("commits", 0) + 1
         counts["transitions"] = counts.get("transitions", 0) + len(steps)
-        self.note("commit", (write.expected_seq, write.seq), write.checkpoint is not None)
+        self.note("commit", (write.expected_seq, write.seq, self.where()),
+                  write.checkpoint is not None)
         owed, done = self.owed, self.done
         for step in steps:
             if isinstance(step.input, TrackedActionCompleted):
@@ -708,8 +773,11 @@ class Run(Verifier):
                     self.emitted_untracked.append((step.seq, action.action))
             if step.idempotency_key is not None:
                 self.keys_durable[step.idempotency_key] = step.seq
-        if "after-commit" in plan.crash_points and self.chance(plan.crash):
-            # Between the commit and the handlers: the committed untracked actions are lost.
+
+    def crash_after_commit(self, steps: list[Accepted]) -> bool:
+        """Perhaps crash between the commit and the handlers (True: crashed): the committed
+        untracked actions are lost."""
+        if "after-commit" in self.plan.crash_points and self.chance(self.plan.crash):
             lost = [(s.seq, a.action) for s in steps for a in s.actions
                     if not isinstance(a, Tracked)]
             if lost:
@@ -718,12 +786,15 @@ class Run(Verifier):
                            f"{short([a for _, a in lost], 120)}")
             self.crash("after-commit")
             return True
-        release = engine.committed(steps)
+        return False
+
+    def release(self, accepted: list[tuple[_Item, Accepted]]) -> None:
+        """After the commit: release the current key's actions and answer its submits."""
+        release = self.engine.committed([s for _, s in accepted])
         self.ack([item for item, _ in accepted])
         self.dispatch(release)
         if self.checks.restore:
             self.probe_restore()
-        return False
 
     def effects(self) -> Effects:
         """The untracked actions of the run so far, for the user's effect checks."""
