@@ -184,21 +184,22 @@ class Session:
             stored sequence number is the expected one, so a stale writer never commits: when
             it begins (locking the row) where the driver sends COMMIT in one pipeline with the
             bookkeeping, else through the bookkeeping's conditional update before COMMIT.
+        fences: the same for several machine keys (a keyed runtime's group spanning keys).
         runtime: failures of the whole transaction raise :class:`Abort` (the runtime's signal)
             instead of the public store error.
     """
 
     def __init__(self, database: Database, *, write: bool, fence: tuple[str, int] | None = None,
-                 runtime: bool = False) -> None:
+                 runtime: bool = False, fences: Sequence[tuple[str, int]] = ()) -> None:
         self._db = database
         self._driver = database._driver
         self.write = write
-        self._fence = fence
+        self._fences = [fence] if fence is not None else list(fences)
         self._runtime = runtime
         self._queued: list[Stmt] = []
         self._open = False          # BEGIN queued or sent
         self._begun = False         # BEGIN sent
-        self._fence_ok = fence is None or not self._driver.fence_at_begin
+        self._fence_ok = not self._fences or not self._driver.fence_at_begin
         self._sp: int | None = None  # index of this input's queued SAVEPOINT; -1 once sent
         self._shared = False  # the transaction holds work of inputs before this one
         self._input_error: Exception | None = None
@@ -259,21 +260,26 @@ class Session:
             raise self._failed(e) from e
         self._open = True
         self._begun = False
-        if self._fence is not None and self._driver.fence_at_begin:
-            key, expected = self._fence
+        if self._fences and self._driver.fence_at_begin:
             self._fence_ok = False
+            left = len(self._fences)
+            for key, expected in self._fences:
 
-            def check(cursor: Any) -> None:
-                row = cursor.fetchone()
-                current = None if row is None else row[0]
-                if current != expected:
-                    raise StoreConflict("stale writer: the machine's stored seq is "
-                                        f"{current}, this runtime expected {expected}; another "
-                                        "process wrote it", store=self._driver.description,
-                                        key=key, seq=expected)
-                self._fence_ok = True
+                def check(cursor: Any, key: str = key, expected: int = expected) -> None:
+                    nonlocal left
+                    row = cursor.fetchone()
+                    current = None if row is None else row[0]
+                    if current != expected:
+                        raise StoreConflict("stale writer: the machine's stored seq is "
+                                            f"{current}, this runtime expected {expected}; "
+                                            "another process wrote it",
+                                            store=self._driver.description, key=key,
+                                            seq=expected)
+                    left -= 1
+                    if not left:
+                        self._fence_ok = True
 
-            self._queued.append(Stmt(self._db._sql("machine_fence"), (key,), check=check))
+                self._queued.append(Stmt(self._db._sql("machine_fence"), (key,), check=check))
 
     def _failed(self, e: Exception) -> BaseException:
         """Record what a failed statement means and return the exception to raise."""
@@ -349,7 +355,7 @@ class Session:
             pending_rollback = any(stmt.sql == "ROLLBACK" for stmt in self._queued)
             self._queued = [Stmt("ROLLBACK")] if self._begun or pending_rollback else []
             self._open = self._begun = False
-            self._fence_ok = self._fence is None or not self._driver.fence_at_begin
+            self._fence_ok = not self._fences or not self._driver.fence_at_begin
 
     def keep(self) -> None:
         """The input was accepted: its savepoint is released and its key-value writes join the

@@ -94,11 +94,18 @@ class Transaction:
     statement raises the same error, and the input is rejected even if the stf catches it.
     """
 
-    __slots__ = ("_db", "_session", "kv")
+    __slots__ = ("_db", "_session", "kv", "machine_key")
 
-    def __init__(self, database: Database, session: Session) -> None:
+    def __init__(self, database: Database, session: Session,
+                 machine_key: str | None = None) -> None:
         self._db = database
         self._session = session
+        self.machine_key = machine_key
+        """The key of the machine instance whose stf or restore runs: the runtime's ``key``, or
+        in a keyed runtime the key of the input (one transaction then spans the keys of a
+        group, each input's stf getting its own key here). None in a
+        :meth:`Database.transaction` block. Keyed machines scope their rows by it
+        (``WHERE account = ?``)."""
         self.kv: KV = KV(self)
         """The ordered key-value layer over the database's ``kv`` table (see :class:`KV`)."""
 
@@ -156,10 +163,11 @@ class Database:
     closes it on stop. Use :meth:`transaction` (and ``async with database:``) outside a runtime to
     create your schema, seed data and read results.
 
-    The database holds three internal tables next to yours (``<prefix>machines``: each machine
+    The database holds internal tables next to yours (``<prefix>machines``: each machine
     key's sequence number; ``<prefix>idempotency``: its remembered submit keys;
-    ``<prefix>kv``: the key-value layer; ``<prefix>meta``: the database's identity), all written
-    in the same transactions as your data.
+    ``<prefix>kv``: the key-value layer; ``<prefix>meta``: the database's identity;
+    ``<prefix>in_flight``: the keys of a keyed runtime with tracked actions in flight), all
+    written in the same transactions as your data.
     """
 
     def __init__(self, driver: Driver, *, max_attempts: int, inline: bool = False) -> None:
@@ -286,7 +294,12 @@ class Database:
         if found is None:
             d = self._driver
             m, i, kv = d.table("machines"), d.table("idempotency"), d.table("kv")
+            f = d.table("in_flight")
             text = {
+                "in_flight_keys": f"SELECT key FROM {f} ORDER BY key",
+                "in_flight_one": f"SELECT 1 FROM {f} WHERE key = ?",
+                "in_flight_mark": f"INSERT INTO {f} (key) VALUES (?) ON CONFLICT (key) DO NOTHING",
+                "in_flight_clear": f"DELETE FROM {f} WHERE key = ?",
                 "kv_get": f"SELECT value FROM {kv} WHERE space = ? AND key = ?",
                 "kv_exists": f"SELECT 1 FROM {kv} WHERE space = ? AND key = ?",
                 "kv_put": f"INSERT INTO {kv} (space, key, value) VALUES (?, ?, ?) "
@@ -364,7 +377,34 @@ class Database:
         return found
 
     def _load_sync(self, key: str) -> tuple[int, list[tuple[str, Remembered]]]:
-        """Register ``key`` if new and read its sequence number and idempotency keys.
+        """Register ``key`` if new and read its sequence number and idempotency keys (see
+        :meth:`_load_keyed_sync`)."""
+        seq, keys, _ = self._load_keyed_sync(key, mark=False)
+        return seq, keys
+
+    def _keys_in_flight_sync(self) -> list[str]:
+        """The keys whose in-flight mark is set (a keyed runtime restores them at start).
+
+        Raises:
+            Abort: as :meth:`_load_keyed_sync`.
+        """
+        session = Session(self, write=False, runtime=True)
+        try:
+            session._ensure_open()
+            rows = session._send(Stmt(self._sql("in_flight_keys"), ()), "all")
+        finally:
+            if not session.closed:
+                session.end()
+        return [str(r[0]) for r in rows]
+
+    def _mark(self, key: str, in_flight: bool) -> Stmt:
+        """The statement that sets or clears ``key``'s in-flight mark."""
+        return Stmt(self._sql("in_flight_mark" if in_flight else "in_flight_clear"), (key,))
+
+    def _load_keyed_sync(self, key: str, *, mark: bool = True,
+                         ) -> tuple[int, list[tuple[str, Remembered]], bool]:
+        """Register ``key`` if new and read its sequence number and idempotency keys, and with
+        ``mark`` its in-flight mark (False without).
 
         Raises:
             Abort: the transaction is lost; its ``retry`` says whether reading again may help
@@ -377,13 +417,15 @@ class Database:
             session._queued.append(Stmt(self._sql("machine_create"), (key,)))
             row = session._send(Stmt(self._sql("machine_seq"), (key,)), "one")
             rows = session._send(Stmt(self._sql("keys_load"), (key,)), "all")
+            marked = mark and session._send(Stmt(self._sql("in_flight_one"), (key,)),
+                                            "one") is not None
             session.commit()
         finally:
             if not session.closed:
                 session.end()
         return int(row[0]), [(str(k), Remembered(int(s), None if at is None else float(at), None,
                                                  None if out is None else bytes(out)))
-                             for k, s, at, out in rows]
+                             for k, s, at, out in rows], marked
 
     def _bookkeeping(self, key: str, expected: int, seq: int,
                      new_keys: Sequence[tuple[str, int, float | None, bytes | None]],

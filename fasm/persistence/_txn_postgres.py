@@ -341,6 +341,7 @@ class _PgDriver:
             "value bytea NOT NULL, PRIMARY KEY (space, key))",
             f"CREATE TABLE IF NOT EXISTS {self.table('meta')} (name text PRIMARY KEY, "
             "value text NOT NULL)",
+            f"CREATE TABLE IF NOT EXISTS {self.table('in_flight')} (key text PRIMARY KEY)",
         ]
 
     def close(self) -> None:

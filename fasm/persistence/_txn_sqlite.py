@@ -103,6 +103,8 @@ class _SQLiteDriver:
             "value BLOB NOT NULL, PRIMARY KEY (space, key)) WITHOUT ROWID",
             f"CREATE TABLE IF NOT EXISTS {self.table('meta')} (name TEXT PRIMARY KEY, "
             "value TEXT NOT NULL)",
+            f"CREATE TABLE IF NOT EXISTS {self.table('in_flight')} (key TEXT PRIMARY KEY) "
+            "WITHOUT ROWID",
         ]
 
     def _migrate(self, conn: sqlite3.Connection) -> None:

@@ -134,7 +134,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             when needed, or a factory: of no arguments, or with ``keyed=True`` of the key).
         key: the machine key in the store or database (not with ``keyed=True``).
         keyed: host one instance per key (see above); submits and reads then name the key.
-            Not with ``database=``.
+            With ``database=``, each stf gets a ``Transaction`` whose ``machine_key`` is the
+            input's key, and a group spanning keys is one database transaction.
         max_active: with ``keyed=True``, how many instances stay loaded while idle; the least
             recently used idle ones beyond it are evicted after each group. Keys with tracked
             actions in flight are never evicted, so the active set may exceed it while more
@@ -199,7 +200,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self,
         machine: StateMachine[S, I, TId, TA, TR, U],
         *,
-        initial_state: S | Callable[[], S] | None = None,
+        initial_state: S | Callable[[], S] | Callable[[str], S] | None = None,
         key: str = "default",
         keyed: bool = False,
         max_active: int = 10_000,
@@ -231,10 +232,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if keyed and key != "default":
             raise DefinitionError("key= names the one key of a single-instance runtime; a keyed "
                                   "runtime's submits name their key (submit(value, key=...))")
-        if keyed and database is not None:
-            raise DefinitionError(
-                "keyed=True keeps each key's state as a Python object made durable through a "
-                "store; with database= one runtime hosts one key (see docs/08_keyed.md)")
         self.clock: Clock = clock if clock is not None else SystemClock()
         for name, value, low in (("queue_size", queue_size, 1), ("max_group", max_group, 1),
                                  ("max_in_flight", max_in_flight, 1),
@@ -312,7 +309,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._host: StateHost
         if database is not None:
             self._host = DatabaseHost.checked(
-                machine, key=key, database=database, idempotency_window=idempotency_window,
+                machine, key=self.key, database=database, idempotency_window=idempotency_window,
                 idempotency_ttl=idempotency_ttl, seed=seed, initial_state=initial_state,
                 store=store, durability=durability, rollback=rollback)
         else:

@@ -26,6 +26,16 @@ is ever acknowledged.
 Tracked actions in flight are not written: ``restore`` finds them in the user's own rows, read in
 a read-only transaction, as invariant 4 requires (tracked actions are stored in state when they
 are emitted).
+
+Keyed (one machine instance per key, ``Runtime(keyed=True, database=...)``): a group spanning
+keys is still one transaction. Each key's inputs run on its own engine with a
+:class:`~fasm.persistence.Transaction` whose ``machine_key`` is that key, all sharing the one
+session; every key's sequence number is fenced (at begin, in key order, where the driver needs
+it) and bumped, and its idempotency keys written, in that transaction; and each key's in-flight
+mark (``<prefix>in_flight``) is set or cleared in it too, so that a start restores exactly the
+keys with tracked actions in flight, each in its own read-only transaction, without reading the
+others. The runtime takes one lock for all the keys of its machine
+(``fasm:keys/<machine name>``), not one per key.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, get_origin
 
 from .._remembered import Remembered
@@ -45,7 +56,7 @@ from ..errors import (
     TransitionFailed,
 )
 from ..persistence._codec import Codec, Unencodable
-from ..persistence._txn import Abort, Database, Session, Transaction
+from ..persistence._txn import Abort, Database, Session, Stmt, Transaction
 from ._engine import (
     Accepted,
     AnyMachine,
@@ -58,6 +69,7 @@ from ._engine import (
     _describe,
 )
 from ._host import GroupResult, KeyGroup, Submitted
+from ._state_object import _in_flight_after
 
 __all__ = ("DatabaseHost",)
 
@@ -92,7 +104,7 @@ class DatabaseHost:
 
     Args:
         machine: the machine instance.
-        key: the machine key.
+        key: the machine key, or None for a keyed runtime (many keys).
         database: where state lives.
         idempotency_window: at most how many submit keys are remembered (in memory and in the
             database; None: no count bound).
@@ -100,12 +112,17 @@ class DatabaseHost:
         seed: seeds the jitter of the retry backoff.
     """
 
-    def __init__(self, machine: AnyMachine, *, key: str, database: Database,
+    def __init__(self, machine: AnyMachine, *, key: str | None, database: Database,
                  idempotency_window: int | None, seed: int | None,
                  idempotency_ttl: float | None = None) -> None:
         self.machine = machine
-        self.key = key
+        self.keyed = key is None
+        self.key = key if key is not None else f"fasm:keys/{type(machine).machine_name}"
+        """The one machine key, or for a keyed runtime the name of the lock that holds all the
+        keys of the machine."""
         self.database = database
+        self._marked: dict[str, bool] = {}  # keyed: each active key's in-flight mark as stored
+        self._key_of: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._idempotency_window = idempotency_window
         self._idempotency_ttl = idempotency_ttl
         self.codec = Codec(type(machine))
@@ -113,7 +130,7 @@ class DatabaseHost:
         self._rng = random.Random(seed)
 
     @classmethod
-    def checked(cls, machine: AnyMachine, *, key: str, database: Database,
+    def checked(cls, machine: AnyMachine, *, key: str | None, database: Database,
                 idempotency_window: int | None, seed: int | None, initial_state: Any, store: Any,
                 durability: Any, rollback: Rollback | None,
                 idempotency_ttl: float | None = None) -> DatabaseHost:
@@ -161,33 +178,51 @@ class DatabaseHost:
         await db.acquire(self.key)
 
     async def keys_to_restore(self) -> list[str]:
-        """The one key."""
-        return [self.key]
-
-    async def activate(self, key: str) -> Engine:
-        """Read the machine's sequence number and keys.
+        """The one key; keyed, the keys whose in-flight mark is set.
 
         Raises:
             StoreError: the database cannot be read.
         """
-        assert key == self.key
+        if not self.keyed:
+            return [self.key]
         async with self.database.lock():
-            seq, keys = await self.database._blocking(self._load_sync)
-        return self._engine(seq, keys)
+            return await self.database._blocking(
+                self._retried, self.database._keys_in_flight_sync, None)
+
+    async def activate(self, key: str) -> Engine:
+        """Read the machine's sequence number and keys (keyed: of ``key``, and its mark).
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        assert self.keyed or key == self.key
+        async with self.database.lock():
+            seq, keys, marked = await self.database._blocking(
+                self._retried, self.database._load_keyed_sync, key)
+        engine = self._engine(seq, keys)
+        self._key_of[engine] = key
+        if self.keyed:
+            self._marked[key] = marked
+        return engine
 
     def passivate(self, key: str) -> None:
-        """Nothing is kept per key besides the engine."""
+        """Forget the key's in-flight mark (read again when it is next activated)."""
+        self._marked.pop(key, None)
 
     async def peek(self, key: str) -> Any:
-        """Never called: a transactional runtime hosts one key, always active."""
-        raise DefinitionError("a runtime with database= hosts one key")
+        """Never called: a runtime with database= reads through the database."""
+        raise DefinitionError("a runtime with database= has no state object to read: read "
+                              "through rt.database.transaction(readonly=True)")
 
     def open_sync(self) -> Engine:
         """:meth:`open`, on the calling thread (for a synchronous driver: the simulator).
         Every later call on this host must come from the same thread, one at a time."""
         self.database._driver.open()
         self.database._driver.acquire(self.key)
-        return self._engine(*self._load_sync())
+        seq, keys, _ = self._retried(self.database._load_keyed_sync, self.key)
+        engine = self._engine(seq, keys)
+        self._key_of[engine] = self.key
+        return engine
 
     def close_sync(self) -> None:
         """:meth:`close`, on the calling thread."""
@@ -201,15 +236,16 @@ class DatabaseHost:
                       idempotency_window=self._idempotency_window,
                       idempotency_ttl=self._idempotency_ttl, finish=_finish)
 
-    def _load_sync(self) -> tuple[int, list[tuple[str, Remembered]]]:
+    def _retried(self, fn: Callable[..., _T], key: str | None) -> _T:
+        """``fn(key)`` (or ``fn()``) on a fresh transaction, again after a retryable abort."""
         for attempt in self._attempts():
             try:
-                return self.database._load_sync(self.key)
+                return fn(key) if key is not None else fn()
             except Abort as abort:
                 # Not again when the driver gave up (its reconnect budget is spent already).
                 if not abort.retry or attempt == self.database.max_attempts:
                     raise abort.error.located(store=self.description,
-                                              key=self.key) from abort.error
+                                              key=key) from abort.error
                 time.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 
@@ -226,58 +262,84 @@ class DatabaseHost:
     def restore_sync(self, engine: Engine) -> Release:
         """:meth:`restore`, on the calling thread (for a synchronous driver: the simulator)."""
         db = self.database
+        key = self._key_of.get(engine, self.key)
         for attempt in self._attempts():
             session = self._session(write=False, fence=None)
-            engine.state = Transaction(db, session)
+            engine.state = Transaction(db, session, key)
             try:
                 return drive(engine.restore(), "restore")
             except Abort as abort:
                 if not abort.retry or attempt == db.max_attempts:
-                    raise abort.error.located(store=self.description, key=self.key) from abort
+                    raise abort.error.located(store=self.description, key=key) from abort
             finally:
                 session.end()
         raise AssertionError("unreachable")
 
     async def run(self, groups: Sequence[KeyGroup]) -> list[GroupResult]:
-        """Run a group as one transaction (see the module docstring).
+        """Run a group (of one key, or keyed of several) as one transaction (see the module
+        docstring).
 
         Raises:
-            StoreError: the runtime must stop: another writer moved the machine's sequence
+            StoreError: the runtime must stop: another writer moved a machine's sequence
                 number, the connection cannot be re-established, or a commit's outcome cannot
                 be known. Nothing of the group is acknowledged.
         """
-        ((_key, engine, inputs),) = groups
         async with self.database.lock():
-            return [await self.database._blocking(self.run_sync, engine, inputs)]
+            return await self.database._blocking(self.run_many_sync, groups)
 
     def run_sync(self, engine: Engine, inputs: Sequence[Submitted]) -> GroupResult:
-        """:meth:`run`, on the calling thread (for a synchronous driver: the simulator, which
-        can stop between the commit this makes and the dispatch the caller does next)."""
+        """:meth:`run` of the one key, on the calling thread (for a synchronous driver: the
+        simulator, which can stop between the commit this makes and the dispatch the caller
+        does next)."""
+        return self.run_many_sync([(self.key, engine, inputs)])[0]
+
+    def run_many_sync(self, groups: Sequence[KeyGroup]) -> list[GroupResult]:
+        """:meth:`run`, on the calling thread."""
         db = self.database
-        keyed = any(k is not None for _, k in inputs)
-        committed_keys = engine.all_keys() if keyed else None
+        # What each engine knew before the group, to go back to if the transaction is lost.
+        committed = [engine.all_keys() if any(k is not None for _, k in inputs) else None
+                     for _, engine, inputs in groups]
+        fences = sorted((key, engine.committed_seq) for key, engine, _ in groups)
         retries: list[tuple[int, StoreError]] = []
         last: StoreError | None = None
+        where = groups[0][0] if len(groups) == 1 else None
         for attempt in self._attempts():
-            session = self._session(write=True, fence=(self.key, engine.committed_seq))
-            engine.state = Transaction(db, session)
+            session = self._session(write=True, fences=fences)
             try:
-                steps = [self._one(engine, session, input, key) for input, key in inputs]
-                accepted = [s for s in steps if isinstance(s, Accepted)]
-                if accepted:
+                results: list[list[Step | StoreError]] = []
+                extra: list[Stmt] = []
+                token: tuple[str, str] | None = None
+                marks: list[tuple[str, bool]] = []
+                for key, engine, inputs in groups:
+                    engine.state = Transaction(db, session, key)
+                    steps = [self._one(engine, session, input, idem) for input, idem in inputs]
+                    results.append(list(steps))
+                    accepted = [s for s in steps if isinstance(s, Accepted)]
+                    if not accepted:
+                        continue
                     new_keys = [(s.idempotency_key, s.seq, s.at, self._outcome(s))
                                 for s in accepted if s.idempotency_key is not None]
                     firsts = [next(iter(d.values())) for d in (engine.idempotency,
                                                                  engine.messages) if d]
                     oldest = min((r.seq for r in firsts), default=None)
-                    extra, token = db._bookkeeping(self.key, engine.committed_seq,
-                                                   accepted[-1].seq, new_keys, oldest)
+                    stmts, key_token = db._bookkeeping(key, engine.committed_seq,
+                                                       accepted[-1].seq, new_keys, oldest)
+                    extra += stmts
+                    token = token or key_token
+                    if self.keyed:
+                        mark = _in_flight_after(engine, accepted)
+                        if mark != self._marked.get(key, False):
+                            extra.append(db._mark(key, mark))
+                            marks.append((key, mark))
+                if extra:
                     session.commit(extra, token)
-                return GroupResult(list(steps), retries)
+                for key, mark in marks:
+                    self._marked[key] = mark
+                return [GroupResult(steps, retries) for steps in results]
             except Abort as abort:
-                engine.abandon(committed_keys if committed_keys is not None
-                               else engine.all_keys())
-                error = abort.error.located(store=self.description, key=self.key)
+                for (_, engine, _), keys in zip(groups, committed, strict=True):
+                    engine.abandon(keys if keys is not None else engine.all_keys())
+                error = abort.error.located(store=self.description, key=where)
                 if not abort.retry:
                     raise error from abort.error.__cause__
                 retries.append((attempt, error))
@@ -288,16 +350,19 @@ class DatabaseHost:
                 session.end()
         assert last is not None
         if isinstance(last, TransactionConflict):
-            errors: list[Step | StoreError] = []
-            for _ in inputs:
-                gave_up = TransactionConflict(
-                    f"gave up after {db.max_attempts} attempts: {last.message}",
-                    store=self.description, key=self.key, attempts=db.max_attempts)
-                gave_up.__cause__ = last.__cause__
-                errors.append(gave_up)
-            return GroupResult(errors, retries)
+            out: list[GroupResult] = []
+            for key, _, inputs in groups:
+                errors: list[Step | StoreError] = []
+                for _ in inputs:
+                    gave_up = TransactionConflict(
+                        f"gave up after {db.max_attempts} attempts: {last.message}",
+                        store=self.description, key=key, attempts=db.max_attempts)
+                    gave_up.__cause__ = last.__cause__
+                    errors.append(gave_up)
+                out.append(GroupResult(errors, retries))
+            return out
         raise StoreUnavailable(f"gave up after {db.max_attempts} attempts: {last.message}",
-                               store=self.description, key=self.key) from last.__cause__
+                               store=self.description, key=where) from last.__cause__
 
     def _one(self, engine: Engine, session: Session, input: Any, key: str | None) -> Step:
         session.mark()
@@ -323,8 +388,10 @@ class DatabaseHost:
         except (Unencodable, TypeError):
             return None
 
-    def _session(self, *, write: bool, fence: tuple[str, int] | None) -> Session:
-        session = Session(self.database, write=write, fence=fence, runtime=True)
+    def _session(self, *, write: bool, fence: tuple[str, int] | None = None,
+                 fences: Sequence[tuple[str, int]] = ()) -> Session:
+        session = Session(self.database, write=write, fence=fence, fences=fences,
+                          runtime=True)
         session.thread = threading.get_ident()
         return session
 
