@@ -83,3 +83,17 @@ def test_bench_restore_runs() -> None:
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("2,000", "asyncio"), ("2,000", "trio")], out
     assert "ready s" in out and "tasks" in out
+
+
+@pytest.mark.slow
+def test_bench_keyed_quick(tmp_path: Path) -> None:
+    out = run("bench_keyed.py", "--quick", "--dir", str(tmp_path))
+    for line in ("1. durable transitions/s", "keyed, 5,000 accounts stored", "single instance",
+                 "target (issue 12): keyed >= single-instance", "2. memory", "50,000",
+                 "(target: within 2x)", "3. Runtime start-up", "20,000",
+                 "(target: under 2 s, flat in the idle keys)"):
+        assert line in out, out
+    start = [r for r in (line.split() for line in out.splitlines())
+             if len(r) == 5 and r[0] in ("10,000", "20,000")]  # the start-up rows
+    assert [r[3:] for r in start] == [["1,000", "1,000"]] * 2, out  # restored, dispatched
+    assert not any(tmp_path.iterdir()), "the run left its files behind"
