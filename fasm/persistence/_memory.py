@@ -132,6 +132,9 @@ class MemoryStore:
         self._check_open()
         return sorted(self._marked())
 
+    async def load_many(self, keys: Sequence[str]) -> dict[str, StoredRecords | None]:
+        return {key: await self.load(key) for key in keys}
+
     async def load(self, key: str) -> StoredRecords | None:
         self._check_open(key)
         k = self._keys().get(key)

@@ -667,6 +667,15 @@ class PostgresStore:
         self._check_key(key)
         return await self._run(self._riding, self._load_sync, key)
 
+    async def load_many(self, keys: Sequence[str]) -> dict[str, StoredRecords | None]:
+        """:meth:`load` of each key, in one call to the store's thread (raises as it does)."""
+        for key in keys:
+            self._check_key(key)
+        return await self._run(self._riding, self._load_many_sync, list(keys))
+
+    def _load_many_sync(self, keys: list[str]) -> dict[str, StoredRecords | None]:
+        return {key: self._load_sync(key) for key in keys}
+
     def _load_sync(self, key: str) -> StoredRecords | None:
         conn = self._connection(key)
         try:

@@ -194,6 +194,19 @@ class Store(Protocol):
         """
         ...
 
+    async def load_many(self, keys: Sequence[str]) -> dict[str, StoredRecords | None]:
+        """:meth:`load` of each of ``keys`` (distinct), in one call: a keyed runtime loads the
+        idle keys of a group of inputs with it, so that loading many keys costs one trip to
+        the backend's thread or server, not one per key. Each key's records are as
+        :meth:`load` returns them (read in one snapshot per key at least).
+
+        Raises:
+            StoreCorrupt: a key's records fail the backend's checks (the runtime then loads the
+                keys one by one, to refuse only that key's inputs).
+            StoreUnavailable: the backend cannot be reached.
+        """
+        ...
+
     async def commit(
         self,
         key: str,

@@ -86,6 +86,11 @@ class StateHost(Protocol):
         """
         ...
 
+    async def activate_many(self, keys: Sequence[str]) -> dict[str, Engine | Exception]:
+        """:meth:`activate` of several keys at once (a key that cannot be loaded maps to its
+        error; the others are loaded all the same)."""
+        ...
+
     def passivate(self, key: str) -> None:
         """Forget what the host keeps for ``key`` (it was evicted)."""
         ...

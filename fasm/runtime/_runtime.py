@@ -704,8 +704,12 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         now = self.clock.now()  # dates the group's idempotency keys (rule 6)
         groups: list[KeyGroup] = []
         members: list[list[Item]] = []
+        active = self._active
+        missing = [key for key in by_key if key not in active]
+        # The idle keys of the group are read from the store in one call, not one by one.
+        loaded = await self._host.activate_many(missing) if len(missing) > 1 else {}
         for key, items in by_key.items():
-            engine = await self._activated(key, items)
+            engine = await self._activated(key, items, loaded.get(key))
             if engine is None:
                 continue
             engine.now = now
@@ -742,17 +746,21 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         for (key, engine, _), items, result in zip(groups, members, results, strict=True):
             self._committed(key, engine, items, result, group_size)
 
-    async def _activated(self, key: str, items: list[Item]) -> Engine | None:
+    async def _activated(self, key: str, items: list[Item],
+                         loaded: Engine | Exception | None = None) -> Engine | None:
         """The engine of ``key``, loaded from the store if it is not active (most recently used
-        now). None when it cannot be loaded: its items are answered with the error and the
-        other keys of the group go on."""
+        now), or given as ``loaded`` (the engine, or the error loading it). None when it cannot
+        be loaded: its items are answered with the error and the other keys of the group go
+        on."""
         engine = self._active.get(key)
         if engine is not None:
             self._active.move_to_end(key)
             return engine
         try:
             try:
-                engine = await self._host.activate(key)
+                if isinstance(loaded, Exception):
+                    raise loaded
+                engine = loaded if loaded is not None else await self._host.activate(key)
             except FasmError:
                 raise
             except Exception as e:

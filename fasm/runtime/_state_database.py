@@ -205,6 +205,16 @@ class DatabaseHost:
             self._marked[key] = marked
         return engine
 
+    async def activate_many(self, keys: Sequence[str]) -> dict[str, Engine | Exception]:
+        """:meth:`activate` of each key (a key that cannot be loaded maps to its error)."""
+        out: dict[str, Engine | Exception] = {}
+        for key in keys:
+            try:
+                out[key] = await self.activate(key)
+            except Exception as e:
+                out[key] = e
+        return out
+
     def passivate(self, key: str) -> None:
         """Forget the key's in-flight mark (read again when it is next activated)."""
         self._marked.pop(key, None)

@@ -46,7 +46,7 @@ from ..persistence._durability import (
 )
 from ..persistence._locate import Location, locate, unencodable_path
 from ..persistence._memory import MemoryStore
-from ..persistence._store import KeyCommit, Store
+from ..persistence._store import KeyCommit, Store, StoredRecords
 from ._engine import (
     Accepted,
     AnyMachine,
@@ -157,6 +157,30 @@ class ObjectHost:
         self._logs[key] = log_
         return engine
 
+    async def activate_many(self, keys: Sequence[str]) -> dict[str, Engine | Exception]:
+        """:meth:`activate` of each key, their records read in one store call
+        (``Store.load_many``). A key that cannot be loaded maps to its error, and the others
+        are loaded all the same (one by one, when the group read failed)."""
+        load_many = getattr(self.store, "load_many", None)  # a Store written before it existed
+        records: dict[str, StoredRecords | None] | None = None
+        if load_many is not None:
+            try:
+                records = await load_many(keys)
+            except Exception:
+                records = None  # find the key that fails, and load the others
+        out: dict[str, Engine | Exception] = {}
+        for key in keys:
+            try:
+                if records is None:
+                    out[key] = await self.activate(key)
+                else:
+                    log_ = _KeyLog(Writer(self.codec, self.durability))
+                    out[key] = await self._recovered(key, log_, records[key])
+                    self._logs[key] = log_
+            except Exception as e:
+                out[key] = e
+        return out
+
     def passivate(self, key: str) -> None:
         """Forget what was kept for ``key`` (evicted: idle, and nothing of it in flight)."""
         self._logs.pop(key, None)
@@ -185,8 +209,10 @@ class ObjectHost:
             await self.store.close()
 
     async def _recover(self, key: str, log_: _KeyLog) -> Engine:
+        return await self._recovered(key, log_, await self.store.load(key))
+
+    async def _recovered(self, key: str, log_: _KeyLog, records: StoredRecords | None) -> Engine:
         codec = self.codec
-        records = await self.store.load(key)
         if records is None:
             log_.needs_checkpoint = True
             initial = self._fresh_initial(key)

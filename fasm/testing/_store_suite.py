@@ -421,6 +421,25 @@ async def check_in_flight(suite: _Suite) -> None:
             await flags(store, "after reopening", {a: False, b: True, c: True})
 
 
+async def check_load_many(suite: _Suite) -> None:
+    """load_many returns, for each key asked for, exactly what load returns: a key with a
+    journal, one with a checkpoint and a journal after it, one never committed (None), and
+    nothing for an empty list."""
+    a, b, never = (suite.key(f"load-many-{i}") for i in range(3))
+    async with suite.opened() as store:
+        await store.acquire_all()
+        await store.commit(a, expected_seq=0, seq=2, entries=[b"a1", b"a2"], in_flight=True)
+        await store.commit(b, expected_seq=0, seq=1, checkpoint=b"b@1")
+        await store.commit(b, expected_seq=1, seq=2, entries=[b"b2"])
+        got = await store.load_many([a, b, never])
+        _check(set(got) == {a, b, never}, f"load_many returned keys {sorted(got)}, "
+                                          f"expected {sorted([a, b, never])}")
+        for k in (a, b, never):
+            one = await store.load(k)
+            _check(got[k] == one, f"load_many()[{k!r}] is {got[k]!r}, load({k!r}) is {one!r}")
+        _check(await store.load_many([]) == {}, "load_many([]) is not empty")
+
+
 async def check_in_flight_many_keys(suite: _Suite) -> None:
     """keys_in_flight finds exactly the marked keys among many, committed in groups."""
     keys = [suite.key(f"busy-{i:04d}") for i in range(600)]
@@ -776,6 +795,7 @@ _CHECKS: dict[str, Callable[[_Suite], Awaitable[None]]] = {
     "acquire": check_acquire,
     "commit_many": check_commit_many,
     "in_flight": check_in_flight,
+    "load_many": check_load_many,
     "in_flight_many_keys": check_in_flight_many_keys,
     "acquire_all": check_acquire_all,
     "corruption": check_corruption,
@@ -879,6 +899,9 @@ class StoreConformance:
 
     async def test_in_flight(self) -> None:
         await self._run_check("in_flight")
+
+    async def test_load_many(self) -> None:
+        await self._run_check("load_many")
 
     async def test_in_flight_many_keys(self) -> None:
         await self._run_check("in_flight_many_keys")
