@@ -709,9 +709,13 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         # The idle keys of the group are read from the store in one call, not one by one.
         loaded = await self._host.activate_many(missing) if len(missing) > 1 else {}
         for key, items in by_key.items():
-            engine = await self._activated(key, items, loaded.get(key))
-            if engine is None:
-                continue
+            engine = active.get(key)
+            if engine is not None:
+                active.move_to_end(key)
+            else:
+                engine = await self._activated(key, items, loaded.get(key))
+                if engine is None:
+                    continue
             engine.now = now
             groups.append((key, engine, [(item.input, item.key) for item in items]))
             members.append(items)
@@ -953,6 +957,8 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
                   emitted_by: dict[Any, int] | None = None) -> None:
         """Start the actions ``key`` released; ``emitted_by`` maps a tracked action's id to the
         seq of the transition that emitted it (for listeners; None at restore)."""
+        if not (release.tracked or release.untracked or release.already_in_flight):
+            return  # most transitions release nothing: skip the checks below
         work = self._work
         assert work is not None
         if anyio.current_effective_deadline() == -math.inf:
