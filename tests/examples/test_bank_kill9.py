@@ -1,6 +1,6 @@
 """Proof by killing a real process: the bank of 10,000 keyed accounts on SQLite, under load from
 64 submitters (deposits, transfers between random accounts, cash withdrawals through a slow
-executor), is killed with SIGKILL at random moments and restarted. After the last restart every
+executor), with state objects in a SQLiteStore or in SQL tables (``database=``), is killed with SIGKILL at random moments and restarted. After the last restart every
 acknowledged deposit is in its account, every transfer and withdrawal in flight on any key has
 completed, and the money held is exactly the money deposited (no message applied twice or lost).
 
@@ -48,11 +48,13 @@ def _acks(lines: list[str], deposits: Counter[str], kinds: Counter[str]) -> None
 
 
 @pytest.mark.slow
-def test_bank_of_10000_keys_killed_under_load_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["store", "sql"])
+def test_bank_of_10000_keys_killed_under_load_loses_nothing(tmp_path: Path, kind: str) -> None:
     rng = random.Random(12)
     deposits: Counter[str] = Counter()  # key -> money acknowledged as deposited
     kinds: Counter[str] = Counter()
-    proc, _ = _start(tmp_path, 0, "--open")
+    sql = ("--sql",) if kind == "sql" else ()
+    proc, _ = _start(tmp_path, 0, "--open", *sql)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     _acks(out.splitlines(), deposits, kinds)
@@ -60,7 +62,7 @@ def test_bank_of_10000_keys_killed_under_load_loses_nothing(tmp_path: Path) -> N
 
     keys_restored = actions_restored = 0
     for round_ in range(KILLS):
-        proc, (_, keys, actions) = _start(tmp_path, round_ + 1)
+        proc, (_, keys, actions) = _start(tmp_path, round_ + 1, *sql)
         keys_restored += int(keys)
         actions_restored += int(actions)
         lines: list[str] = []
@@ -75,7 +77,7 @@ def test_bank_of_10000_keys_killed_under_load_loses_nothing(tmp_path: Path) -> N
                 pipe.close()
         _acks(lines, deposits, kinds)
 
-    proc, (_, keys, actions) = _start(tmp_path, 0, "--drain")
+    proc, (_, keys, actions) = _start(tmp_path, 0, "--drain", *sql)
     keys_restored += int(keys)
     actions_restored += int(actions)
     out, err = proc.communicate(timeout=300)
@@ -92,6 +94,6 @@ def test_bank_of_10000_keys_killed_under_load_loses_nothing(tmp_path: Path) -> N
     assert state["held"] == state["total_deposited"], (
         f"money not conserved: held {state['held']}, deposited {state['total_deposited']}")
     assert actions_restored > 0, "no kill ever caught a transfer or withdrawal in flight"
-    print(f"{KILLS} kills, {sum(kinds.values())} acknowledged ({dict(kinds)}), "
+    print(f"{kind}: {KILLS} kills, {sum(kinds.values())} acknowledged ({dict(kinds)}), "
           f"{keys_restored} keys with {actions_restored} actions restored at start, "
           f"{state['received']} credited, {state['paid_out']} paid out")
