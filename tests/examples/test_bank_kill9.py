@@ -1,8 +1,9 @@
 """Proof by killing a real process: the bank of 10,000 keyed accounts on SQLite, under load from
 64 submitters (deposits, transfers between random accounts, cash withdrawals through a slow
-executor), with state objects in a SQLiteStore or in SQL tables (``database=``), is killed with SIGKILL at random moments and restarted. After the last restart every
-acknowledged deposit is in its account, every transfer and withdrawal in flight on any key has
-completed, and the money held is exactly the money deposited (no message applied twice or lost).
+executor), with state objects in a SQLiteStore or in SQL tables (``database=``), is killed with
+SIGKILL at random moments and restarted. After the last restart every acknowledged deposit is in
+its account, every transfer and withdrawal in flight on any key has completed, and the money held
+is exactly the money deposited (no message applied twice or lost).
 
 FASM_BANK_KILLS sets the number of kills (default 12, as CI runs it).
 """
