@@ -140,6 +140,9 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
         Raises:
             DefinitionError: the class is still generic (some type is a TypeVar).
         """
+        found: MachineTypes | None = cls.__dict__.get("__fasm_types__")
+        if found is not None:  # made once per class: every engine (every key loaded) asks
+            return found
         args = cls.__fasm_args__
         unresolved = [n for n, a in zip(_PARAM_NAMES, args, strict=True) if isinstance(a, TypeVar)]
         if unresolved or not args:
@@ -147,7 +150,9 @@ class StateMachine(Generic[S, I, TId, TA, TR, U]):
                 f"{cls.__qualname__} is generic in {', '.join(unresolved)}: subclass it with "
                 "concrete types, e.g. StateMachine[State, Input, int, Action, Result, Untracked]"
             )
-        return MachineTypes(*args)
+        types = MachineTypes(*args)
+        type.__setattr__(cls, "__fasm_types__", types)
+        return types
 
     async def stf(
         self, state: S, input: Input[I, TId, TR], actions: ActionsContainer[TId, TA, U]

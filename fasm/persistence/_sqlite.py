@@ -594,30 +594,53 @@ class SQLiteStore:
         return await self._run(self._patient, self._load_many_sync, list(keys))
 
     def _load_many_sync(self, keys: list[str]) -> dict[str, StoredRecords | None]:
-        return {key: self._load_sync(key) for key in keys}
+        if not keys:
+            return {}
+        conn = self._connection(keys[0])
+        for key in keys[1:]:
+            self._connection(key)  # each key must be held
+        try:
+            conn.execute("BEGIN")  # one read snapshot for every key
+            try:
+                found = {key: self._rows(conn, key) for key in keys}
+            finally:
+                _rollback(conn)
+        except sqlite3.Error as e:
+            raise self._translate(e, "cannot load", None) from e
+        return {key: self._records(key, *got) for key, got in found.items()}
 
     def _load_sync(self, key: str) -> StoredRecords | None:
         conn = self._connection(key)
         try:
             conn.execute("BEGIN")  # one read snapshot for both tables
             try:
-                row = conn.execute(
-                    f"SELECT {_SEQ}, k.checkpoint_seq, c.data, c.crc FROM fasm_keys k "
-                    "LEFT JOIN fasm_checkpoints c ON c.key = k.key WHERE k.key = ?1",
-                    (key,)).fetchone()
-                rows = [] if row is None else conn.execute(
-                    "SELECT seq, entry, crc FROM fasm_journal WHERE key = ? AND seq > ? "
-                    "ORDER BY seq", (key, row[1])).fetchall()
-                marked = row is not None and conn.execute(
-                    "SELECT 1 FROM fasm_in_flight WHERE key = ?", (key,)).fetchone() is not None
-                orphans = row is None and conn.execute(
-                    "SELECT 1 FROM fasm_journal WHERE key = ?1 UNION ALL "
-                    "SELECT 1 FROM fasm_checkpoints WHERE key = ?1 LIMIT 1",
-                    (key,)).fetchone() is not None
+                got = self._rows(conn, key)
             finally:
                 _rollback(conn)
         except sqlite3.Error as e:
             raise self._translate(e, "cannot load", key) from e
+        return self._records(key, *got)
+
+    def _rows(self, conn: sqlite3.Connection, key: str) -> tuple[Any, list[Any], bool, bool]:
+        """Inside a read transaction: the key's row, its journal after the checkpoint, its
+        in-flight mark, and whether it has records without a row."""
+        row = conn.execute(
+            f"SELECT {_SEQ}, k.checkpoint_seq, c.data, c.crc FROM fasm_keys k "
+            "LEFT JOIN fasm_checkpoints c ON c.key = k.key WHERE k.key = ?1",
+            (key,)).fetchone()
+        rows = [] if row is None else conn.execute(
+            "SELECT seq, entry, crc FROM fasm_journal WHERE key = ? AND seq > ? "
+            "ORDER BY seq", (key, row[1])).fetchall()
+        marked = row is not None and conn.execute(
+            "SELECT 1 FROM fasm_in_flight WHERE key = ?", (key,)).fetchone() is not None
+        orphans = row is None and conn.execute(
+            "SELECT 1 FROM fasm_journal WHERE key = ?1 UNION ALL "
+            "SELECT 1 FROM fasm_checkpoints WHERE key = ?1 LIMIT 1",
+            (key,)).fetchone() is not None
+        return row, rows, marked, orphans
+
+    def _records(self, key: str, row: Any, rows: list[Any], marked: bool,
+                 orphans: bool) -> StoredRecords | None:
         if orphans:
             raise StoreCorrupt("the key has records but its row in fasm_keys is missing "
                                "(deleted behind the store's back)", store=self.description,
