@@ -303,7 +303,8 @@ class Run(Verifier):
         if self.acked and self.chance(self.plan.resubmit):
             again = self.rng.choice(self.acked)
             self.fault(f"client resends submit #{again.n} (key {again.key!r}) after a lost reply")
-            self.queue.append(_Item(again.input, again.key, again.n, "resent", again.target))
+            self.queue.append(_Item(self.fresh(again.input), again.key, again.n, "resent",
+                                    again.target))
 
     def next_input(self) -> tuple[Any, str]:
         """The input source's next value (None: nothing this time) and the key it is for."""
@@ -503,7 +504,21 @@ class Run(Verifier):
         """A client resends, with its key, every submit it got no answer for."""
         for item in sorted(self.unacked.values(), key=lambda i: i.n):
             self.count("resent")
-            self.queue.append(_Item(item.input, item.key, item.n, "resent", item.target))
+            self.queue.append(_Item(self.fresh(item.input), item.key, item.n, "resent",
+                                    item.target))
+
+    def fresh(self, input: Input[Any, Any, Any]) -> Input[Any, Any, Any]:
+        """The input as a client sending it again would: new objects decoded from its bytes
+        (the stf may have changed the first copy in place), or the same object when nothing in
+        it can be changed."""
+        if not isinstance(input, Normal) or deeply_immutable(input.value):
+            return input
+        codec = self.s.codec
+        again = codec.decode_entry(codec.encode_entry(0, input, None), 0).input
+        packed = getattr(input, "_packed", None)
+        if packed is not None:
+            object.__setattr__(again, "_packed", packed)
+        return again
 
     def crash(self, point: CrashPoint | str) -> None:
         self.count("crashes")
