@@ -172,32 +172,75 @@ async def _hammer(rt: Runtime[Any, Any, Any, Any, Any, Any], keys: int | None,
     return done / (time.perf_counter() - start)
 
 
-async def _throughput(base: Path, keys: int, seconds: float, withdraw: bytes) -> None:
+async def _throughput(base: Path, keys: int, seconds: float, rounds: int,
+                      withdraw: bytes) -> None:
     print(f"1. durable transitions/s, SQLiteStore (journal), {SUBMITTERS} submitters, "
-          f"{seconds:g} s each")
+          f"{rounds} rounds of {seconds:g} s each, alternating; medians")
     path = base / "keyed.db"
     populate = await _populated(path, keys, 0, withdraw)
     keyed_rt = Runtime(Bank(), initial_state=open_account, keyed=True, store=SQLiteStore(path),
                        executors={Dispense: _dispense})
-    async with keyed_rt:
-        keyed = await _hammer(keyed_rt, keys, seconds)
-        active = keyed_rt.active_keys
-        for i in range(HOT):  # load the hot keys: the most recently used, never evicted
-            await keyed_rt.submit(Deposit(1), key=_name(i))
-        hot = await _hammer(keyed_rt, HOT, seconds)
+    hot_rt = Runtime(Bank(), initial_state=open_account, keyed=True,
+                     store=SQLiteStore(base / "hot.db"), executors={Dispense: _dispense})
     single_rt = Runtime(Bank(), initial_state=open_account("one"),
                         store=SQLiteStore(base / "single.db"), executors={Dispense: _dispense})
-    async with single_rt:
-        await single_rt.submit(Deposit(1))  # the first commit writes the checkpoint; not timed
-        single = await _hammer(single_rt, None, seconds)
+    got: dict[str, list[float]] = {"keyed": [], "hot": [], "single": []}
+    async with keyed_rt, hot_rt, single_rt:
+        for i in range(HOT):  # the hot keys exist and are active: no loads while timed
+            await hot_rt.submit(Deposit(1), key=_name(i))
+        await single_rt.submit(Deposit(1))  # the first commit writes the checkpoint
+        for _ in range(rounds):
+            got["keyed"].append(await _hammer(keyed_rt, keys, seconds))
+            got["hot"].append(await _hammer(hot_rt, HOT, seconds))
+            got["single"].append(await _hammer(single_rt, None, seconds))
+        active = keyed_rt.active_keys
+    keyed, hot, single = (statistics.median(got[k]) for k in ("keyed", "hot", "single"))
+    ratio = statistics.median(k / s for k, s in zip(got["keyed"], got["single"], strict=True))
+    hot_ratio = statistics.median(h / s for h, s in zip(got["hot"], got["single"], strict=True))
     print(f"{'runtime':<44} {'transitions/s':>14}")
     print(f"{f'keyed, {keys:,} accounts stored, random keys':<44} {keyed:>14,.0f}")
     print(f"{f'keyed, {HOT:,} hot keys (all active)':<44} {hot:>14,.0f}")
     print(f"{'single instance, one account':<44} {single:>14,.0f}")
-    print(f"keyed / single-instance: {keyed / single:.2f}x, hot keys {hot / single:.2f}x "
-          f"(bulk populate {populate:.1f} s; {active:,} keys active after the random run, "
-          f"max_active {MAX_ACTIVE:,})")
+    print(f"keyed / single-instance: {ratio:.2f}x, hot keys {hot_ratio:.2f}x (median of the "
+          f"ratios within a round; bulk populate {populate:.1f} s; {active:,} keys active "
+          f"after the random runs, max_active {MAX_ACTIVE:,})")
     print("target (issue 12): keyed >= single-instance")
+    many, one = await _store_floor(base / "floor.db", 10 if seconds < 2 else 40)
+    print(f"the store alone: commit_many of {SUBMITTERS} keys, one entry each, {many:.2f} ms; "
+          f"one key with {SUBMITTERS} entries {one:.2f} ms ({many / one:.1f}x: the rows of many "
+          "keys land on many pages)")
+
+
+async def _store_floor(path: Path, rounds: int) -> tuple[float, float]:
+    """Median ms of a durable commit_many of SUBMITTERS keys with one entry each, and of one
+    commit of one key with SUBMITTERS entries, alternating (what a keyed and a one-key group
+    write)."""
+    from fasm.persistence import KeyCommit
+
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.acquire_all()
+        keys = [_name(i) for i in range(SUBMITTERS)]
+        seq = dict.fromkeys(keys, 0)
+        one = 0
+        many_ms: list[float] = []
+        one_ms: list[float] = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            await store.commit_many([KeyCommit(k, seq[k], seq[k] + 1, [b"e" * 60])
+                                     for k in keys])
+            many_ms.append((time.perf_counter() - t) * 1000)
+            for k in keys:
+                seq[k] += 1
+            t = time.perf_counter()
+            await store.commit("one", expected_seq=one, seq=one + SUBMITTERS,
+                               entries=[b"e" * 60] * SUBMITTERS)
+            one_ms.append((time.perf_counter() - t) * 1000)
+            one += SUBMITTERS
+        return statistics.median(many_ms), statistics.median(one_ms)
+    finally:
+        await store.close()
 
 
 # -- 2. memory --------------------------------------------------------------------------------
@@ -304,8 +347,8 @@ async def main(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-keyed-", dir=args.dir))
     try:
         withdraw = await _template(base / "template.db")
-        await _throughput(base, 5_000 if args.quick else 100_000, 1.0 if args.quick else 5.0,
-                          withdraw)
+        await _throughput(base, 5_000 if args.quick else 100_000, 1.0 if args.quick else 3.0,
+                          2 if args.quick else 3, withdraw)
         print()
         _memory(base, 50_000 if args.quick else 1_000_000)
         print()
