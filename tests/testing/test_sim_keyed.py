@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -24,7 +25,17 @@ from examples.bank.machine import (
     money,
     open_account,
 )
-from fasm import DefinitionError, Delivered, TrackedActionCompleted
+from fasm import (
+    DefinitionError,
+    Delivered,
+    Input,
+    Rejected,
+    StateMachine,
+    Timer,
+    TimerFired,
+    Tracked,
+    TrackedActionCompleted,
+)
 from fasm.persistence import MemoryStore
 from fasm.testing import Checks, FaultPlan, KeyedSimulation, Simulation
 
@@ -91,8 +102,6 @@ class ForgetfulBank(Bank):
     @staticmethod
     async def restore(state: Account, actions: Any) -> None:
         for ident, dispense in state.dispensing.items():
-            from fasm import Tracked
-
             actions.add(Tracked(ident, dispense))
 
 
@@ -198,3 +207,76 @@ def test_a_refused_message_is_refunded_and_faults_can_be_off() -> None:
 def _script(items: list[tuple[str, BankInput]]) -> Any:
     it = iter(items)
     return lambda rng, states: next(it, None)
+
+
+# -- timers per key -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: str
+    until: float
+
+
+@dataclass
+class Holds:
+    key: str
+    open: dict[str, float] = field(default_factory=dict)
+    placed: int = 0
+    expired: int = 0
+
+
+class HoldMachine(StateMachine[Holds, Hold, str, Timer, TimerFired]):
+    """Each key keeps holds that expire by a durable timer."""
+
+    machine_name = "tests.keyed.holds"
+
+    async def stf(self, state: Holds, input: Input[Hold, str, TimerFired], actions: Any) -> None:
+        if isinstance(input, TrackedActionCompleted):
+            if state.open.pop(input.id, None) is not None:
+                state.expired += 1
+            return
+        hold = input.value
+        if hold.id in state.open:
+            raise Rejected(f"{hold.id} is held already")
+        state.open[hold.id] = hold.until
+        state.placed += 1
+        actions.add(Tracked(hold.id, Timer(at=hold.until)))
+
+    async def restore(self, state: Holds, actions: Any) -> None:
+        for ident, until in state.open.items():
+            actions.add(Tracked(ident, Timer(at=until)))
+
+
+class ForgetsTimers(HoldMachine):
+    async def restore(self, state: Holds, actions: Any) -> None:
+        pass
+
+
+def holds_sim(machine: HoldMachine, **options: Any) -> KeyedSimulation[Holds, Hold]:
+    def inputs(rng: random.Random, states: Mapping[str, Holds]) -> tuple[str, Hold]:
+        return rng.choice(KEYS), Hold(f"h{rng.getrandbits(32)}", rng.uniform(0.0, 300.0))
+
+    def counted(states: Mapping[str, Holds]) -> object:
+        placed = sum(s.placed for s in states.values())
+        left = sum(len(s.open) + s.expired for s in states.values())
+        return placed == left or f"{placed} holds placed, {left} open or expired"
+
+    return KeyedSimulation(machine, initial_state=Holds, keys=KEYS, inputs=inputs,
+                           global_invariants=[counted], **options)
+
+
+def test_timers_of_many_keys_survive_crashes() -> None:
+    report = holds_sim(HoldMachine()).run(seeds=20, steps=200)
+    assert report.ok, report
+    assert report.counts["results:timer"] > 100 and report.counts["crashes"] > 20
+    state = holds_sim(HoldMachine()).run_seed(1, steps=200).state
+    assert all(not s.open for s in state.values())  # every hold expired by the end
+
+
+def test_a_restore_that_forgets_timers_is_found_on_its_key() -> None:
+    report = holds_sim(ForgetsTimers()).run(seeds=10, steps=200)
+    assert not report.ok and report.failures[0].check == "restore", report
+    report = holds_sim(ForgetsTimers(), checks=Checks(restore=False)).run(seeds=10, steps=200)
+    assert not report.ok and report.failures[0].check == "liveness", report
+    assert "key 'acct-" in report.failures[0].message
