@@ -26,6 +26,7 @@ per key unchanged. What it adds, as the keyed Runtime does it (fasm/runtime/_run
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,11 +36,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from .._inputs import Normal, TrackedActionCompleted
 from .._machine import StateMachine
 from .._send import Delivered, Refused, Send, message_key
-from ..errors import DefinitionError, InvalidInput, RestoreFailed, StoreUnavailable
+from ..errors import DefinitionError, InvalidInput, StoreUnavailable
 from ..persistence._codec import Unencodable
 from ..persistence._durability import Durability
 from ..persistence._store import KeyCommit
-from ..runtime._engine import Accepted, Failed, Rollback
+from ..runtime._engine import Accepted, Failed, Rollback, Step
 from ..runtime._state_object import _in_flight_after
 from ._checks import Violation, check_invariants, run_sync, short
 from ._sim import Simulation
@@ -237,10 +238,27 @@ class KeyedRun(Run):
             self.key = ""
 
     def start_key(self) -> None:
-        try:
+        with self.naming_the_key():
             super().start_key()
-        except RestoreFailed as e:  # pragma: no cover - start_key turns it into a Violation
-            raise Violation("restore", f"key {self.key!r}: {e}") from e
+
+    def one(self, item: _Item, accepted: list[tuple[_Item, Accepted]],
+            answered: list[_Item]) -> Step:
+        with self.naming_the_key():
+            return super().one(item, accepted, answered)
+
+    def release(self, accepted: list[tuple[_Item, Accepted]]) -> None:
+        with self.naming_the_key():
+            super().release(accepted)
+
+    @contextlib.contextmanager
+    def naming_the_key(self) -> Iterator[None]:
+        """A check that fails in here says which key it failed on."""
+        try:
+            yield
+        except Violation as v:
+            if v.message.startswith("key "):
+                raise
+            raise Violation(v.check, f"key {self.key!r}: {v.message}") from v
 
     def next_input(self) -> tuple[Any, str]:
         got = self.draw_input(self.states)
@@ -447,13 +465,11 @@ class KeyedRun(Run):
         if waiting:
             first = sorted({k for k, _ in waiting})[0]
             self.enter(first)
-            self.activate()
-            try:
+            with self.naming_the_key():
+                self.activate()
                 self.stuck({i: a for (k, i), a in waiting.items() if k == first},
                            stuck[1] if stuck is not None and stuck[0] == first else None,
                            events)
-            except Violation as v:
-                raise Violation(v.check, f"key {first!r}: {v.message}") from v
         while any(self.field(k, "owed") for k in self.lanes) and (self.queue or self.heap) \
                 and events < DRAIN_EVENTS + 2_000:
             events += 1
@@ -463,11 +479,9 @@ class KeyedRun(Run):
                 self.advance()
         for key in sorted(self.lanes):
             self.enter(key)
-            self.activate()
-            try:
+            with self.naming_the_key():
+                self.activate()
                 self.check_settled()
-            except Violation as v:
-                raise Violation(v.check, f"key {key!r}: {v.message}") from v
         self.check_global()
 
 
