@@ -58,7 +58,7 @@ from examples.bank.machine import (
     Withdraw,
     open_account,
 )
-from fasm.persistence import SQLiteStore
+from fasm.persistence import MemoryStore, SQLiteStore
 from fasm.persistence._codec import Codec
 from fasm.runtime import ActionContext, Runtime
 
@@ -184,19 +184,31 @@ async def _throughput(base: Path, keys: int, seconds: float, rounds: int,
                      store=SQLiteStore(base / "hot.db"), executors={Dispense: _dispense})
     single_rt = Runtime(Bank(), initial_state=open_account("one"),
                         store=SQLiteStore(base / "single.db"), executors={Dispense: _dispense})
-    got: dict[str, list[float]] = {"keyed": [], "hot": [], "single": []}
-    async with keyed_rt, hot_rt, single_rt:
+    # The same two on a MemoryStore: what the keys cost without any I/O.
+    hot_mem = Runtime(Bank(), initial_state=open_account, keyed=True, store=MemoryStore(),
+                      executors={Dispense: _dispense})
+    single_mem = Runtime(Bank(), initial_state=open_account("one"), store=MemoryStore(),
+                         executors={Dispense: _dispense})
+    got: dict[str, list[float]] = {k: [] for k in ("keyed", "hot", "single", "hot_mem",
+                                                   "single_mem")}
+    async with keyed_rt, hot_rt, single_rt, hot_mem, single_mem:
         for i in range(HOT):  # the hot keys exist and are active: no loads while timed
             await hot_rt.submit(Deposit(1), key=_name(i))
+            await hot_mem.submit(Deposit(1), key=_name(i))
         await single_rt.submit(Deposit(1))  # the first commit writes the checkpoint
+        await single_mem.submit(Deposit(1))
         for _ in range(rounds):
             got["keyed"].append(await _hammer(keyed_rt, keys, seconds))
             got["hot"].append(await _hammer(hot_rt, HOT, seconds))
             got["single"].append(await _hammer(single_rt, None, seconds))
+            got["hot_mem"].append(await _hammer(hot_mem, HOT, seconds))
+            got["single_mem"].append(await _hammer(single_mem, None, seconds))
         active = keyed_rt.active_keys
     keyed, hot, single = (statistics.median(got[k]) for k in ("keyed", "hot", "single"))
     ratio = statistics.median(k / s for k, s in zip(got["keyed"], got["single"], strict=True))
     hot_ratio = statistics.median(h / s for h, s in zip(got["hot"], got["single"], strict=True))
+    mem_ratio = statistics.median(h / s for h, s in zip(got["hot_mem"], got["single_mem"],
+                                                        strict=True))
     print(f"{'runtime':<44} {'transitions/s':>14}")
     print(f"{f'keyed, {keys:,} accounts stored, random keys':<44} {keyed:>14,.0f}")
     print(f"{f'keyed, {HOT:,} hot keys (all active)':<44} {hot:>14,.0f}")
@@ -205,6 +217,9 @@ async def _throughput(base: Path, keys: int, seconds: float, rounds: int,
           f"ratios within a round; bulk populate {populate:.1f} s; {active:,} keys active "
           f"after the random runs, max_active {MAX_ACTIVE:,})")
     print("target (issue 12): keyed >= single-instance")
+    print(f"no I/O (MemoryStore): {HOT:,} hot keys {statistics.median(got['hot_mem']):,.0f}/s, "
+          f"single instance {statistics.median(got['single_mem']):,.0f}/s: {mem_ratio:.2f}x "
+          "(what the keys cost on the event loop alone)")
     many, one = await _store_floor(base / "floor.db", 10 if seconds < 2 else 40)
     print(f"the store alone: commit_many of {SUBMITTERS} of {HOT:,} keys with a history, one "
           f"entry each, {many:.2f} ms; one key with {SUBMITTERS} entries {one:.2f} ms "
