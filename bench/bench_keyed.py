@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
 import shutil
 import sqlite3
 import statistics
@@ -269,11 +267,15 @@ async def _store_floor(path: Path, rounds: int) -> tuple[float, float]:
 
 
 def _rss_kib() -> tuple[int, int]:
-    """(peak, current) resident set size of this process, KiB (Linux)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with open("/proc/self/statm") as f:
-        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    return peak, current
+    """(peak, current) resident set size of this process, KiB (Linux): VmHWM and VmRSS, which
+    start again at exec (``ru_maxrss`` does not: it would report the parent's size)."""
+    found: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmHWM", "VmRSS"):
+                found[name] = int(value.split()[0])
+    return found["VmHWM"], found["VmRSS"]
 
 
 async def _child_mem(keys: int, where: Path) -> None:
