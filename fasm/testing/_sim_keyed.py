@@ -14,7 +14,8 @@ per key unchanged. What it adds, as the keyed Runtime does it (fasm/runtime/_run
   key is loaded on its first input, without restore. A key with committed tracked actions in
   flight that the index does not list is reported (check ``restore``): nothing would ever run
   its actions;
-* idle keys are passivated at random (their engine dropped) and loaded again when next used;
+* after each batch the least recently used idle keys beyond ``max_active`` are passivated (their
+  engine dropped), as the Runtime's ``_passivate`` does, and loaded again when next used;
 * :class:`~fasm.Send` is the built-in executor: the message goes to the receiving key's queue
   with its message key (``fasm:msg/<machine>/<from>/<id>``), and the sender gets
   :class:`~fasm.Delivered` once that transition is committed (or answered as a duplicate), or
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -79,7 +81,7 @@ class KeyedConfig:
 
     keys: tuple[str, ...]
     global_invariants: tuple[Callable[[Mapping[str, Any]], object], ...]
-    passivate: float
+    max_active: int
 
 
 def _fresh_lane(key: str) -> dict[str, Any]:
@@ -118,6 +120,7 @@ class KeyedRun(Run):
         self.kc: KeyedConfig = keyed
         self.lanes: dict[str, dict[str, Any]] = {}
         self.cached: dict[str, Any] = {}  # committed states of idle keys
+        self.active: OrderedDict[str, None] = OrderedDict()  # loaded keys, least recent first
         self.key = ""  # no lane entered yet
         self.states = States(self)
         self._known: list[str] | None = None
@@ -149,8 +152,10 @@ class KeyedRun(Run):
     def activate(self) -> None:
         """Load the current key if it is idle (``Runtime._activated``): no restore."""
         if self.engine is not None:
+            self.active.move_to_end(self.key)
             return
         self.cached.pop(self.key, None)
+        self.active[self.key] = None
         self.load_key()
         self.replica()
         self.live = dict(self.durable)
@@ -162,18 +167,28 @@ class KeyedRun(Run):
                             "restored at the start: the store's in-flight index does not list "
                             "it, so nothing runs them until the key happens to get an input")
 
-    def passivate_one(self) -> None:
-        """Evict one idle key (nothing pending, nothing in flight), as ``max_active`` does."""
-        idle = [k for k in sorted(self.lanes) if k != self.key
-                and self.lanes[k]["engine"] is not None
-                and not self.lanes[k]["engine"].in_flight and not self.lanes[k]["engine"].pending]
-        if not idle:
+    def passivate(self) -> None:
+        """Evict the least recently used idle keys beyond ``max_active`` (``Runtime._passivate``:
+        a key with tracked actions in flight is kept, and moved to the recent end)."""
+        active = self.active
+        excess = len(active) - self.kc.max_active
+        if excess <= 0:
             return
-        key = self.rng.choice(idle)
-        lane = self.lanes[key]
-        self.cached[key] = lane["engine"].state
-        lane.update(engine=None, writer=None, shadow=None, snap=None)
-        self.count("passivations")
+        self.enter_none()
+        for _ in range(len(active)):
+            if excess <= 0:
+                break
+            key = next(iter(active))
+            lane = self.lanes[key]
+            engine = lane["engine"]
+            if engine.in_flight or engine.pending:
+                active.move_to_end(key)
+                continue
+            del active[key]
+            self.cached[key] = engine.state
+            lane.update(engine=None, writer=None, shadow=None, snap=None)
+            self.count("passivations")
+            excess -= 1
 
     def known_keys(self) -> list[str]:
         if self._known is None:
@@ -216,10 +231,12 @@ class KeyedRun(Run):
         for lane in self.lanes.values():
             lane.update(engine=None, writer=None, shadow=None, snap=None)
         self.cached.clear()
+        self.active.clear()
         marked = run_sync(self.store.keys_in_flight(), "MemoryStore.keys_in_flight")
         self.count("starts")
         for key in marked:
             self.enter(key)
+            self.active[key] = None
             self.start_key()
         self.enter_none()
         if self.checks.restore:
@@ -364,8 +381,7 @@ class KeyedRun(Run):
                 and self.chance(self.plan.crash):
             self.crash("in-flight")
             return
-        if self.kc.passivate and self.chance(self.kc.passivate):
-            self.passivate_one()
+        self.passivate()
 
     def flush_many(self, groups: dict[str, list[tuple[_Item, Accepted]]]) -> bool:
         """One store write for the accepted steps of every key in the batch (``ObjectHost.run``),
@@ -500,13 +516,13 @@ class KeyedSimulation(Simulation[S, I]):
     :class:`~fasm.runtime.Runtime` hosts them: inputs go to keys the input source chooses;
     a batch of inputs of several keys is written in one multi-key commit, and a crash may come
     before or after it; at a start only the keys the store lists as in flight are restored;
-    idle keys are passivated and loaded again; :class:`~fasm.Send` messages travel between keys
-    through the built-in executor (lost in a crash, sent again by the sender's restore, dropped
-    as duplicates by the receiver). Every check of :class:`Checks` runs per key, the
-    ``invariants`` on each key's state, and the ``global_invariants`` on the states of all keys
-    (total money, say) after every store write and every start. ``run``, ``run_seed``,
-    ``replay``, ``shrink_seed``, ``hypothesis_test`` and ``shrink`` work as for one instance;
-    ``SeedResult.state`` is a dict of key -> state.
+    idle keys beyond ``max_active`` are passivated and loaded again; :class:`~fasm.Send` messages
+    travel between keys through the built-in executor (lost in a crash, sent again by the
+    sender's restore, dropped as duplicates by the receiver). Every check of :class:`Checks`
+    runs per key, the ``invariants`` on each key's state, and the ``global_invariants`` on the
+    states of all keys (total money, say) after every store write and every start. ``run``,
+    ``run_seed``, ``replay``, ``shrink_seed``, ``hypothesis_test`` and ``shrink`` work as for one
+    instance; ``SeedResult.state`` is a dict of key -> state.
 
     Args:
         machine: the machine instance (the same object the keyed Runtime would host).
@@ -522,11 +538,12 @@ class KeyedSimulation(Simulation[S, I]):
             return False or a message, when the states together are wrong.
         faults, checks, durability, rollback, steps, idempotency_window, name: as
             :class:`Simulation`'s.
-        passivate: the chance, after each batch, that one idle key is evicted (its engine
-            dropped, loaded again from the store when next used), as ``max_active`` does.
+        max_active: as the keyed Runtime's: after each batch the least recently used idle keys
+            beyond it are evicted (their engine dropped, loaded again from the store when next
+            used). Small by default, so that a run evicts and reloads keys often.
 
     Raises:
-        DefinitionError: as :class:`Simulation`, or ``passivate`` is not a probability.
+        DefinitionError: as :class:`Simulation`, or ``max_active`` is below 1.
     """
 
     _run_type = KeyedRun
@@ -547,11 +564,11 @@ class KeyedSimulation(Simulation[S, I]):
         rollback: Rollback = "trust",
         steps: int = 200,
         idempotency_window: int = 1000,
-        passivate: float = 0.1,
+        max_active: int = 3,
         name: str | None = None,
     ) -> None:
-        if not 0.0 <= passivate <= 1.0:
-            raise DefinitionError(f"passivate is a probability, got {passivate!r}")
+        if max_active < 1:
+            raise DefinitionError(f"max_active must be >= 1, got {max_active}")
         if not callable(initial_state):
             raise DefinitionError("initial_state of a KeyedSimulation is a factory of the key, "
                                   "as the keyed Runtime's")
@@ -562,7 +579,7 @@ class KeyedSimulation(Simulation[S, I]):
         self.keys = tuple(keys)
         setup = self._setup
         setup.initial = initial_state
-        setup.keyed = KeyedConfig(self.keys, tuple(global_invariants), passivate)
+        setup.keyed = KeyedConfig(self.keys, tuple(global_invariants), max_active)
 
 
 def _no_state() -> None:  # replaced by the key's factory

@@ -185,8 +185,8 @@ def test_bad_definitions_and_inputs_are_refused() -> None:
     with pytest.raises(DefinitionError, match="KeyedSimulation"):
         Simulation(Bank(), initial_state=open_account("a"), inputs=lambda rng, s: Deposit(1),
                    executors={Dispense: lambda a: Dispensed(a.id)})
-    with pytest.raises(DefinitionError, match="passivate"):
-        bank_sim(passivate=2.0)
+    with pytest.raises(DefinitionError, match="max_active"):
+        bank_sim(max_active=0)
     report = bank_sim(inputs=lambda rng, states: Deposit(1)).run(seeds=1)
     assert report.failures[0].check == "input"
     assert "(key, value)" in report.failures[0].message
