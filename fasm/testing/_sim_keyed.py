@@ -361,7 +361,23 @@ class KeyedRun(Run):
         for _ in range(k):
             item = queue.popleft()
             self.enter(item.target)
-            self.activate()
+            try:
+                self.activate()
+            except KeyRefused as e:
+                # As ObjectHost._fresh_initial: the factory refused the key, so its input is
+                # refused (InvalidInput to a client, Refused to a message's sender); nothing of
+                # the key exists.
+                self.count("keys refused")
+                self.note("failed", e)
+                self.active.pop(item.target, None)
+                self.enter_none()
+                del self.lanes[item.target]
+                self._known = None
+                if item.origin is not None:
+                    refused.append(item)
+                else:
+                    answered.append(item)
+                continue
             step = self.one(item, groups.setdefault(item.target, []), answered)
             if item.origin is not None and isinstance(step, Failed):
                 answered.remove(item)
@@ -578,9 +594,24 @@ class KeyedSimulation(Simulation[S, I]):
                          key="", idempotency_window=idempotency_window, name=name)
         self.keys = tuple(keys)
         setup = self._setup
-        setup.initial = initial_state
+        setup.initial = _refusing(initial_state)
         setup.keyed = KeyedConfig(self.keys, tuple(global_invariants), max_active)
 
 
 def _no_state() -> None:  # replaced by the key's factory
     return None
+
+
+class KeyRefused(InvalidInput):
+    """``initial_state(key)`` raised: the key cannot be started (its inputs are refused)."""
+
+
+def _refusing(factory: Callable[[str], Any]) -> Callable[[str], Any]:
+    def initial(key: str) -> Any:
+        try:
+            return factory(key)
+        except Exception as e:
+            raise KeyRefused(f"initial_state({key!r}) raised {e!r}; key {key!r} cannot be "
+                             "started") from e
+
+    return initial

@@ -280,3 +280,26 @@ def test_a_restore_that_forgets_timers_is_found_on_its_key() -> None:
     report = holds_sim(ForgetsTimers(), checks=Checks(restore=False)).run(seeds=10, steps=200)
     assert not report.ok and report.failures[0].check == "liveness", report
     assert "key 'acct-" in report.failures[0].message
+
+
+def test_a_key_the_factory_refuses_refuses_its_inputs_and_messages() -> None:
+    def picky(key: str) -> Account:
+        if key.startswith("x"):
+            raise ValueError("no x accounts")
+        return open_account(key)
+
+    def inputs(rng: random.Random, states: Mapping[str, Account]) -> tuple[str, BankInput]:
+        key, value = bank_inputs(rng, states)
+        if isinstance(value, Transfer) and rng.random() < 0.3:
+            value = Transfer(value.id, "x-nobody", value.amount)  # refused, then refunded
+        return ("x-client" if rng.random() < 0.05 else key), value
+
+    sim = KeyedSimulation(Bank(), initial_state=picky, keys=KEYS, inputs=inputs,
+                          executors={Dispense: lambda a: Dispensed(a.id)},
+                          global_invariants=[conserved])
+    report = sim.run(seeds=10, steps=200)
+    assert report.ok, report
+    assert report.counts["keys refused"] > 20
+    state = sim.run_seed(0, steps=200).state
+    assert not any(k.startswith("x") for k in state)
+    assert sum(a.refunded for a in state.values()) > 0
