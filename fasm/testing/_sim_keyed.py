@@ -314,6 +314,11 @@ class KeyedRun(Run):
             self.handle(kind, inner)
         return True
 
+    def late(self, t: float, payload: Any, old: int) -> None:
+        key, inner = payload
+        self.enter(key)  # the result goes to the key whose action computed it
+        super().late(t, inner, old)
+
     def attempt(self, action_id: Any, action: Any, attempt: int) -> None:
         if isinstance(action, Send):
             low, high = self.plan.latency

@@ -531,11 +531,16 @@ class Run(Verifier):
         # plan says they still arrive (computed elsewhere and delivered after the restart).
         if self.plan.late > 0:
             for t, _, kind, payload in sorted(self.heap):
-                if kind == _ATTEMPT_END and payload[0] == old and payload[4] == "ok" \
-                        and self.chance(self.plan.late):
-                    self.fault(f"result of {payload[1]!r} arrives after the restart")
-                    self.push(max(t, self.now), _DELIVER, (payload[1], payload[5], "late"))
+                if kind == _ATTEMPT_END:
+                    self.late(t, payload, old)
         self.start()
+
+    def late(self, t: float, payload: Any, old: int) -> None:
+        """Perhaps deliver after the restart the result an attempt of the dead process (its
+        incarnation ``old``) was computing when it crashed."""
+        if payload[0] == old and payload[4] == "ok" and self.chance(self.plan.late):
+            self.fault(f"result of {payload[1]!r} arrives after the restart")
+            self.push(max(t, self.now), _DELIVER, (payload[1], payload[5], "late"))
 
     # -- a batch (ObjectHost.run and _flush) ------------------------------------------------------
 

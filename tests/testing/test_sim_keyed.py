@@ -303,3 +303,26 @@ def test_a_key_the_factory_refuses_refuses_its_inputs_and_messages() -> None:
     state = sim.run_seed(0, steps=200).state
     assert not any(k.startswith("x") for k in state)
     assert sum(a.refunded for a in state.values()) > 0
+
+
+class CarelessBank(Bank):
+    """Counts cash as paid out on every Dispensed, pending or not: a duplicated or late result
+    pays it out twice."""
+
+    @staticmethod
+    async def stf(state: Account, input: Any, actions: Any) -> None:
+        if isinstance(input, TrackedActionCompleted) and isinstance(input.result, Dispensed) \
+                and input.id not in state.dispensing:
+            state.paid_out += 1
+            return
+        await Bank.stf(state, input, actions)
+
+
+def test_duplicated_and_late_results_reach_their_key() -> None:
+    plan = FaultPlan.at_least_once()
+    report = bank_sim(faults=plan).run(seeds=20, steps=300)
+    assert report.ok, report
+    assert report.counts["results:late"] > 5 and report.counts["results:duplicate"] > 5
+    report = bank_sim(CarelessBank(), faults=plan).run(seeds=20, steps=300)
+    assert not report.ok
+    assert report.failures[0].check in ("duplicates", "invariant"), report.failures[0]
