@@ -16,9 +16,11 @@ exactly once.
 # No ``from __future__ import annotations`` here: ``Send.__module__`` is rewritten to ``fasm``,
 # where pydantic could not resolve the string annotation ``I`` of ``Send[YourInput]``.
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar, get_origin
 
-__all__ = ("MESSAGE_PREFIX", "Delivered", "Refused", "Send", "message_key")
+from ._machine import type_members
+
+__all__ = ("MESSAGE_PREFIX", "Delivered", "Refused", "Send", "declares_send", "message_key")
 
 I = TypeVar("I")
 
@@ -79,3 +81,9 @@ def message_key(machine_name: str, from_key: str, action_id: object) -> str:
     """The idempotency key a message is delivered with: unique per machine, sending key and
     action id, so a resend after a crash is recognized by the receiver."""
     return f"{MESSAGE_PREFIX}{machine_name}/{from_key}/{action_id}"
+
+
+def declares_send(tracked_action: Any) -> bool:
+    """Whether a machine's tracked-action type has :class:`Send` (or ``Send[X]``): the machine
+    sends messages between keys."""
+    return any((get_origin(m) or m) is Send for m in type_members(tracked_action))

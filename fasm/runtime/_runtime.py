@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast, get_origin
+from typing import Any, Generic, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -23,8 +23,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._actions import Tracked, Untracked
 from .._inputs import Normal, TrackedActionCompleted
-from .._machine import StateMachine, type_members
-from .._send import Delivered, Refused, Send, message_key
+from .._machine import StateMachine
+from .._send import Delivered, Refused, Send, declares_send, message_key
 from .._timer import Timer, TimerFired
 from ..errors import (
     DefinitionError,
@@ -258,7 +258,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         self._max_active = max_active
         name = type(machine).__qualname__
         given = dict(executors or {})
-        if _declares_send(self.types.tracked_action) and not any(
+        if declares_send(self.types.tracked_action) and not any(
                 issubclass(Send, c) for c in given):
             # Messages between keys: the built-in executor submits to the receiving key.
             given[Send] = Executor(self._send_message, concurrency=256)
@@ -1267,11 +1267,6 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
         if self._failure is not None:
             return RuntimeClosed(f"the runtime stopped after a failure: {self._failure!r}")
         return RuntimeClosed(f"the runtime is {self._status}; it accepts no input")
-
-
-def _declares_send(tracked_action: Any) -> bool:
-    """Whether the machine's tracked-action type has :class:`~fasm.Send` (or ``Send[X]``)."""
-    return any((get_origin(m) or m) is Send for m in type_members(tracked_action))
 
 
 def _takes_context(handler: Any) -> bool:

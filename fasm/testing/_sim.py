@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from .._machine import StateMachine
+from .._send import declares_send
 from ..errors import DefinitionError
 from ..persistence._durability import Durability, Journal
 from ..runtime._engine import Rollback
-from ..runtime._runtime import _declares_send
 from ._checks import Violation
 from ._sim_config import Checks, ExecutorSpec, FaultPlan, executor_table
 from ._sim_report import Effects, Failure, Progress, SeedResult, SimReport, format_trace
@@ -109,7 +109,7 @@ class Simulation(Generic[S, I]):
         types = type(machine).machine_types()
         if steps < 1:
             raise DefinitionError(f"steps must be >= 1, got {steps}")
-        if _declares_send(types.tracked_action) and self._run_type is Run:
+        if declares_send(types.tracked_action) and self._run_type is Run:
             raise DefinitionError(f"{type(machine).__qualname__} sends messages between keys "
                                   "(Send): simulate it with KeyedSimulation")
         self.machine = machine

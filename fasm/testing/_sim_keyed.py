@@ -53,8 +53,6 @@ from ._sim_world import (
     _DELIVER,
     _RETRY,
     _TIMER,
-    DRAIN_EVENTS,
-    DRAIN_FAILED_ATTEMPTS,
     Run,
     _Item,
 )
@@ -459,68 +457,25 @@ class KeyedRun(Run):
         self.check_global()
         return False
 
-    # -- the end: liveness ------------------------------------------------------------------------
+    # -- the end: liveness (Run.drain, over every key) ------------------------------------------
 
-    def drain(self) -> None:
-        """The one-key liveness phase over every key: faults off, no new inputs, the clock run
-        forward; every tracked action committed and not completed on any key must complete."""
-        self.phase = "drain"
-        self.plan = self.plan.quiet
-        self.enter_none()
-        waiting: dict[tuple[str, Any], Any] = {}
-        base: dict[tuple[str, Any], int] = {}
-        for key, lane in self.lanes.items():
-            for i, action in {**lane["owed"], **lane["durable"]}.items():
-                waiting[(key, i)] = action
-                base[(key, i)] = lane["completions"].get(i, 0)
-        self.note("drain", len(waiting))
-        self.heap = [e for e in self.heap if e[2] != _ARRIVE]
-        heapq.heapify(self.heap)
-        for lane in self.lanes.values():
-            lane["failing"].clear()
-        self.failing.clear()
-        events = 0
-        stuck: tuple[str, Any] | None = None
-        while waiting and (self.queue or self.heap):
-            if events >= DRAIN_EVENTS:
-                break
-            stuck = next(((k, i) for (k, i) in waiting
-                          if self.field(k, "failing").get(i, (0, ""))[0]
-                          >= DRAIN_FAILED_ATTEMPTS), None)
-            if stuck is not None:
-                break
-            events += 1
-            if self.queue and not self.busy():
-                self.batch()
-            else:
-                self.advance()
-            for k, i in [w for w in waiting
-                         if self.field(w[0], "completions").get(w[1], 0) > base[w]
-                         or (w[1] not in self.field(w[0], "owed")
-                             and w[1] not in self.field(w[0], "durable"))]:
-                del waiting[(k, i)]
-        if waiting:
-            first = sorted({k for k, _ in waiting})[0]
-            self.enter(first)
-            with self.naming_the_key():
-                self.activate()
-                self.stuck({i: a for (k, i), a in waiting.items() if k == first},
-                           stuck[1] if stuck is not None and stuck[0] == first else None,
-                           events)
-        while any(self.field(k, "owed") for k in self.lanes) and (self.queue or self.heap) \
-                and events < DRAIN_EVENTS + 2_000:
-            events += 1
-            if self.queue and not self.busy():
-                self.batch()
-            else:
-                self.advance()
+    def drain_keys(self) -> list[str]:
+        return list(self.lanes)
+
+    def report_stuck(self, waiting: dict[tuple[str, Any], Any], events: int) -> None:
+        first = min(k for k, _ in waiting)
+        self.enter(first)
+        with self.naming_the_key():
+            self.activate()
+            self.stuck({i: a for (k, i), a in waiting.items() if k == first}, events)
+
+    def settled(self) -> None:
         for key in sorted(self.lanes):
             self.enter(key)
             with self.naming_the_key():
                 self.activate()
                 self.check_settled()
         self.check_global()
-
 
 
 KeyedInputSource: TypeAlias = Callable[[random.Random, Mapping[str, S]], "tuple[str, I] | None"]

@@ -417,17 +417,17 @@ class Run(Verifier):
         return Engine(self.s.machine, state=state, seq=seq, idempotency=keys,
                       rollback=self.s.rollback, idempotency_window=self.s.idempotency_window)
 
-    def recovered_engine(self) -> tuple[Engine, tuple[int, int, int], bool]:
+    def recovered_engine(self) -> tuple[Engine, tuple[int, int, int], bool, bool]:
         """A new engine at the store's committed seq (what ``ObjectHost._recover`` builds).
 
         Returns the engine, what ``Writer.recovered`` is told (journal entries, journal bytes,
-        checkpoint bytes), and whether the next write must carry a checkpoint.
+        checkpoint bytes), whether the next write must carry a checkpoint, and the key's
+        in-flight mark as stored.
         """
         s = self.s
         records = run_sync(self.store.load(self.key), "MemoryStore.load")
-        self.marked = records is not None and records.in_flight
         if records is None:
-            return self.new_engine(s.initial(self.key), 0, ()), (0, 0, 0), True
+            return self.new_engine(s.initial(self.key), 0, ()), (0, 0, 0), True, False
         recovered = decode_records(s.codec, records, store=self.store.description, key=self.key,
                                    decode_entry=self.decode_entry)
         cp = recovered.checkpoint
@@ -442,7 +442,7 @@ class Run(Verifier):
             raise Violation("determinism", f"replaying the committed journal failed: {e}") from e
         sizes = (len(records.journal), sum(len(d) for _, d in records.journal),
                  len(records.checkpoint or b""))
-        return engine, sizes, force
+        return engine, sizes, force, records.in_flight
 
     def decode_entry(self, data: bytes, seq: int) -> JournalEntry:
         """``Codec.decode_entry``, once per record: the same bytes decode to the same entry, so
@@ -467,7 +467,7 @@ class Run(Verifier):
         """Load the current key from the store (``ObjectHost._recover``): its engine, writer and
         the determinism check's replica."""
         self.writer = Writer(self.s.codec, self.s.durability)
-        engine, sizes, self.needs_checkpoint = self.recovered_engine()
+        engine, sizes, self.needs_checkpoint, self.marked = self.recovered_engine()
         self.writer.recovered(*sizes)
         self.engine = engine
         return engine
@@ -835,6 +835,15 @@ class Run(Verifier):
 
     # -- the end: liveness ------------------------------------------------------------------------
 
+    def drain_keys(self) -> list[str]:
+        """The keys whose work the liveness phase waits for: the one key here."""
+        return [self.key]
+
+    def field(self, key: str, name: str) -> Any:
+        """One of ``key``'s ledgers (``owed``, ``completions``, ``failing`` ...): in a one-key
+        run, the run's own."""
+        return getattr(self, name)
+
     def drain(self) -> None:
         """Faults off, no new inputs, clock forward: everything pending must complete, and the
         final state must hold no pending work that nothing executes.
@@ -843,46 +852,57 @@ class Run(Verifier):
         attempts in a row or ``DRAIN_EVENTS`` events pass (work that never finishes)."""
         self.phase = "drain"
         self.plan = self.plan.quiet
-        waiting = {**self.owed, **self.durable}
-        # An action completes when a result for it is committed, even if that transition emits
-        # the same id again (a timer re-armed under its own id).
-        completions = self.completions
-        base = {i: completions.get(i, 0) for i in waiting}
+        field = self.field
+        # (key, action id) -> action, and how many results were committed for each so far: an
+        # action completes when a result for it is committed, even if that transition emits the
+        # same id again (a timer re-armed under its own id).
+        waiting: dict[tuple[str, Any], Any] = {}
+        base: dict[tuple[str, Any], int] = {}
+        for key in self.drain_keys():
+            completions = field(key, "completions")
+            for i, action in {**field(key, "owed"), **field(key, "durable")}.items():
+                waiting[(key, i)] = action
+                base[(key, i)] = completions.get(i, 0)
+            field(key, "failing").clear()
         self.note("drain", len(waiting))
         self.heap = [e for e in self.heap if e[2] != _ARRIVE]
         heapq.heapify(self.heap)
-        self.failing.clear()
         events = 0
-        stuck: Any = None
         while waiting and (self.queue or self.heap):
-            if events >= DRAIN_EVENTS:
-                break
-            stuck = next((i for i, (n, _) in self.failing.items()
-                          if n >= DRAIN_FAILED_ATTEMPTS and i in waiting), None)
-            if stuck is not None:
+            if events >= DRAIN_EVENTS or any(
+                    n >= DRAIN_FAILED_ATTEMPTS and (k, i) in waiting
+                    for k in self.drain_keys() for i, (n, _) in field(k, "failing").items()):
                 break
             events += 1
             if self.queue and not self.busy():
                 self.batch()
             else:
                 self.advance()
-            for action_id in [i for i in waiting if completions.get(i, 0) > base[i]
-                              or (i not in self.owed and i not in self.durable)]:
-                del waiting[action_id]
+            for w in [w for w in waiting if field(w[0], "completions").get(w[1], 0) > base[w]
+                      or (w[1] not in field(w[0], "owed") and w[1] not in field(w[0], "durable"))]:
+                del waiting[w]
         if waiting:
-            self.stuck(waiting, stuck, events)
+            self.report_stuck(waiting, events)
         # Let work emitted during the phase finish too (not judged: a periodic timer never does),
         # so that the final state is as settled as the machine lets it be.
-        while (self.owed or self.queue) and (self.queue or self.heap) \
-                and events < DRAIN_EVENTS + _SETTLE_EVENTS:
+        while (self.queue or any(field(k, "owed") for k in self.drain_keys())) \
+                and (self.queue or self.heap) and events < DRAIN_EVENTS + _SETTLE_EVENTS:
             events += 1
             if self.queue and not self.busy():
                 self.batch()
             else:
                 self.advance()
+        self.settled()
+
+    def report_stuck(self, waiting: dict[tuple[str, Any], Any], events: int) -> None:
+        """The liveness failure for the actions that never completed."""
+        self.stuck({i: a for (_, i), a in waiting.items()}, events)
+
+    def settled(self) -> None:
+        """The end of the liveness phase: the checks on the final state."""
         self.check_settled()
 
-    def stuck(self, waiting: dict[Any, Any], stuck: Any, events: int) -> None:
+    def stuck(self, waiting: dict[Any, Any], events: int) -> None:
         lines = []
         for action_id, action in waiting.items():
             failing = self.failing.get(action_id)
