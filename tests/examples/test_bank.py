@@ -4,7 +4,6 @@ restart in the middle of transfers finishes them all. On asyncio and trio, SQLit
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import anyio
@@ -17,14 +16,12 @@ from examples.bank.machine import (
     Dispense,
     Dispensed,
     Freeze,
-    Transfer,
-    Withdraw,
     money,
     open_account,
 )
-from fasm import Rejected
 from fasm.persistence import SQLiteStore
 from fasm.runtime import ActionContext, Runtime
+from tests.examples.bank_traffic import traffic
 
 pytestmark = pytest.mark.anyio
 
@@ -46,30 +43,6 @@ async def accounts(rt: Runtime[Account, object, str, object, object, object]) ->
     return [await rt.read(lambda s: s, key=k) for k in KEYS]
 
 
-async def traffic(rt: Runtime[Account, object, str, object, object, object], seed: int,
-                  n: int) -> int:
-    """``n`` random transfers and withdrawals from 8 concurrent clients; how many refused."""
-    rng = random.Random(seed)
-    plan = [(rng.choice(KEYS), rng.choice(KEYS), rng.randint(1, 60), rng.random() < 0.2)
-            for _ in range(n)]
-    refused = 0
-
-    async def client(part: list[tuple[str, str, int, bool]], c: int) -> None:
-        nonlocal refused
-        for i, (src, dst, amount, cash) in enumerate(part):
-            value = (Withdraw(f"w{c}-{i}", amount) if cash
-                     else Transfer(f"t{c}-{i}", dst, amount))
-            try:
-                await rt.submit(value, key=src)
-            except Rejected:
-                refused += 1
-
-    async with anyio.create_task_group() as tg:
-        for c in range(8):
-            tg.start_soon(client, plan[c::8], c)
-    return refused
-
-
 async def test_money_is_conserved_and_a_restart_finishes_every_transfer(
         tmp_path: Path) -> None:
     path = tmp_path / "bank.db"
@@ -78,7 +51,7 @@ async def test_money_is_conserved_and_a_restart_finishes_every_transfer(
         for k in KEYS:
             await rt.submit(Deposit(100), key=k)
         await rt.submit(Freeze(), key="acct-29")  # credits to it are refunded
-        refused = await traffic(rt, seed=7, n=300)
+        refused = await traffic(rt, KEYS, seed=7, n=300)
         assert refused < 300
         state = money(await accounts(rt))
         assert state.conserved(), state

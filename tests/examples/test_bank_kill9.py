@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.persistence._kill import kill_after, ready
 
 CHILD = Path(__file__).with_name("bank_kill_child.py")
 KILLS = int(os.environ.get("FASM_BANK_KILLS", "12"))
@@ -30,13 +29,7 @@ KILLS = int(os.environ.get("FASM_BANK_KILLS", "12"))
 def _start(data: Path, seed: int, *mode: str) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen([sys.executable, str(CHILD), str(data), str(seed), *mode],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"child did not start (an unreadable store?): {line!r}\n{err}")
-    return proc, line.split()
+    return proc, ready(proc)
 
 
 def _acks(lines: list[str], deposits: Counter[str], kinds: Counter[str]) -> None:
@@ -66,17 +59,7 @@ def test_bank_of_10000_keys_killed_under_load_loses_nothing(tmp_path: Path, kind
         proc, (_, keys, actions) = _start(tmp_path, round_ + 1, *sql)
         keys_restored += int(keys)
         actions_restored += int(actions)
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda p=proc, into=lines: into.extend(p.stdout or ()))
-        reader.start()
-        time.sleep(rng.uniform(0.3, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        reader.join()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        _acks(lines, deposits, kinds)
+        _acks(kill_after(proc, rng.uniform(0.3, 1.5)), deposits, kinds)
 
     proc, (_, keys, actions) = _start(tmp_path, 0, "--drain", *sql)
     keys_restored += int(keys)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.persistence._kill import kill_after, ready
 
 CHILD = Path(__file__).with_name("kill_child.py")
 KILLS = int(os.environ.get("FASM_KILLS", "50"))
@@ -37,37 +36,17 @@ def _start(kind: str, data: Path, seed: int, *extra: str) -> subprocess.Popen[st
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _ready(proc: subprocess.Popen[str]) -> list[str]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"child did not start (a torn or unreadable store?): {line!r}\n{err}")
-    return line.split()
-
-
 def run_kills(kind: str, data: Path, kills: int, seed: int) -> Tally:
     """Kill the child ``kills`` times at random moments, collecting every acknowledgement."""
     rng = random.Random(seed)
     tally = Tally()
     for round_ in range(kills):
         proc = _start(kind, data, seed * 1000 + round_)
-        _, seq, refs, pending = _ready(proc)
+        _, seq, refs, pending = ready(proc)
         assert int(refs) >= len(tally.acked), "acknowledged records missing after restart"
         tally.restored_pending += int(pending)
         # Collect acknowledgements for a random while, then kill without warning.
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout or ()))
-        reader.start()
-        time.sleep(rng.uniform(0.05, 0.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        reader.join()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        for line in lines:
+        for line in kill_after(proc, rng.uniform(0.05, 0.4)):
             if line.startswith("ACK"):
                 _, ref, seq = line.split()
                 tally.acked[int(ref)] = int(seq)
@@ -77,7 +56,7 @@ def run_kills(kind: str, data: Path, kills: int, seed: int) -> Tally:
 
 def drain(kind: str, data: Path) -> dict[str, dict[str, int]]:
     proc = _start(kind, data, 0, "--drain")
-    _ready(proc)
+    ready(proc)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     line = next(x for x in out.splitlines() if x.startswith("STATE "))

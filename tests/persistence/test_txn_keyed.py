@@ -7,19 +7,19 @@ runtime holds all the keys of its machine."""
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from typing import Any, ClassVar
 
 import anyio
 import pytest
 
-from examples.bank.machine import Deposit, Dispense, Dispensed, Freeze, Transfer, Withdraw
+from examples.bank.machine import Deposit, Dispense, Dispensed, Freeze, Withdraw
 from examples.bank.sql_machine import SqlBank, create_tables, sql_money
 from fasm import Rejected
 from fasm.errors import StoreConflict
 from fasm.persistence import Database, Transaction
 from fasm.runtime import ActionContext, Runtime, RuntimeEvent, TransitionCommitted
+from tests.examples.bank_traffic import traffic
 from tests.persistence.txn_ledger import DatabaseFactory, make_db
 
 __all__ = ("make_db",)  # the fixture, imported so that pytest finds it here
@@ -53,29 +53,6 @@ def bank(database: Database, gate: anyio.Event | None = None, machine: SqlBank |
                    executors={Dispense: dispense}, **options)
 
 
-async def traffic(rt: Runtime[Any, Any, Any, Any, Any, Any], seed: int, n: int) -> int:
-    """``n`` random transfers and withdrawals from 8 concurrent clients; how many refused."""
-    rng = random.Random(seed)
-    plan = [(rng.choice(KEYS), rng.choice(KEYS), rng.randint(1, 60), rng.random() < 0.2)
-            for _ in range(n)]
-    refused = 0
-
-    async def client(part: list[tuple[str, str, int, bool]], c: int) -> None:
-        nonlocal refused
-        for i, (src, dst, amount, cash) in enumerate(part):
-            value = (Withdraw(f"w{seed}-{c}-{i}", amount) if cash
-                     else Transfer(f"t{seed}-{c}-{i}", dst, amount))
-            try:
-                await rt.submit(value, key=src)
-            except Rejected:
-                refused += 1
-
-    async with anyio.create_task_group() as tg:
-        for c in range(8):
-            tg.start_soon(client, plan[c::8], c)
-    return refused
-
-
 async def test_money_is_conserved_across_keys_in_one_database(
         make_db: DatabaseFactory) -> None:
     events: list[RuntimeEvent] = []
@@ -85,7 +62,7 @@ async def test_money_is_conserved_across_keys_in_one_database(
         for k in KEYS:
             await rt.submit(Deposit(100), key=k)
         await rt.submit(Freeze(), key=KEYS[-1])  # credits to it are refused, then refunded
-        refused = await traffic(rt, 1, 400)
+        refused = await traffic(rt, KEYS, 1, 400)
         await rt.wait_idle()
         money, pending = await sql_money(db)
         async with db.transaction(readonly=True) as txn:
@@ -172,7 +149,7 @@ async def test_a_restart_in_the_middle_of_transfers_finishes_them(
         await create_tables(db)
         for k in KEYS:
             await rt.submit(Deposit(100), key=k)
-        await traffic(rt, 2, 200)
+        await traffic(rt, KEYS, 2, 200)
         in_flight = sum(len(a) for a in rt.in_flight_by_key.values())
     assert in_flight > 0  # withdrawals wait for the gate; transfers may be mid-delivery
     db = make_db()

@@ -83,34 +83,28 @@ class ConsumesItsInput(StateMachine[Total, Add, int, Timer, TimerFired]):
         pass
 
 
-def test_a_resent_submit_is_a_fresh_copy_of_what_the_client_sent() -> None:
-    """After a crash a client resends the submits it got no answer for (and, with
-    ``resubmit``, some it did): the stf that consumed its input in place before the crash must
-    get the input as sent, not the object it emptied."""
+def consumes_its_input(faults: FaultPlan) -> Simulation[Total, Add]:
     def inputs(rng: random.Random, state: Total) -> Add:
         return Add([rng.randint(1, 5) for _ in range(3)])
 
     def total_grows(state: Total) -> bool:
         return state.value >= 3 * state.seen
 
-    sim = Simulation(ConsumesItsInput(), initial_state=Total, inputs=inputs,
-                     invariants=[total_grows], checks=Checks.invariants_only(),
-                     faults=FaultPlan(crash=0.2, keyed=1.0, resubmit=0.2), steps=150)
-    report = sim.run(seeds=5)
+    return Simulation(ConsumesItsInput(), initial_state=Total, inputs=inputs,
+                      invariants=[total_grows], checks=Checks.invariants_only(), faults=faults,
+                      steps=150)
+
+
+def test_a_resent_submit_is_a_fresh_copy_of_what_the_client_sent() -> None:
+    """After a crash a client resends the submits it got no answer for (and, with
+    ``resubmit``, some it did): the stf that consumed its input in place before the crash must
+    get the input as sent, not the object it emptied."""
+    report = consumes_its_input(FaultPlan(crash=0.2, keyed=1.0, resubmit=0.2)).run(seeds=5)
     assert report.ok, report
     assert report.counts["resent"] > 10
 
 
 def test_a_mutated_mutable_input_is_decoded_afresh_at_every_restart() -> None:
-    def inputs(rng: random.Random, state: Total) -> Add:
-        return Add([rng.randint(1, 5) for _ in range(3)])
-
-    def total_grows(state: Total) -> bool:
-        return state.value >= 3 * state.seen
-
-    sim = Simulation(ConsumesItsInput(), initial_state=Total, inputs=inputs,
-                     invariants=[total_grows], checks=Checks.invariants_only(),
-                     faults=FaultPlan(crash=0.2, keyed=0.0, resubmit=0.0), steps=150)
-    report = sim.run(seeds=5)
+    report = consumes_its_input(FaultPlan(crash=0.2, keyed=0.0, resubmit=0.0)).run(seeds=5)
     assert report.ok, report
     assert report.counts["crashes"] > 10
