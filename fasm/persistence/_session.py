@@ -180,21 +180,21 @@ class Session:
         database: the database whose driver runs the statements.
         write: a read-write transaction (a read-only one refuses key-value writes, and the
             database refuses SQL writes).
-        fence: ``(machine key, expected seq)``: the transaction checks that the machine's
-            stored sequence number is the expected one, so a stale writer never commits: when
-            it begins (locking the row) where the driver sends COMMIT in one pipeline with the
-            bookkeeping, else through the bookkeeping's conditional update before COMMIT.
-        fences: the same for several machine keys (a keyed runtime's group spanning keys).
+        fences: ``(machine key, expected seq)`` pairs, in the order to lock them (one, or the
+            keys of a keyed runtime's group): the transaction checks that each machine's stored
+            sequence number is the expected one, so a stale writer never commits: when it begins
+            (locking the rows) where the driver sends COMMIT in one pipeline with the
+            bookkeeping, else through the bookkeeping's conditional updates before COMMIT.
         runtime: failures of the whole transaction raise :class:`Abort` (the runtime's signal)
             instead of the public store error.
     """
 
-    def __init__(self, database: Database, *, write: bool, fence: tuple[str, int] | None = None,
-                 runtime: bool = False, fences: Sequence[tuple[str, int]] = ()) -> None:
+    def __init__(self, database: Database, *, write: bool,
+                 fences: Sequence[tuple[str, int]] = (), runtime: bool = False) -> None:
         self._db = database
         self._driver = database._driver
         self.write = write
-        self._fences = [fence] if fence is not None else list(fences)
+        self._fences = list(fences)
         self._runtime = runtime
         self._queued: list[Stmt] = []
         self._open = False          # BEGIN queued or sent

@@ -376,17 +376,11 @@ class Database:
             found = self._sql_cache[sql] = self._driver.translate(sql)
         return found
 
-    def _load_sync(self, key: str) -> tuple[int, list[tuple[str, Remembered]]]:
-        """Register ``key`` if new and read its sequence number and idempotency keys (see
-        :meth:`_load_keyed_sync`)."""
-        seq, keys, _ = self._load_keyed_sync(key, mark=False)
-        return seq, keys
-
     def _keys_in_flight_sync(self) -> list[str]:
         """The keys whose in-flight mark is set (a keyed runtime restores them at start).
 
         Raises:
-            Abort: as :meth:`_load_keyed_sync`.
+            Abort: as :meth:`_load_sync`.
         """
         session = Session(self, write=False, runtime=True)
         try:
@@ -401,10 +395,9 @@ class Database:
         """The statement that sets or clears ``key``'s in-flight mark."""
         return Stmt(self._sql("in_flight_mark" if in_flight else "in_flight_clear"), (key,))
 
-    def _load_keyed_sync(self, key: str, *, mark: bool = True,
-                         ) -> tuple[int, list[tuple[str, Remembered]], bool]:
-        """Register ``key`` if new and read its sequence number and idempotency keys, and with
-        ``mark`` its in-flight mark (False without).
+    def _load_sync(self, key: str) -> tuple[int, list[tuple[str, Remembered]], bool]:
+        """Register ``key`` if new and read its sequence number, its idempotency keys and its
+        in-flight mark.
 
         Raises:
             Abort: the transaction is lost; its ``retry`` says whether reading again may help
@@ -417,8 +410,7 @@ class Database:
             session._queued.append(Stmt(self._sql("machine_create"), (key,)))
             row = session._send(Stmt(self._sql("machine_seq"), (key,)), "one")
             rows = session._send(Stmt(self._sql("keys_load"), (key,)), "all")
-            marked = mark and session._send(Stmt(self._sql("in_flight_one"), (key,)),
-                                            "one") is not None
+            marked = session._send(Stmt(self._sql("in_flight_one"), (key,)), "one") is not None
             session.commit()
         finally:
             if not session.closed:

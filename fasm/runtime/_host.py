@@ -99,8 +99,9 @@ class StateHost(Protocol):
         """The committed state of a key that is not active, without activating it."""
         ...
 
-    async def restore(self, engine: Engine) -> Release:
-        """Run the machine's restore on the committed state.
+    async def restore(self, key: str, engine: Engine) -> Release:
+        """Run the machine's restore on the committed state of ``key`` (``engine``, just
+        activated).
 
         Raises:
             RestoreFailed: restore raised or emitted an untracked action.

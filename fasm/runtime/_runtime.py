@@ -591,7 +591,7 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             for key in await self._host.keys_to_restore():
                 engine = await self._host.activate(key)
                 self._active[key] = engine
-                restored.append((key, await self._host.restore(engine)))
+                restored.append((key, await self._host.restore(key, engine)))
         except BaseException:
             self._status = "stopped"
             with anyio.CancelScope(shield=True):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, get_origin
 
@@ -122,7 +121,6 @@ class DatabaseHost:
         keys of the machine."""
         self.database = database
         self._marked: dict[str, bool] = {}  # keyed: each active key's in-flight mark as stored
-        self._key_of: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._idempotency_window = idempotency_window
         self._idempotency_ttl = idempotency_ttl
         self.codec = Codec(type(machine))
@@ -198,9 +196,8 @@ class DatabaseHost:
         assert self.keyed or key == self.key
         async with self.database.lock():
             seq, keys, marked = await self.database._blocking(
-                self._retried, self.database._load_keyed_sync, key)
+                self._retried, self.database._load_sync, key)
         engine = self._engine(seq, keys)
-        self._key_of[engine] = key
         if self.keyed:
             self._marked[key] = marked
         return engine
@@ -229,10 +226,8 @@ class DatabaseHost:
         Every later call on this host must come from the same thread, one at a time."""
         self.database._driver.open()
         self.database._driver.acquire(self.key)
-        seq, keys, _ = self._retried(self.database._load_keyed_sync, self.key)
-        engine = self._engine(seq, keys)
-        self._key_of[engine] = self.key
-        return engine
+        seq, keys, _ = self._retried(self.database._load_sync, self.key)
+        return self._engine(seq, keys)
 
     def close_sync(self) -> None:
         """:meth:`close`, on the calling thread."""
@@ -259,22 +254,23 @@ class DatabaseHost:
                 time.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 
-    async def restore(self, engine: Engine) -> Release:
-        """Run restore in a read-only transaction.
+    async def restore(self, key: str, engine: Engine) -> Release:
+        """Run restore of ``key`` in a read-only transaction.
 
         Raises:
             RestoreFailed: restore raised (a write included) or emitted an untracked action.
             StoreUnavailable: the database could not be read.
         """
         async with self.database.lock():
-            return await self.database._blocking(self.restore_sync, engine)
+            return await self.database._blocking(self.restore_sync, engine, key)
 
-    def restore_sync(self, engine: Engine) -> Release:
-        """:meth:`restore`, on the calling thread (for a synchronous driver: the simulator)."""
+    def restore_sync(self, engine: Engine, key: str | None = None) -> Release:
+        """:meth:`restore` (of the one key by default), on the calling thread (for a
+        synchronous driver: the simulator)."""
         db = self.database
-        key = self._key_of.get(engine, self.key)
+        key = key if key is not None else self.key
         for attempt in self._attempts():
-            session = self._session(write=False, fence=None)
+            session = self._session(write=False)
             engine.state = Transaction(db, session, key)
             try:
                 return drive(engine.restore(), "restore")
@@ -398,10 +394,8 @@ class DatabaseHost:
         except (Unencodable, TypeError):
             return None
 
-    def _session(self, *, write: bool, fence: tuple[str, int] | None = None,
-                 fences: Sequence[tuple[str, int]] = ()) -> Session:
-        session = Session(self.database, write=write, fence=fence, fences=fences,
-                          runtime=True)
+    def _session(self, *, write: bool, fences: Sequence[tuple[str, int]] = ()) -> Session:
+        session = Session(self.database, write=write, fences=fences, runtime=True)
         session.thread = threading.get_ident()
         return session
 

@@ -193,7 +193,7 @@ class ObjectHost:
         """
         return (await self._recover(key, _KeyLog(Writer(self.codec, self.durability)))).state
 
-    async def restore(self, engine: Engine) -> Release:
+    async def restore(self, key: str, engine: Engine) -> Release:
         """Run restore on the recovered state object."""
         return await engine.restore()
 
