@@ -751,15 +751,11 @@ class Runtime(Generic[S, I, TId, TA, TR, U]):
             self._committed(key, engine, items, result, group_size)
 
     async def _activated(self, key: str, items: list[Item],
-                         loaded: Engine | Exception | None = None) -> Engine | None:
-        """The engine of ``key``, loaded from the store if it is not active (most recently used
-        now), or given as ``loaded`` (the engine, or the error loading it). None when it cannot
-        be loaded: its items are answered with the error and the other keys of the group go
-        on."""
-        engine = self._active.get(key)
-        if engine is not None:
-            self._active.move_to_end(key)
-            return engine
+                         loaded: Engine | Exception | None) -> Engine | None:
+        """The engine of ``key``, which is not active: ``loaded`` (the engine, or the error
+        loading it, when the group's idle keys were loaded together), or loaded from the store
+        now; it becomes the most recently used. None when it cannot be loaded: its items are
+        answered with the error and the other keys of the group go on."""
         try:
             try:
                 if isinstance(loaded, Exception):

@@ -161,13 +161,11 @@ class ObjectHost:
         """:meth:`activate` of each key, their records read in one store call
         (``Store.load_many``). A key that cannot be loaded maps to its error, and the others
         are loaded all the same (one by one, when the group read failed)."""
-        load_many = getattr(self.store, "load_many", None)  # a Store written before it existed
-        records: dict[str, StoredRecords | None] | None = None
-        if load_many is not None:
-            try:
-                records = await load_many(keys)
-            except Exception:
-                records = None  # find the key that fails, and load the others
+        records: dict[str, StoredRecords | None] | None
+        try:
+            records = await self.store.load_many(keys)
+        except Exception:
+            records = None  # find the key that fails, and load the others
         out: dict[str, Engine | Exception] = {}
         for key in keys:
             try:

@@ -67,10 +67,12 @@ I = TypeVar("I")
 
 _SEND = 5  # event kind: a message reaches its receiving key's queue
 
-# What a lane holds: the attributes of a one-key Run that belong to one key.
-_LANE = ("key", "engine", "writer", "needs_checkpoint", "marked", "shadow", "snap", "durable",
-         "live", "owed", "done", "completions", "failing", "refused", "keys_durable",
-         "keys_live")
+# What a lane holds: the attributes of a one-key Run that belong to one key; its ledgers (dicts
+# that outlive a crash or a passivation) and what a crash or a passivation drops.
+_LEDGERS = ("durable", "live", "owed", "done", "completions", "failing", "refused",
+            "keys_durable", "keys_live")
+_LOADED = ("engine", "writer", "shadow", "snap")
+_LANE = ("key", "needs_checkpoint", "marked", *_LOADED, *_LEDGERS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,10 +85,13 @@ class KeyedConfig:
 
 
 def _fresh_lane(key: str) -> dict[str, Any]:
-    return {"key": key, "engine": None, "writer": None, "needs_checkpoint": False,
-            "marked": False, "shadow": None, "snap": None, "durable": {}, "live": {},
-            "owed": {}, "done": {}, "completions": {}, "failing": {}, "refused": {},
-            "keys_durable": {}, "keys_live": {}}
+    return {"key": key, "needs_checkpoint": False, "marked": False,
+            **dict.fromkeys(_LOADED), **{name: {} for name in _LEDGERS}}
+
+
+def _unload(lane: dict[str, Any]) -> None:
+    """Drop what a lane holds only while its key is loaded (a crash, a passivation)."""
+    lane.update(dict.fromkeys(_LOADED))
 
 
 class States(Mapping[str, Any]):
@@ -133,11 +138,10 @@ class KeyedRun(Run):
         if key == self.key:
             return
         self.enter_none()
-        found = self.lanes.get(key)
-        if found is None:
-            found = self.lanes[key] = _fresh_lane(key)
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = self.lanes[key] = _fresh_lane(key)
             self._known = None
-        lane = found
         for name in _LANE:
             setattr(self, name, lane[name])
 
@@ -184,7 +188,7 @@ class KeyedRun(Run):
                 continue
             del active[key]
             self.cached[key] = engine.state
-            lane.update(engine=None, writer=None, shadow=None, snap=None)
+            _unload(lane)
             self.count("passivations")
             excess -= 1
 
@@ -224,10 +228,9 @@ class KeyedRun(Run):
     def start(self) -> None:
         self.inc += 1
         self.queue.clear()
-        if self.key:
-            self.enter_none()
+        self.enter_none()
         for lane in self.lanes.values():
-            lane.update(engine=None, writer=None, shadow=None, snap=None)
+            _unload(lane)
         self.cached.clear()
         self.active.clear()
         marked = run_sync(self.store.keys_in_flight(), "MemoryStore.keys_in_flight")
