@@ -3,19 +3,22 @@ follows the active set, and a start-up that does not grow with the idle keys.
 
     python bench/bench_keyed.py [--quick] [--dir DIR]
 
-Every store is a SQLiteStore with its default, durable settings, under DIR (default: a
-temporary directory), removed at the end. The machine is the bank example (examples/bank).
+Stores are SQLiteStores with their default, durable settings, under DIR (default: a
+temporary directory), removed at the end, except the one MemoryStore pair of section 1. The
+machine is the bank example (examples/bank).
 
-1. Durable transitions/s with 64 concurrent submitters for a fixed time: a keyed runtime over
-   100,000 stored accounts (quick: 5,000), each submit a ``Deposit(1)`` to a random key (the
-   default ``max_active``, so most keys are loaded from the store when used), beside a
-   single-instance runtime (one account) in the same run. Ratio keyed / single. For
-   reference, the keyed runtime again on 1,000 hot keys (all active: no loads from the
-   store, still 64 keys per group commit).
+1. Durable transitions/s with 64 concurrent submitters, in rounds that alternate the runtimes
+   (medians, and the median of the ratios within a round): a keyed runtime over 100,000 stored
+   accounts (quick: 5,000), each submit a ``Deposit(1)`` to a random key (the default
+   ``max_active``, so most keys are loaded from the store when used), beside a single-instance
+   runtime (one account). For reference: a keyed runtime on 1,000 hot keys (all active: no
+   loads from the store, still 64 keys per group commit); the hot keys and one instance again
+   on a MemoryStore (no I/O: what keys cost on the event loop); and the store alone, a
+   ``commit_many`` of 64 keys that have a history against one key's 64 entries.
 2. Memory: in a fresh process each, a keyed runtime with ``max_active=10,000`` takes a
    ``Deposit(1)`` on each of N distinct keys (1,000,000; quick: 50,000), 64 submitters at a
-   time, all through the runtime; peak and current RSS beside a process that touches 10,000
-   keys the same way.
+   time, all through the runtime; the process's own peak (``VmHWM``) and current RSS beside a
+   process that touches 10,000 keys the same way.
 3. Start-up of the Runtime (open, in-flight keys loaded and restored, executors started: from
    making the Runtime to the ``async with`` body): a store of 1,000,000 accounts (quick:
    20,000) of which 1,000 have a cash withdrawal in flight, beside one of 10,000 accounts with
